@@ -1,0 +1,540 @@
+/* safehook._core: the CPython extension that owns the runtime state of a process.
+ *
+ * Whether a process was entered through LD_PRELOAD (libsafehook.so imports the package when
+ * torch is imported) or through `import safehook`, this module is loaded once, so there is one
+ * runtime: one policy, one audit log, one set of step counters. pre_step and post_step are
+ * registered as torch's global optimizer step hooks; they are C functions so that the bare hook
+ * path costs a few microseconds per step. Python features (freezing, SafeGrad, probes) plug in
+ * as callables run from these hooks. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <unistd.h>
+
+#include "audit.h"
+#include "log.h"
+#include "policy.h"
+#include "sh_config.h"
+#include "stack.h"
+
+typedef struct {
+    PyObject *error;       /* safehook.SafehookError */
+    PyObject *policy_error;/* safehook.PolicyError (subclass) */
+    PyObject *optimizers;  /* {id(opt): [weakref, index, steps]} */
+    PyObject *pre_features;  /* list of callables f(opt, step, record) */
+    PyObject *post_features; /* list of callables f(opt, step, record) */
+    PyObject *pending;     /* str: a policy error that stops training at its first step */
+    PyObject *outer;       /* borrowed identity of the optimizer whose step is running */
+    sh_policy *policy;
+    long long steps;       /* outermost optimizer steps, all optimizers */
+    long long nested;      /* step calls made inside another optimizer's step */
+    long long current;     /* the step number of the step running or last run */
+    int depth;
+    int started;
+} core_state;
+
+static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule_GetState(m); }
+
+/* ---- Python values to JSON ---- */
+
+static json_t *to_json(PyObject *o, int depth) {
+    if (depth > 32)
+        return json_string("<too deep>");
+    if (o == Py_None)
+        return json_null();
+    if (PyBool_Check(o))
+        return json_boolean(o == Py_True);
+    if (PyLong_Check(o)) {
+        long long v = PyLong_AsLongLong(o);
+        if (v == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return json_real(PyLong_AsDouble(o));
+        }
+        return json_integer(v);
+    }
+    if (PyFloat_Check(o)) {
+        double d = PyFloat_AS_DOUBLE(o);
+        return isfinite(d) ? json_real(d) : json_null(); /* JSON has no NaN or inf */
+    }
+    if (PyUnicode_Check(o)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+        if (!s) {
+            PyErr_Clear();
+            return json_string("<unencodable>");
+        }
+        return json_stringn(s, (size_t)n);
+    }
+    if (PyDict_Check(o)) {
+        json_t *obj = json_object();
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (obj && PyDict_Next(o, &pos, &k, &v)) {
+            PyObject *ks = PyObject_Str(k);
+            const char *key = ks ? PyUnicode_AsUTF8(ks) : NULL;
+            if (key)
+                json_object_set_new(obj, key, to_json(v, depth + 1));
+            else
+                PyErr_Clear();
+            Py_XDECREF(ks);
+        }
+        return obj;
+    }
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+        PyObject *seq = PySequence_Fast(o, "");
+        json_t *arr = json_array();
+        for (Py_ssize_t i = 0; seq && arr && i < PySequence_Fast_GET_SIZE(seq); i++)
+            json_array_append_new(arr, to_json(PySequence_Fast_GET_ITEM(seq, i), depth + 1));
+        Py_XDECREF(seq);
+        return arr;
+    }
+    PyObject *s = PyObject_Str(o);
+    json_t *r = s ? json_string(PyUnicode_AsUTF8(s)) : NULL;
+    Py_XDECREF(s);
+    if (!r) {
+        PyErr_Clear();
+        r = json_string("<unprintable>");
+    }
+    return r;
+}
+
+static PyObject *json_to_py(json_t *j) {
+    char *text = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY);
+    if (!text)
+        return PyErr_NoMemory();
+    PyObject *jsonmod = PyImport_ImportModule("json");
+    PyObject *r = jsonmod ? PyObject_CallMethod(jsonmod, "loads", "s", text) : NULL;
+    Py_XDECREF(jsonmod);
+    free(text);
+    return r;
+}
+
+static void emit(const char *event, long long step, json_t *fields) {
+    int r = sh_audit_emit(event, step, fields);
+    if (r < 0 && r != -ENOENT)
+        sh_debug("audit write failed: %s", strerror(-r));
+}
+
+/* ---- runtime configuration ---- */
+
+PyDoc_STRVAR(configure_doc,
+"configure(policy_path=None, policy_text=None, policy_name=None, system_path=None, audit_path=None)\n"
+"--\n\n"
+"Resolve the policy in force and open the audit log. Returns the normalized policy as a dict,\n"
+"with its origin, digest and enforce flag under '_meta'. Raises PolicyError on a bad policy.");
+
+static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"policy_path", "policy_text", "policy_name", "system_path", "audit_path", NULL};
+    const char *path = NULL, *text = NULL, *name = NULL, *sys_path = NULL, *audit = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zzzzz", kwlist, &path, &text, &name, &sys_path, &audit))
+        return NULL;
+    core_state *st = get_state(m);
+    sh_policy *p = NULL;
+    sh_policy_error err = {0};
+    int r = sh_policy_resolve(path, text, name, sys_path, &p, &err);
+    if (r < 0) {
+        char msg[1400];
+        sh_policy_error_format(&err, msg, sizeof msg);
+        PyErr_SetString(st->policy_error, msg);
+        return NULL;
+    }
+    const char *ap = audit && *audit ? audit : p->audit_path;
+    if (ap) {
+        int ar = sh_audit_open(ap);
+        if (ar < 0) {
+            PyErr_Format(st->error, "cannot open the audit log %s: %s", ap, strerror(-ar));
+            sh_policy_free(p);
+            return NULL;
+        }
+    }
+    sh_policy_free(st->policy);
+    st->policy = p;
+    PyObject *doc = json_to_py(p->doc);
+    if (!doc)
+        return NULL;
+    PyObject *meta = Py_BuildValue("{s:s,s:s,s:O,s:s,s:z}", "origin", p->origin, "digest", p->digest,
+                                   "enforce", p->enforce ? Py_True : Py_False, "on_error",
+                                   p->on_error == SH_ON_ERROR_WARN ? "warn" : "abort", "audit", sh_audit_path());
+    if (!meta || PyDict_SetItemString(doc, "_meta", meta) < 0) {
+        Py_XDECREF(meta);
+        Py_DECREF(doc);
+        return NULL;
+    }
+    Py_DECREF(meta);
+    return doc;
+}
+
+PyDoc_STRVAR(set_pending_doc,
+"set_pending_error(message)\n--\n\n"
+"Make the next optimizer step raise PolicyError(message): protection could not be applied and the\n"
+"policy says abort. None clears it.");
+
+static PyObject *core_set_pending_error(PyObject *m, PyObject *msg) {
+    core_state *st = get_state(m);
+    if (msg != Py_None && !PyUnicode_Check(msg))
+        return PyErr_Format(PyExc_TypeError, "message must be str or None");
+    Py_XSETREF(st->pending, msg == Py_None ? NULL : Py_NewRef(msg));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_features_doc,
+"set_features(pre, post)\n--\n\n"
+"Set the lists of callables f(optimizer, step, record) run in the pre- and post-step hooks.\n"
+"A callable may add keys to record (a dict merged into the step's audit record).");
+
+static PyObject *core_set_features(PyObject *m, PyObject *args) {
+    PyObject *pre, *post;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &pre, &PyList_Type, &post))
+        return NULL;
+    core_state *st = get_state(m);
+    Py_XSETREF(st->pre_features, PyList_GetSlice(pre, 0, PY_SSIZE_T_MAX));
+    Py_XSETREF(st->post_features, PyList_GetSlice(post, 0, PY_SSIZE_T_MAX));
+    if (!st->pre_features || !st->post_features)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- the step hooks ---- */
+
+/* Index and step count of OPT, creating its entry on first sight. A dict keyed by id() with a
+ * weakref beside it: optimizers are not kept alive, and a reused id is noticed. */
+static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
+    PyObject *key = PyLong_FromVoidPtr(opt);
+    if (!key)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(st->optimizers, key);
+    if (entry) {
+        PyObject *ref = PyList_GET_ITEM(entry, 0);
+        if (ref == Py_None || PyWeakref_GetObject(ref) == opt) {
+            Py_DECREF(key);
+            return entry;
+        }
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *ref = PyWeakref_NewRef(opt, NULL);
+    if (!ref) {
+        PyErr_Clear(); /* not weak-referenceable: keep no reference at all */
+        ref = Py_NewRef(Py_None);
+    }
+    entry = Py_BuildValue("[Nnn]", ref, PyDict_GET_SIZE(st->optimizers), (Py_ssize_t)0);
+    if (!entry || PyDict_SetItem(st->optimizers, key, entry) < 0) {
+        Py_XDECREF(entry);
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_DECREF(key);
+    Py_DECREF(entry); /* the dict holds it */
+    return entry;
+}
+
+static json_t *versions_json(void) {
+    json_t *v = json_object();
+    json_object_set_new(v, "safehook", json_string(SH_VERSION));
+    json_object_set_new(v, "python", json_string(Py_GetVersion()));
+    json_object_set_new(v, "jansson", json_string(jansson_version_str()));
+    PyObject *torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch"); /* borrowed */
+    PyObject *tv = torch ? PyObject_GetAttrString(torch, "__version__") : NULL;
+    PyObject *ts = tv ? PyObject_Str(tv) : NULL;
+    const char *t = ts ? PyUnicode_AsUTF8(ts) : NULL;
+    if (t)
+        json_object_set_new(v, "torch", json_string(t));
+    Py_XDECREF(ts);
+    Py_XDECREF(tv);
+    PyErr_Clear();
+    return v;
+}
+
+static int run_features(PyObject *list, PyObject *opt, long long step, PyObject *record) {
+    if (!list)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *r = PyObject_CallFunction(PyList_GET_ITEM(list, i), "OLO", opt, step, record);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(pre_step_doc,
+"pre_step(optimizer, args, kwargs)\n--\n\n"
+"The global optimizer step pre-hook. Counts the step, runs the pre-step features and writes the\n"
+"step's audit record. A step called inside another optimizer's step is counted once, as part of\n"
+"the outer one.");
+
+static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1)
+        return PyErr_Format(PyExc_TypeError, "pre_step(optimizer, args, kwargs)");
+    core_state *st = get_state(m);
+    PyObject *opt = args[0];
+    if (st->pending) {
+        PyErr_SetObject(st->policy_error, st->pending);
+        return NULL;
+    }
+    if (st->depth > 0 && opt != st->outer) {
+        st->nested++;
+        st->depth++;
+        Py_RETURN_NONE;
+    }
+    /* depth > 0 with the same optimizer means its last step raised before the post hook */
+    st->depth = 1;
+    st->outer = opt;
+
+    PyObject *entry = optimizer_entry(st, opt);
+    if (!entry)
+        goto error;
+    Py_ssize_t index = PyLong_AsSsize_t(PyList_GET_ITEM(entry, 1));
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(entry, 2)) + 1;
+    PyObject *c = PyLong_FromSsize_t(count);
+    if (!c)
+        goto error;
+    PyList_SetItem(entry, 2, c);
+    st->steps++;
+    st->current = count;
+
+    if (!st->started) {
+        st->started = 1;
+        json_t *f = json_object();
+        if (st->policy) {
+            json_object_set_new(f, "policy", json_string(st->policy->origin));
+            json_object_set_new(f, "digest", json_string(st->policy->digest));
+            json_object_set_new(f, "enforce", json_boolean(st->policy->enforce));
+        }
+        json_object_set_new(f, "versions", versions_json());
+        emit("start", -1, f);
+    }
+
+    PyObject *record = NULL;
+    if (st->pre_features && PyList_GET_SIZE(st->pre_features) > 0) {
+        record = PyDict_New();
+        if (!record || run_features(st->pre_features, opt, count, record) < 0) {
+            Py_XDECREF(record);
+            goto error;
+        }
+    }
+    if (sh_audit_active()) {
+        json_t *f = record ? to_json(record, 0) : json_object();
+        json_object_set_new(f, "opt", json_integer(index));
+        emit("step", count, f);
+    }
+    Py_XDECREF(record);
+    Py_RETURN_NONE;
+error:
+    st->depth = 0;
+    st->outer = NULL;
+    return NULL;
+}
+
+PyDoc_STRVAR(post_step_doc, "post_step(optimizer, args, kwargs)\n--\n\nThe global optimizer step post-hook.");
+
+static PyObject *core_post_step(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1)
+        return PyErr_Format(PyExc_TypeError, "post_step(optimizer, args, kwargs)");
+    core_state *st = get_state(m);
+    if (st->depth > 1) {
+        st->depth--;
+        Py_RETURN_NONE;
+    }
+    st->depth = 0;
+    st->outer = NULL;
+    if (st->post_features && PyList_GET_SIZE(st->post_features) > 0) {
+        PyObject *record = PyDict_New();
+        if (!record)
+            return NULL;
+        int r = run_features(st->post_features, args[0], st->current, record);
+        if (r == 0 && PyDict_GET_SIZE(record) > 0 && sh_audit_active())
+            emit("post_step", st->current, to_json(record, 0));
+        Py_DECREF(record);
+        if (r < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- records and introspection ---- */
+
+PyDoc_STRVAR(audit_doc,
+"audit(event, fields=None, step=None)\n--\n\n"
+"Append a record to the audit log. step defaults to the current step (None: no step field\n"
+"before the first step). Returns True when it was written.");
+
+static PyObject *core_audit(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"event", "fields", "step", NULL};
+    const char *event;
+    PyObject *fields = Py_None, *step = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|OO", kwlist, &event, &fields, &step))
+        return NULL;
+    core_state *st = get_state(m);
+    long long s = st->steps ? st->current : -1;
+    if (step != Py_None) {
+        s = PyLong_AsLongLong(step);
+        if (s == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    json_t *f = fields == Py_None ? NULL : to_json(fields, 0);
+    if (f && !json_is_object(f)) {
+        json_decref(f);
+        return PyErr_Format(PyExc_TypeError, "fields must be a dict");
+    }
+    return PyBool_FromLong(sh_audit_emit(event, s, f) == 0);
+}
+
+PyDoc_STRVAR(finish_doc, "finish(fields=None)\n--\n\nWrite the 'end' record (once, only after a first step).");
+
+static PyObject *core_finish(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    core_state *st = get_state(m);
+    if (!st->started || st->started == 2)
+        Py_RETURN_NONE;
+    st->started = 2;
+    json_t *f = (nargs > 0 && args[0] != Py_None) ? to_json(args[0], 0) : json_object();
+    if (!json_is_object(f)) {
+        json_decref(f);
+        f = json_object();
+    }
+    json_object_set_new(f, "steps", json_integer(st->steps));
+    json_object_set_new(f, "nested_steps", json_integer(st->nested));
+    json_object_set_new(f, "optimizers", json_integer(PyDict_GET_SIZE(st->optimizers)));
+    emit("end", -1, f);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(stats_doc, "stats()\n--\n\nCounters of this process's runtime, as a dict.");
+
+static PyObject *core_stats(PyObject *m, PyObject *unused) {
+    (void)unused;
+    core_state *st = get_state(m);
+    return Py_BuildValue("{s:L,s:L,s:L,s:n,s:O,s:z}", "steps", st->steps, "nested_steps", st->nested, "current",
+                         st->current, "optimizers", PyDict_GET_SIZE(st->optimizers), "started",
+                         st->started ? Py_True : Py_False, "audit", sh_audit_path());
+}
+
+PyDoc_STRVAR(native_stack_doc,
+"native_stack(skip=0, max=64)\n--\n\n"
+"The calling thread's native stack (libunwind), innermost first, or None when libunwind is missing.");
+
+static PyObject *core_native_stack(PyObject *m, PyObject *args) {
+    (void)m;
+    int skip = 0, max = 64;
+    if (!PyArg_ParseTuple(args, "|ii", &skip, &max))
+        return NULL;
+    json_t *frames = sh_stack_native(skip + 1, max);
+    if (!frames)
+        Py_RETURN_NONE;
+    PyObject *r = json_to_py(frames);
+    json_decref(frames);
+    return r;
+}
+
+PyDoc_STRVAR(check_file_doc,
+"check_file(path)\n--\n\n"
+"Validate the policy file PATH. Returns None when valid, else the error line\n"
+"('FILE:LINE:COLUMN: message' or 'FILE: /pointer: message').");
+
+static PyObject *core_check_file(PyObject *m, PyObject *arg) {
+    (void)m;
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &bytes))
+        return NULL;
+    sh_policy *p = NULL;
+    sh_policy_error err = {0};
+    int r = sh_policy_load_file(PyBytes_AS_STRING(bytes), &p, &err);
+    Py_DECREF(bytes);
+    if (r == 0) {
+        sh_policy_free(p);
+        Py_RETURN_NONE;
+    }
+    char msg[1400];
+    sh_policy_error_format(&err, msg, sizeof msg);
+    return PyUnicode_FromString(msg);
+}
+
+PyDoc_STRVAR(system_policy_path_doc, "system_policy_path()\n--\n\nThe compiled-in path of the system policy.");
+
+static PyObject *core_system_policy_path(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+    return PyUnicode_FromString(sh_policy_system_path());
+}
+
+static PyMethodDef core_methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))core_configure, METH_VARARGS | METH_KEYWORDS, configure_doc},
+    {"set_pending_error", core_set_pending_error, METH_O, set_pending_doc},
+    {"set_features", core_set_features, METH_VARARGS, set_features_doc},
+    {"pre_step", (PyCFunction)(void (*)(void))core_pre_step, METH_FASTCALL, pre_step_doc},
+    {"post_step", (PyCFunction)(void (*)(void))core_post_step, METH_FASTCALL, post_step_doc},
+    {"audit", (PyCFunction)(void (*)(void))core_audit, METH_VARARGS | METH_KEYWORDS, audit_doc},
+    {"finish", (PyCFunction)(void (*)(void))core_finish, METH_FASTCALL, finish_doc},
+    {"stats", core_stats, METH_NOARGS, stats_doc},
+    {"native_stack", core_native_stack, METH_VARARGS, native_stack_doc},
+    {"check_file", core_check_file, METH_O, check_file_doc},
+    {"system_policy_path", core_system_policy_path, METH_NOARGS, system_policy_path_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int core_exec(PyObject *m) {
+    core_state *st = get_state(m);
+    st->error = PyErr_NewExceptionWithDoc("safehook.SafehookError", "An error raised by safehook.", NULL, NULL);
+    if (!st->error || PyModule_AddObjectRef(m, "SafehookError", st->error) < 0)
+        return -1;
+    st->policy_error = PyErr_NewExceptionWithDoc(
+        "safehook.PolicyError", "The policy is invalid or cannot be applied; training stops before its first step.",
+        st->error, NULL);
+    if (!st->policy_error || PyModule_AddObjectRef(m, "PolicyError", st->policy_error) < 0)
+        return -1;
+    st->optimizers = PyDict_New();
+    if (!st->optimizers)
+        return -1;
+    if (PyModule_AddStringConstant(m, "__version__", SH_VERSION) < 0)
+        return -1;
+    return 0;
+}
+
+static int core_traverse(PyObject *m, visitproc visit, void *arg) {
+    core_state *st = get_state(m);
+    Py_VISIT(st->error);
+    Py_VISIT(st->policy_error);
+    Py_VISIT(st->optimizers);
+    Py_VISIT(st->pre_features);
+    Py_VISIT(st->post_features);
+    Py_VISIT(st->pending);
+    return 0;
+}
+
+static int core_clear(PyObject *m) {
+    core_state *st = get_state(m);
+    Py_CLEAR(st->error);
+    Py_CLEAR(st->policy_error);
+    Py_CLEAR(st->optimizers);
+    Py_CLEAR(st->pre_features);
+    Py_CLEAR(st->post_features);
+    Py_CLEAR(st->pending);
+    return 0;
+}
+
+static void core_free(void *m) {
+    core_clear((PyObject *)m);
+    sh_policy_free(get_state((PyObject *)m)->policy);
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+PyDoc_STRVAR(core_doc, "safehook's C core: the runtime state, the optimizer step hooks and the audit log.");
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "safehook._core",
+    .m_doc = core_doc,
+    .m_size = sizeof(core_state),
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }

@@ -1,0 +1,34 @@
+"""safehook: keep a language model's safety alignment while it is fine-tuned.
+
+Three ways in, one runtime per process:
+
+* ``LD_PRELOAD=$(safehook lib) python train.py`` (or ``safehook run -- python train.py``);
+* ``import safehook; safehook.install(policy)`` in a notebook or script;
+* a system-wide policy on a shared server (see the README).
+"""
+import os as _os
+
+from . import _core
+from ._core import PolicyError, SafehookError
+
+__version__ = _core.__version__
+__all__ = ["install", "uninstall", "lib", "PolicyError", "SafehookError", "__version__"]
+
+
+def lib():
+    """Absolute path of libsafehook.so, the preload library."""
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "libsafehook.so")
+
+
+def install(policy=None):
+    """Protect every optimizer step of this process from now on, including optimizers that
+    already exist. ``policy`` is a path, a dict, or None (SAFEHOOK_POLICY, else the embedded
+    default). Returns the normalized policy in force. Raises PolicyError on a bad policy."""
+    from . import _boot
+    return _boot.install(policy)
+
+
+def uninstall():
+    """Remove the hooks, unless the policy in force is enforced (then raises SafehookError)."""
+    from . import _boot
+    _boot.uninstall()

@@ -1,0 +1,167 @@
+"""Activation: resolve the policy, open the audit log, and register the optimizer hooks as soon
+as torch.optim.optimizer exists, whatever the import order. Shared by the preload path
+(libsafehook.so calls from_preload when torch is first imported) and by install()."""
+import atexit
+import json
+import os
+import sys
+
+from . import _core
+
+_OPT_MODULE = "torch.optim.optimizer"
+
+_state = {
+    "active": False,   # hooks registered
+    "via": None,       # "preload" or "install"
+    "policy": None,    # normalized policy dict in force
+    "handles": [],     # torch RemovableHandles
+    "watcher": None,
+}
+
+
+def _warn(msg):
+    # One line, one write: only used when protection could not be applied.
+    os.write(2, ("safehook: " + msg + "\n").encode("utf-8", "replace"))
+
+
+def _debug(msg):
+    if os.environ.get("SAFEHOOK_LOG") == "debug":
+        _warn(msg)
+
+
+def _configure(policy):
+    """Resolve the policy in force (user policy against the system policy) and open the log."""
+    kw = {"audit_path": os.environ.get("SAFEHOOK_AUDIT") or None}
+    if policy is None:
+        policy = os.environ.get("SAFEHOOK_POLICY") or None
+    if isinstance(policy, dict):
+        kw["policy_text"] = json.dumps(policy)
+        kw["policy_name"] = "<dict>"
+    elif policy is not None:
+        kw["policy_path"] = os.fspath(policy)
+    return _core.configure(**kw)
+
+
+def _register(optmod):
+    if _state["active"]:
+        return
+    _state["handles"] = [
+        optmod.register_optimizer_step_pre_hook(_core.pre_step),
+        optmod.register_optimizer_step_post_hook(_core.post_step),
+    ]
+    _state["active"] = True
+    _debug("optimizer hooks registered (%s, pid %d)" % (_state["via"], os.getpid()))
+
+
+class _Watcher:
+    """A meta-path finder that only watches: it lets the normal finders find
+    torch.optim.optimizer and registers the hooks right after the module executes."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _OPT_MODULE:
+            return None
+        import importlib.machinery
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            _unwatch()
+            try:
+                _register(module)
+            except Exception as e:  # never break the user's import
+                _protection_failed("cannot register optimizer hooks: %r" % (e,))
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+    def invalidate_caches(self):
+        pass
+
+
+def _watch():
+    optmod = sys.modules.get(_OPT_MODULE)
+    if optmod is not None and hasattr(optmod, "register_optimizer_step_pre_hook"):
+        _register(optmod)
+        return
+    if _state["watcher"] is None:
+        _state["watcher"] = _Watcher()
+        sys.meta_path.insert(0, _state["watcher"])
+
+
+def _unwatch():
+    w = _state["watcher"]
+    if w is not None:
+        try:
+            sys.meta_path.remove(w)
+        except ValueError:
+            pass
+        _state["watcher"] = None
+
+
+def _protection_failed(msg):
+    """Protection the policy asks for cannot be applied: say so once, and under on_error=abort
+    make the first optimizer step raise instead of training unprotected."""
+    policy = _state["policy"] or {}
+    on_error = (policy.get("_meta") or {}).get("on_error", "abort")
+    _core.audit("error", {"message": msg, "on_error": on_error})
+    if on_error == "abort":
+        _core.set_pending_error(msg)
+        _warn(msg + " (training will stop at its first optimizer step)")
+    else:
+        _warn(msg + " (on_error=warn: training continues)")
+
+
+def _finish():
+    try:
+        _core.finish()
+    except Exception:
+        pass
+
+
+def _activate(policy, via):
+    _state["via"] = via
+    try:
+        _state["policy"] = _configure(policy)
+        _core.set_pending_error(None)
+    except _core.PolicyError as e:
+        # The policy could not be read, so its on_error is unknown: the default, abort, holds.
+        _state["policy"] = None
+        _core.set_pending_error("policy error: %s" % e)
+        _warn("policy error: %s (training will stop at its first optimizer step)" % e)
+    _watch()
+    if not getattr(_finish, "registered", False):
+        atexit.register(_finish)
+        _finish.registered = True
+    return _state["policy"]
+
+
+def from_preload(lib):
+    """Called by libsafehook.so when this process first imports torch."""
+    if _state["via"] is not None:
+        return
+    disable = os.environ.get("SAFEHOOK_DISABLE") == "1"
+    if disable:
+        _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
+        return
+    _activate(None, "preload")
+
+
+def install(policy=None):
+    """Public safehook.install(): see the package docstring."""
+    if _state["active"] and _state["via"] == "preload" and policy is None:
+        return _state["policy"]
+    return _activate(policy, "install" if _state["via"] != "preload" else "preload")
+
+
+def uninstall():
+    policy = _state["policy"] or {}
+    if (policy.get("_meta") or {}).get("enforce"):
+        raise _core.SafehookError("the policy in force is enforced; safehook cannot be uninstalled")
+    for h in _state["handles"]:
+        h.remove()
+    _state["handles"] = []
+    _state["active"] = False
+    _unwatch()

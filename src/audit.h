@@ -1,0 +1,28 @@
+/* The audit log: one JSON object per line, appended with one write(2) per record, so that
+ * several processes (torchrun ranks, spawned children) can share one file. */
+#ifndef SH_AUDIT_H
+#define SH_AUDIT_H
+
+#include <jansson.h>
+#include <stdbool.h>
+
+/* Open PATH for appending (created 0644 if missing), replacing any log already open.
+ * Returns 0, or a negative errno with the previous log left open. */
+int sh_audit_open(const char *path);
+
+/* Close the log; later records are dropped. */
+void sh_audit_close(void);
+
+/* True when a log is open. */
+bool sh_audit_active(void);
+
+/* The path given to the last successful sh_audit_open, or NULL. */
+const char *sh_audit_path(void);
+
+/* Write one record: {"event": EVENT, "time": unix seconds, "pid": getpid(), "step": STEP,
+ * ...FIELDS}. STEP < 0 leaves "step" out. Takes ownership of FIELDS (may be NULL); keys of FIELDS
+ * named event/time/pid/step are ignored. Returns 0, -ENOENT when no log is open, or a negative
+ * errno from the write. */
+int sh_audit_emit(const char *event, long long step, json_t *fields);
+
+#endif
