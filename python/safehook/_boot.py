@@ -16,6 +16,7 @@ _state = {
     "policy": None,    # normalized policy dict in force
     "handles": [],     # torch RemovableHandles
     "watcher": None,
+    "runtime": None,   # _runtime.Runtime of the features
 }
 
 
@@ -42,9 +43,37 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
+# Features in the order their setup runs; each is safehook.<name>.setup(policy, rt), run when
+# the policy has a section of that name. See _runtime.py for what a feature can do.
+FEATURES = ("freeze", "safegrad", "probes", "gate", "monitor")
+
+
+def _setup_features():
+    from ._runtime import Runtime
+    import importlib
+    policy = _state["policy"]
+    if policy is None:
+        return
+    rt = Runtime(policy)
+    _state["runtime"] = rt
+    for name in FEATURES:
+        if not policy.get(name):
+            continue
+        try:
+            mod = importlib.import_module("safehook." + name)
+        except ImportError as e:
+            _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
+            continue
+        try:
+            mod.setup(policy, rt)
+        except Exception as e:
+            _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+
+
 def _register(optmod):
     if _state["active"]:
         return
+    _setup_features()
     _state["handles"] = [
         optmod.register_optimizer_step_pre_hook(_core.pre_step),
         optmod.register_optimizer_step_post_hook(_core.post_step),

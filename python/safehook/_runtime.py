@@ -1,0 +1,67 @@
+"""What a feature (freeze, safegrad, probes, gate, monitor) sees of the runtime.
+
+A feature is a module safehook.<name> with ``setup(policy, rt)``, called once at activation
+when its policy section is present. It registers step callables and model listeners on ``rt``:
+
+    def setup(policy, rt):
+        rt.on_model(lambda info: ...)          # at the model's first forward
+        rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
+        rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
+
+``record`` is a dict merged into the step's audit record. Orders: freeze 10, safegrad 20,
+gate 30, monitor 40 (lower runs first).
+"""
+import os
+import traceback
+
+from . import _core
+
+
+class Runtime:
+    def __init__(self, policy):
+        self.policy = policy or {}
+        self._pre = []
+        self._post = []
+
+    # -- step callables --
+    def add_pre(self, fn, order=50):
+        self._pre.append((order, len(self._pre), fn))
+        self._publish()
+
+    def add_post(self, fn, order=50):
+        self._post.append((order, len(self._post), fn))
+        self._publish()
+
+    def _publish(self):
+        _core.set_features([f for _, _, f in sorted(self._pre, key=lambda t: t[:2])],
+                           [f for _, _, f in sorted(self._post, key=lambda t: t[:2])])
+
+    # -- the model --
+    def on_model(self, cb):
+        """Call cb(ModelInfo) at the first forward of the training model (now, if already seen)."""
+        from . import _model
+        _model.on_model(cb)
+
+    # -- records --
+    def audit(self, event, fields=None, step=None):
+        return _core.audit(event, fields, step)
+
+    def violation(self, what, fields=None, skip=1):
+        """A 'violation' record with the Python stack and the native (libunwind) stack of the
+        call site."""
+        rec = dict(fields or {})
+        rec["what"] = what
+        rec["python_stack"] = [l.rstrip("\n") for l in traceback.format_stack()[:-skip]]
+        rec["native_stack"] = _core.native_stack(skip)
+        _core.audit("violation", rec)
+        debug("violation: %s" % what)
+
+    def fail(self, msg):
+        """Protection that the policy asks for cannot be applied: see _boot._protection_failed."""
+        from . import _boot
+        _boot._protection_failed(msg)
+
+
+def debug(msg):
+    if os.environ.get("SAFEHOOK_LOG") == "debug":
+        os.write(2, ("safehook: " + msg + "\n").encode("utf-8", "replace"))
