@@ -488,6 +488,7 @@ static int core_exec(PyObject *m) {
         return -1;
     if (PyModule_AddStringConstant(m, "__version__", SH_VERSION) < 0)
         return -1;
+    /* Feature bindings live in hooks/py_<feature>.c, each with sh_py_<feature>_init(m). */
     return 0;
 }
 

@@ -1,7 +1,12 @@
-"""The safehook command."""
+"""The safehook command. Each subcommand beyond lib/run/version lives in a module
+safehook.cli_<name> with register(subparsers); listing a name here is all it takes."""
 import argparse
+import importlib
 import os
 import sys
+
+# Subcommand modules: safehook.cli_<name>.register(sub) adds a parser with set_defaults(func=...).
+EXTRA_COMMANDS = ("check", "locate", "report", "demo")
 
 
 def _cmd_lib(args):
@@ -25,9 +30,9 @@ def _cmd_run(args):
         print("safehook run: no command given (safehook run [--policy P] -- CMD ...)", file=sys.stderr)
         return 2
     env = dict(os.environ)
-    pre = env.get("LD_PRELOAD", "")
     path = lib()
-    if path not in pre.split():
+    pre = env.get("LD_PRELOAD", "")
+    if path not in pre.replace(":", " ").split():
         env["LD_PRELOAD"] = (path + " " + pre).strip()
     if args.policy:
         env["SAFEHOOK_POLICY"] = os.path.abspath(args.policy)
@@ -40,19 +45,9 @@ def _cmd_run(args):
         return 127
 
 
-def _cmd_check(args):
-    from . import _core
-    bad = 0
-    for f in args.files:
-        msg = _core.check_file(f)
-        if msg is not None:
-            print(msg)
-            bad += 1
-    return 2 if bad else 0
-
-
 def build_parser():
-    p = argparse.ArgumentParser(prog="safehook", description="Keep a model's safety alignment while it is fine-tuned.")
+    p = argparse.ArgumentParser(prog="safehook",
+                                description="Keep a model's safety alignment while it is fine-tuned.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("lib", help="print the absolute path of libsafehook.so",
@@ -60,8 +55,8 @@ def build_parser():
     s.set_defaults(func=_cmd_lib)
 
     s = sub.add_parser("run", help="run a command with safehook preloaded",
-                       description="Run CMD with libsafehook.so preloaded, so that every Python "
-                                   "process it starts is protected. Example: safehook run --policy p.json -- python train.py")
+                       description="Run CMD with libsafehook.so preloaded, so that every Python process it "
+                                   "starts is protected. Example: safehook run --policy p.json -- python train.py")
     s.add_argument("--policy", metavar="P", help="policy file (sets SAFEHOOK_POLICY)")
     s.add_argument("--audit", metavar="A", help="audit log path (sets SAFEHOOK_AUDIT)")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
@@ -70,10 +65,14 @@ def build_parser():
     s = sub.add_parser("version", help="print the version", description="Print safehook's version.")
     s.set_defaults(func=_cmd_version)
 
-    s = sub.add_parser("check", help="validate policy files",
-                       description="Validate policies: exit 0 when all are valid, else 2 with one line per error.")
-    s.add_argument("files", nargs="+", metavar="FILE")
-    s.set_defaults(func=_cmd_check)
+    for name in EXTRA_COMMANDS:
+        try:
+            mod = importlib.import_module("safehook.cli_" + name)
+        except ModuleNotFoundError as e:
+            if e.name != "safehook.cli_" + name:
+                raise
+            continue
+        mod.register(sub)
     return p
 
 
