@@ -1,4 +1,5 @@
-"""safehook check FILE...: validate policies."""
+"""safehook check [--explain] FILE...: validate policies (the C core does the work)."""
+import sys
 
 
 def _run(args):
@@ -9,11 +10,20 @@ def _run(args):
         if msg is not None:
             print(msg)
             bad += 1
+        elif args.explain:
+            if len(args.files) > 1:
+                print("# %s" % f)
+            print(_core.explain_file(f))
+    sys.stdout.flush()
     return 2 if bad else 0
 
 
 def register(sub):
     s = sub.add_parser("check", help="validate policy files",
-                       description="Validate policies: exit 0 when all are valid, else 2 with one line per error.")
+                       description="Validate policies: exit 0 when all are valid, else 2 with one line per "
+                                   "invalid file ('FILE:LINE:COLUMN: message' for JSON syntax, "
+                                   "'FILE: /json/pointer: message' for the schema).")
+    s.add_argument("--explain", action="store_true",
+                   help="print each valid policy normalized, with every default filled in")
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(func=_run)
