@@ -63,6 +63,11 @@ static int parse_text(const char *text, size_t len, const char *source, unsigned
                             "too large: a policy is at most %d bytes", SH_POLICY_MAX_BYTES);
         return -EFBIG;
     }
+    if (len >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0) {
+        sh_policy_set_error(err, SH_POLICY_ERR_INVALID, source, 1, 1, NULL,
+                            "the file starts with a byte order mark (U+FEFF): save it as UTF-8 without one");
+        return -EINVAL;
+    }
     json_error_t jerr;
     out->raw = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!out->raw) {

@@ -503,8 +503,8 @@ static int check_number(ctx *c, const sh_field *f, const json_t *v, json_t **out
                 FAIL(c, "must be %s, not %s", lo, got);
             FAIL(c, "must be in %s..%s, not %s", lo, hi, got);
         }
-        format_real(f->lo, lo, sizeof lo);
-        format_real(f->hi, hi, sizeof hi);
+        snprintf(lo, sizeof lo, "%.15g", f->lo);
+        snprintf(hi, sizeof hi, "%.15g", f->hi);
         if (isinf(f->hi))
             FAIL(c, "must be %s %s, not %s", (f->flags & SH_F_LO_OPEN) ? ">" : ">=", lo, got);
         FAIL(c, "must be in %c%s, %s%c, not %s", (f->flags & SH_F_LO_OPEN) ? '(' : '[', lo, hi,

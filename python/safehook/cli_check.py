@@ -1,4 +1,5 @@
 """safehook check [--explain] FILE...: validate policies (the C core does the work)."""
+import json
 import sys
 
 
@@ -13,7 +14,8 @@ def _run(args):
         elif args.explain:
             if len(args.files) > 1:
                 print("# %s" % f)
-            print(_core.explain_file(f))
+            # Python prints reals in their shortest exact form (0.1, not 0.10000000000000001)
+            print(json.dumps(json.loads(_core.explain_file(f)), indent=2, ensure_ascii=False))
     sys.stdout.flush()
     return 2 if bad else 0
 
