@@ -209,7 +209,7 @@ int sh_policy_resolve(const char *user_path, const char *user_text, const char *
             goto out;
         doc = json_incref(def.norm);
         loaded_clear(&def);
-        snprintf(origin, sizeof origin, "embedded");
+        snprintf(origin, sizeof origin, "<embedded default>");
     } else if (!user.norm || !sys.norm) {
         loaded *only = user.norm ? &user : &sys;
         doc = json_incref(only->norm);

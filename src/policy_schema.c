@@ -28,6 +28,7 @@ static const char *const LOSS[] = {"ce", "kl", NULL};
 static const char *const GRANULARITY[] = {"global", "layer", "tensor", NULL};
 static const char *const KIND[] = {"loss", "score", NULL};
 static const char *const JUDGE[] = {"keyword", "exact", NULL};
+static const char *const PROBE_LOSS[] = {"ce", "contrastive", NULL};
 static const char *const SCORE[] = {"loss", "refusal_rate", "over_refusal", NULL};
 static const char *const GATE_MODE[] = {"first_order", "exact", NULL};
 static const char *const GATE_ACTION[] = {"skip", "scale", NULL};
@@ -83,6 +84,8 @@ static const sh_field PROBE[] = {
     {"max_new_tokens", SH_K_INT, 0, 1, 512, NULL, "32", SH_T_SAME, NULL},
     {"batch_size", SH_K_INT, 0, 1, 65536, NULL, "16", SH_T_SAME, NULL},
     {"limit", COUNT(1), NULL, SH_T_SAME, NULL},
+    {"loss", SH_K_ENUM, 0, 0, 0, PROBE_LOSS, "\"ce\"", SH_T_SAME, NULL},
+    {"chat_template", SH_K_BOOL, 0, 0, 0, NULL, "false", SH_T_SAME, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

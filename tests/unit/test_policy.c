@@ -59,7 +59,7 @@ static void test_embedded_default(void) {
     CHECK(p != NULL);
     if (!p)
         return;
-    CHECK_STR(p->origin, "embedded");
+    CHECK_STR(p->origin, "<embedded default>");
     CHECK_INT(strlen(p->digest), 64);
     CHECK_INT(p->on_error, SH_ON_ERROR_ABORT);
     CHECK(!p->enforce);

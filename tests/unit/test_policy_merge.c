@@ -67,7 +67,7 @@ static void test_sources(void) {
 
     /* nothing given: the embedded default, which has an audit section */
     CHECK_INT(sh_policy_resolve(NULL, NULL, NULL, missing, &p, &err), 0);
-    CHECK_STR(p->origin, "embedded");
+    CHECK_STR(p->origin, "<embedded default>");
     CHECK(json_object_get(p->doc, "audit") != NULL);
     sh_policy_free(p);
 
