@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "policy_error.h"
 #include "policy_merge.h"
 #include "policy_schema.h"
 #include "sh_config.h"

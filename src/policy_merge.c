@@ -9,15 +9,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "policy_error.h"
 #include "policy_schema.h"
-
-enum { PTR_LEN = sizeof(((sh_policy_error *)0)->pointer) };
 
 typedef struct mctx {
     const char *sys_name;
     const char *user_name;
     sh_policy_error *err;
-    char ptr[PTR_LEN];
+    char ptr[SH_PTR_LEN];
 } mctx;
 
 static int weakens(mctx *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

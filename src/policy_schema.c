@@ -5,21 +5,18 @@
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "policy_error.h"
 #include "suggest.h"
 
 #define MAX_COUNT 1e9    /* upper bound of step counts: keeps the features' arithmetic exact */
-#define MAX_LIST 1024    /* entries of a list of ranges, globs or keywords */
+#define MAX_LIST SH_POLICY_MAX_LIST
 #define MAX_PATH 4096    /* bytes of a path or a glob */
-#define MAX_BLOCK 999999 /* largest block number in a range */
 
-enum { PTR_LEN = sizeof(((sh_policy_error *)0)->pointer) };
-
-/* ---- the schema ---- */
+/* the schema */
 
 static const char *const ON_ERROR[] = {"abort", "warn", NULL};
 static const char *const ON_ERROR_ORDER[] = {"warn", "abort", NULL};
@@ -130,135 +127,11 @@ const sh_field *sh_schema_fields(const char *section) {
     return NULL;
 }
 
-/* ---- messages ---- */
+/* checks of one value */
 
-void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col, const char *pointer,
-                         const char *fmt, ...) {
-    if (!err)
-        return;
-    snprintf(err->source, sizeof err->source, "%s", source ? source : "<policy>");
-    err->kind = kind;
-    err->line = line;
-    err->column = col;
-    snprintf(err->pointer, sizeof err->pointer, "%s", pointer ? pointer : "");
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->text, sizeof err->text, fmt, ap);
-    va_end(ap);
-}
-
-/* Copy S into OUT (LEN bytes) with control bytes as \xNN, quotes and backslashes escaped, cut
- * at MAX input bytes on a UTF-8 boundary (then "..." follows). */
-static void printable(const char *s, char *out, size_t len, size_t max) {
-    size_t o = 0, i = 0;
-    for (; s[i] && i < max; i++) {
-        unsigned char c = (unsigned char)s[i];
-        char tmp[8];
-        if (c < 0x20 || c == 0x7f)
-            snprintf(tmp, sizeof tmp, "\\x%02x", c);
-        else if (c == '"' || c == '\\')
-            snprintf(tmp, sizeof tmp, "\\%c", c);
-        else
-            snprintf(tmp, sizeof tmp, "%c", c);
-        size_t n = strlen(tmp);
-        if (o + n + 4 >= len)
-            break;
-        memcpy(out + o, tmp, n);
-        o += n;
-    }
-    if (s[i]) {
-        while (o > 0 && ((unsigned char)out[o - 1] & 0xc0) == 0x80)
-            o--; /* drop a cut UTF-8 sequence: continuation bytes... */
-        if (o > 0 && (unsigned char)out[o - 1] >= 0xc0)
-            o--; /* ...and its lead byte */
-        if (o + 4 <= len) {
-            memcpy(out + o, "...", 3);
-            o += 3;
-        }
-    }
-    out[o < len ? o : len - 1] = '\0';
-}
-
-static void format_real(double d, char *buf, size_t len) {
-    snprintf(buf, len, "%.15g", d);
-    if (strtod(buf, NULL) != d)
-        snprintf(buf, len, "%.17g", d);
-    if (!strpbrk(buf, ".eEn")) /* keep reals recognisable: 1.0, not 1 */
-        snprintf(buf + strlen(buf), len - strlen(buf), ".0");
-}
-
-void sh_policy_describe(const json_t *v, char *buf, size_t len) {
-    char tmp[300];
-    switch (json_typeof(v)) {
-    case JSON_STRING:
-        printable(json_string_value(v), tmp, sizeof tmp, 64);
-        snprintf(buf, len, "\"%s\"", tmp);
-        break;
-    case JSON_INTEGER:
-        snprintf(buf, len, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        break;
-    case JSON_REAL:
-        format_real(json_real_value(v), buf, len);
-        break;
-    case JSON_TRUE:
-        snprintf(buf, len, "true");
-        break;
-    case JSON_FALSE:
-        snprintf(buf, len, "false");
-        break;
-    case JSON_NULL:
-        snprintf(buf, len, "null");
-        break;
-    case JSON_ARRAY:
-        snprintf(buf, len, "a list");
-        break;
-    default:
-        snprintf(buf, len, "an object");
-        break;
-    }
-}
-
-void sh_pointer_push(char *pointer, size_t len, const char *key) {
-    char esc[PTR_LEN];
-    size_t o = 0;
-    for (const char *c = key; *c && o + 2 < sizeof esc; c++) {
-        if (*c == '~' || *c == '/') {
-            esc[o++] = '~';
-            esc[o++] = *c == '~' ? '0' : '1';
-        } else {
-            esc[o++] = *c;
-        }
-    }
-    esc[o] = '\0';
-    char shown[PTR_LEN];
-    printable(esc, shown, sizeof shown, 64);
-    size_t used = strlen(pointer), n = strlen(shown);
-    if (used + 1 + n >= len)
-        return; /* no room: the pointer stays at the parent */
-    pointer[used] = '/';
-    memcpy(pointer + used + 1, shown, n + 1);
-}
-
-/* ---- validation context ---- */
-
-typedef struct ctx {
-    const char *source;
-    unsigned flags;
-    sh_policy_error *err;
-    char ptr[PTR_LEN];
-} ctx;
-
-#define FAIL(c, ...)                                                                 \
-    do {                                                                             \
-        sh_policy_set_error((c)->err, SH_POLICY_ERR_INVALID, (c)->source, 0, 0, (c)->ptr, __VA_ARGS__); \
-        return -EINVAL;                                                              \
-    } while (0)
-
-static const char *article_type(const json_t *v) {
-    static _Thread_local char buf[80];
-    sh_policy_describe(v, buf, sizeof buf);
-    return buf;
-}
+typedef sh_check_ctx ctx;
+#define FAIL SH_FAIL
+#define article_type sh_policy_describe_tmp
 
 /* Names of FIELDS as an array for sh_suggest; at most 15 fields per table. */
 static size_t field_names(const sh_field *fields, const char *names[16]) {
@@ -266,16 +139,6 @@ static size_t field_names(const sh_field *fields, const char *names[16]) {
     for (; fields[n].name && n < 15; n++)
         names[n] = fields[n].name;
     return n;
-}
-
-static int unknown_key(ctx *c, const char *key, const char *const *names, size_t n) {
-    const char *hint = sh_suggest(key, names, n);
-    if (hint)
-        FAIL(c, "unknown key (did you mean \"%s\"?)", hint);
-    char list[400] = "";
-    for (size_t i = 0; i < n; i++)
-        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", names[i]);
-    FAIL(c, "unknown key (known keys: %s)", list);
 }
 
 static int choice_error(ctx *c, const json_t *v, const char *const *choices, const char *also) {
@@ -351,135 +214,7 @@ static int check_strings(ctx *c, const json_t *v, int allow_empty, json_t **out)
     return *out ? 0 : -ENOMEM;
 }
 
-/* ---- layers ---- */
-
-typedef struct range {
-    long first, last;
-} range;
-
-/* "A-B" or "A" with decimal block numbers; 0 and the range, or -1 when malformed. */
-static int parse_range(const char *s, range *r) {
-    long v[2] = {0, 0};
-    int k = 0, digits = 0;
-    for (const char *p = s;; p++) {
-        if (*p >= '0' && *p <= '9') {
-            if (++digits > 6)
-                return -1;
-            v[k] = v[k] * 10 + (*p - '0');
-        } else if (*p == '-' && k == 0 && digits) {
-            k = 1;
-            digits = 0;
-        } else if (*p == '\0' && digits) {
-            break;
-        } else {
-            return -1;
-        }
-    }
-    r->first = v[0];
-    r->last = k ? v[1] : v[0];
-    return 0;
-}
-
-static int check_fraction(ctx *c, const json_t *obj, json_t **out) {
-    const char *key;
-    json_t *v;
-    static const char *const names[] = {"fraction"};
-    size_t base = strlen(c->ptr);
-    json_object_foreach((json_t *)obj, key, v) {
-        if (strcmp(key, "fraction") != 0) {
-            sh_pointer_push(c->ptr, sizeof c->ptr, key);
-            return unknown_key(c, key, names, 1);
-        }
-    }
-    v = json_object_get(obj, "fraction");
-    if (!v)
-        FAIL(c, "an object here needs \"fraction\": [a, b] with 0 <= a < b <= 1");
-    sh_pointer_push(c->ptr, sizeof c->ptr, "fraction");
-    if (!json_is_array(v) || json_array_size(v) != 2 || !json_is_number(json_array_get(v, 0)) ||
-        !json_is_number(json_array_get(v, 1)))
-        FAIL(c, "must be [a, b] with 0 <= a < b <= 1, not %s", article_type(v));
-    double a = json_number_value(json_array_get(v, 0)), b = json_number_value(json_array_get(v, 1));
-    if (!(a >= 0 && a < b && b <= 1)) {
-        char sa[40], sb[40];
-        format_real(a, sa, sizeof sa);
-        format_real(b, sb, sizeof sb);
-        FAIL(c, "must be [a, b] with 0 <= a < b <= 1, not [%s, %s]", sa, sb);
-    }
-    c->ptr[base] = '\0';
-    *out = json_pack("{s:[f,f]}", "fraction", a, b);
-    return *out ? 0 : -ENOMEM;
-}
-
-static int cmp_range(const void *x, const void *y) {
-    const range *a = x, *b = y;
-    return (a->first > b->first) - (a->first < b->first);
-}
-
-static int check_layers(ctx *c, const json_t *v, json_t **out) {
-    if (json_is_object(v))
-        return check_fraction(c, v, out);
-    int single = json_is_string(v);
-    if (!single && !json_is_array(v))
-        FAIL(c, "must be a range \"A-B\", a list of ranges or {\"fraction\": [a, b]}, not %s", article_type(v));
-    size_t n = single ? 1 : json_array_size(v);
-    if (n == 0)
-        FAIL(c, "must list at least one range (leave \"layers\" out to freeze no blocks)");
-    if (n > MAX_LIST)
-        FAIL(c, "must have at most %d ranges, not %zu", MAX_LIST, n);
-    range *rs = calloc(n, sizeof *rs);
-    if (!rs)
-        return -ENOMEM;
-    int r = -EINVAL;
-    size_t base = strlen(c->ptr);
-    for (size_t i = 0; i < n; i++) {
-        const json_t *item = single ? v : json_array_get(v, i);
-        c->ptr[base] = '\0';
-        if (!single) {
-            char idx[24];
-            snprintf(idx, sizeof idx, "%zu", i);
-            sh_pointer_push(c->ptr, sizeof c->ptr, idx);
-        }
-        char shown[120];
-        sh_policy_describe(item, shown, sizeof shown);
-        if (!json_is_string(item) || parse_range(json_string_value(item), &rs[i]) < 0) {
-            sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
-                                "must be a block range \"A-B\" (0-based, inclusive, A and B at most %d), not %s",
-                                MAX_BLOCK, shown);
-            goto out;
-        }
-        if (rs[i].first > rs[i].last) {
-            sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
-                                "range %s is reversed: write \"%ld-%ld\"", shown, rs[i].last, rs[i].first);
-            goto out;
-        }
-        for (size_t j = 0; j < i; j++) {
-            if (rs[j].first <= rs[i].last && rs[i].first <= rs[j].last) {
-                sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
-                                    "range %s overlaps \"%s\" (entry %zu)", shown,
-                                    json_string_value(json_array_get(v, j)), j);
-                goto out;
-            }
-        }
-    }
-    c->ptr[base] = '\0';
-    qsort(rs, n, sizeof *rs, cmp_range);
-    json_t *list = json_array();
-    for (size_t i = 0; list && i < n; i++) {
-        char buf[32];
-        snprintf(buf, sizeof buf, "%ld-%ld", rs[i].first, rs[i].last);
-        if (json_array_append_new(list, json_string(buf)) < 0) {
-            json_decref(list);
-            list = NULL;
-        }
-    }
-    *out = list;
-    r = list ? 0 : -ENOMEM;
-out:
-    free(rs);
-    return r;
-}
-
-/* ---- one field ---- */
+/* one field */
 
 static int check_number(ctx *c, const sh_field *f, const json_t *v, json_t **out) {
     char got[120];
@@ -564,14 +299,14 @@ static int check_field(ctx *c, const sh_field *f, const json_t *v, json_t **out)
             FAIL(c, "must name a Python function as \"pkg.module:function\", not %s", article_type(v));
         break;
     case SH_K_LAYERS:
-        return check_layers(c, v, out);
+        return sh_check_layers(c, v, out);
     }
 copy:
     *out = json_deep_copy(v);
     return *out ? 0 : -ENOMEM;
 }
 
-/* ---- objects: a section, a probe, the top level ---- */
+/* objects: a section, a probe, the top level */
 
 static const sh_field *find_field(const sh_field *fields, const char *key) {
     for (; fields->name; fields++)
@@ -599,7 +334,7 @@ static int check_object(ctx *c, const sh_field *fields, const json_t *v, json_t 
         sh_pointer_push(c->ptr, sizeof c->ptr, key);
         const sh_field *f = find_field(fields, key);
         if (!f) {
-            r = unknown_key(c, key, names, nnames);
+            r = sh_check_unknown_key(c, key, names, nnames);
             goto fail;
         }
         json_t *value;
@@ -806,7 +541,7 @@ int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, j
                 (r = section_rules(cp, key, value)) < 0)
                 json_decref(value);
         } else {
-            r = unknown_key(cp, key, names, n);
+            r = sh_check_unknown_key(cp, key, names, n);
         }
         if (r < 0)
             goto fail;

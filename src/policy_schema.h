@@ -7,6 +7,10 @@
 #include <jansson.h>
 
 #include "policy.h"
+#include "policy_error.h"
+
+#define SH_POLICY_MAX_LIST 1024    /* entries of a list of ranges, globs or keywords */
+#define SH_POLICY_MAX_BLOCK 999999 /* largest block number in a range */
 
 enum sh_kind {
     SH_K_INT,          /* an integer in [lo, hi] */
@@ -66,15 +70,9 @@ const sh_field *sh_schema_fields(const char *section);
  * the first error and returns -EINVAL, or returns -ENOMEM. */
 int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, json_t **ret, sh_policy_error *err);
 
-/* Set *err (may be NULL): SOURCE, LINE:COL (0 for none), json POINTER ("" for none), message. */
-void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col, const char *pointer,
-                         const char *fmt, ...) __attribute__((format(printf, 7, 8)));
-
-/* A short printable rendering of V for messages: "text" quoted (escaped, cut at 64 bytes), a
- * number, true/false/null, or "a list"/"an object". */
-void sh_policy_describe(const json_t *v, char *buf, size_t len);
-
-/* Append "/KEY" (JSON-pointer escaped, control bytes shown as \xNN, cut to fit) to POINTER. */
-void sh_pointer_push(char *pointer, size_t len, const char *key);
+/* Validate freeze.layers V at C's pointer; on success store the normalized value (a sorted
+ * list of "A-B" strings, or {"fraction": [a, b]} with reals) in *out. -EINVAL with C's error
+ * filled, or -ENOMEM. */
+int sh_check_layers(sh_check_ctx *c, const json_t *v, json_t **out);
 
 #endif

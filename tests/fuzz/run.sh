@@ -21,7 +21,8 @@ printf '#define SH_VERSION "fuzz"\n#define SH_SYSTEM_POLICY "/nonexistent/safeho
 # shellcheck disable=SC2046
 "$CC" -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -I"$work" -I"$root/src" "$here/fuzz_policy.c" \
-    "$root/src/policy.c" "$root/src/policy_schema.c" "$root/src/policy_merge.c" \
+    "$root/src/policy.c" "$root/src/policy_error.c" "$root/src/policy_layers.c" \
+    "$root/src/policy_schema.c" "$root/src/policy_merge.c" \
     "$root/src/sha256.c" "$root/src/suggest.c" "$work/default_policy.c" \
     $(pkg-config --cflags --libs jansson) -o "$work/fuzz_policy"
 
