@@ -159,6 +159,7 @@ def _policy_refused(e):
     if kind == "weakening":
         rec["what"] = "the user policy weakens the enforced system policy"
         rec["python_stack"] = [l.rstrip("\n") for l in traceback.format_stack()[:-1]]
+        rec["native_stack"] = _core.native_stack(0)
         _core.audit("violation", rec)
     else:
         _core.audit("error", rec)
