@@ -11,7 +11,13 @@
 
 #include "policy.h"
 
-static char sys_enforced[4096], sys_fuzzed[4096];
+static char tmp_dir[64], sys_enforced[4096], sys_fuzzed[4096];
+
+static void cleanup(void) {
+    remove(sys_enforced);
+    remove(sys_fuzzed);
+    rmdir(tmp_dir);
+}
 
 static const char *SYSTEM =
     "{\"version\": 1, \"enforce\": true, \"on_error\": \"warn\","
@@ -27,11 +33,12 @@ static const char *USER = "{\"version\": 1, \"monitor\": {\"every\": 10}, \"free
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
-    char dir[] = "/tmp/safehook-fuzz-XXXXXX";
-    if (!mkdtemp(dir))
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/safehook-fuzz-XXXXXX");
+    if (!mkdtemp(tmp_dir))
         abort();
-    snprintf(sys_enforced, sizeof sys_enforced, "%s/enforced.json", dir);
-    snprintf(sys_fuzzed, sizeof sys_fuzzed, "%s/fuzzed.json", dir);
+    snprintf(sys_enforced, sizeof sys_enforced, "%s/enforced.json", tmp_dir);
+    snprintf(sys_fuzzed, sizeof sys_fuzzed, "%s/fuzzed.json", tmp_dir);
+    atexit(cleanup);
     FILE *f = fopen(sys_enforced, "w");
     if (!f || fputs(SYSTEM, f) < 0 || fclose(f) != 0)
         abort();

@@ -8,6 +8,7 @@ set -eu
 secs=${1:?usage: tests/fuzz/run.sh SECONDS [WORKDIR]}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+keep=${2:-}
 work=${2:-$(mktemp -d /tmp/safehook-fuzz.XXXXXX)}
 if [ -z "${CC:-}" ]; then
     CC=clang
@@ -41,4 +42,8 @@ rc=0
     "$work/corpus" "$work/seeds" || rc=$?
 crashes=$(find "$work/artifacts" -type f | wc -l)
 echo "fuzz: exit $rc, $crashes crash/timeout/leak input(s) in $work/artifacts"
-[ "$rc" -eq 0 ] && [ "$crashes" -eq 0 ]
+if [ "$rc" -eq 0 ] && [ "$crashes" -eq 0 ]; then
+    [ -n "$keep" ] || rm -rf "$work"
+    exit 0
+fi
+exit 1
