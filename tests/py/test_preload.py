@@ -134,3 +134,16 @@ def test_audit_hook_failure_is_reported_not_silent(lib, tmp_path):
     assert p.stdout.strip() == "ok"
     assert p.stderr.count("safehook: protection is NOT active") == 1
     assert "RuntimeError: broken install" in p.stderr
+
+
+def test_optimizer_record_and_sampled_steps(preload_run, tmp_path):
+    pol = tmp_path / "p.json"
+    pol.write_text('{"version": 1, "audit": {"level": "sample", "sample_every": 3}}')
+    _, recs = preload_run([PY, os.path.join(SCRIPTS, "train_top.py"), "7"], policy=str(pol))
+    assert [r["step"] for r in steps_of(recs)] == [1, 3, 6]
+    opt = events(recs, "optimizer")
+    assert len(opt) == 1 and opt[0]["class"] == "AdamW" and opt[0]["index"] == 0
+    assert events(recs, "end")[0]["steps"] == 7
+    pol.write_text('{"version": 1, "audit": {"level": "events"}}')
+    _, recs = preload_run([PY, os.path.join(SCRIPTS, "train_top.py"), "4"], policy=str(pol))
+    assert steps_of(recs) == [] and events(recs, "end")[0]["steps"] == 4
