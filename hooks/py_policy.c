@@ -28,11 +28,10 @@ PyObject *sh_py_policy_raise(PyObject *exc_type, const sh_policy_error *err, con
     PyObject *exc = text ? PyObject_CallOneArg(exc_type, text) : NULL;
     Py_XDECREF(text);
     if (exc) {
-        PyObject *attrs = Py_BuildValue("{s:s,s:s,s:N,s:s,s:O}", "kind",
-                                        err->kind == SH_POLICY_ERR_WEAKENING ? "weakening" : "invalid", "pointer",
-                                        err->pointer, "source", PyUnicode_DecodeFSDefault(err->source), "on_error",
-                                        on_error,
-                                        "system_enforced", (sys && sys->enforce) ? Py_True : Py_False);
+        PyObject *attrs = Py_BuildValue(
+            "{s:s,s:s,s:N,s:s,s:O}", "kind", err->kind == SH_POLICY_ERR_WEAKENING ? "weakening" : "invalid",
+            "pointer", err->pointer, "source", PyUnicode_DecodeFSDefault(err->source), "on_error", on_error,
+            "system_enforced", (sys && sys->enforce) ? Py_True : Py_False);
         PyObject *key, *value;
         Py_ssize_t pos = 0;
         while (attrs && PyDict_Next(attrs, &pos, &key, &value))
@@ -46,10 +45,11 @@ PyObject *sh_py_policy_raise(PyObject *exc_type, const sh_policy_error *err, con
     return NULL;
 }
 
-PyDoc_STRVAR(explain_file_doc,
-"explain_file(path)\n--\n\n"
-"The normalized policy of the file PATH as indented JSON text: the sections it gives, each with\n"
-"every default filled in. Raises PolicyError when the file is not a valid policy.");
+PyDoc_STRVAR(
+    explain_file_doc,
+    "explain_file(path)\n--\n\n"
+    "The normalized policy of the file PATH as indented JSON text: the sections it gives, each with\n"
+    "every default filled in. Raises PolicyError when the file is not a valid policy.");
 
 static PyObject *explain_file(PyObject *m, PyObject *arg) {
     PyObject *bytes = NULL;
@@ -82,10 +82,10 @@ static PyObject *explain_file(PyObject *m, PyObject *arg) {
 }
 
 PyDoc_STRVAR(system_policy_state_doc,
-"system_policy_state(system_path=None)\n--\n\n"
-"The system policy at SYSTEM_PATH (None: the compiled-in path) as a dict: path, state ('none',\n"
-"'advisory', 'enforced' or 'invalid'), error (the error line when invalid), audit (its\n"
-"audit.path) and digest.");
+             "system_policy_state(system_path=None)\n--\n\n"
+             "The system policy at SYSTEM_PATH (None: the compiled-in path) as a dict: path, state ('none',\n"
+             "'advisory', 'enforced' or 'invalid'), error (the error line when invalid), audit (its\n"
+             "audit.path) and digest.");
 
 static PyObject *system_policy_state(PyObject *m, PyObject *args, PyObject *kw) {
     (void)m;
@@ -106,9 +106,10 @@ static PyObject *system_policy_state(PyObject *m, PyObject *args, PyObject *kw) 
     } else if (p) {
         state = p->enforce ? "enforced" : "advisory";
     }
-    PyObject *d = Py_BuildValue("{s:s,s:s,s:N,s:z,s:z}", "path", path ? path : sh_policy_system_path(), "state",
-                                state, "error", msg[0] ? PyUnicode_DecodeFSDefault(msg) : Py_NewRef(Py_None), "audit", p ? p->audit_path : NULL, "digest",
-                                p ? p->digest : NULL);
+    PyObject *d =
+        Py_BuildValue("{s:s,s:s,s:N,s:z,s:z}", "path", path ? path : sh_policy_system_path(), "state", state,
+                      "error", msg[0] ? PyUnicode_DecodeFSDefault(msg) : Py_NewRef(Py_None), "audit",
+                      p ? p->audit_path : NULL, "digest", p ? p->digest : NULL);
     sh_policy_free(p);
     return d;
 }
@@ -120,4 +121,6 @@ static PyMethodDef policy_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-int sh_py_policy_init(PyObject *m) { return PyModule_AddFunctions(m, policy_methods); }
+int sh_py_policy_init(PyObject *m) {
+    return PyModule_AddFunctions(m, policy_methods);
+}

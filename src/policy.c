@@ -28,7 +28,9 @@ static void loaded_clear(loaded *l) {
     l->raw = l->norm = NULL;
 }
 
-const char *sh_policy_system_path(void) { return SH_SYSTEM_POLICY; }
+const char *sh_policy_system_path(void) {
+    return SH_SYSTEM_POLICY;
+}
 
 void sh_policy_error_format(const sh_policy_error *err, char *buf, size_t len) {
     if (err->line > 0)
@@ -44,7 +46,11 @@ void sh_policy_error_format(const sh_policy_error *err, char *buf, size_t len) {
 static void clean_text(char *s) {
     unsigned char *p = (unsigned char *)s;
     while (*p) {
-        int n = *p < 0x80 ? 1 : (*p & 0xe0) == 0xc0 ? 2 : (*p & 0xf0) == 0xe0 ? 3 : (*p & 0xf8) == 0xf0 ? 4 : 0;
+        int n = *p < 0x80             ? 1
+                : (*p & 0xe0) == 0xc0 ? 2
+                : (*p & 0xf0) == 0xe0 ? 3
+                : (*p & 0xf8) == 0xf0 ? 4
+                                      : 0;
         int ok = n > 0 && !(n == 2 && *p < 0xc2) && !(n == 4 && *p > 0xf4);
         for (int i = 1; ok && i < n; i++)
             ok = (p[i] & 0xc0) == 0x80;
@@ -206,7 +212,8 @@ int sh_policy_resolve(const char *user_path, const char *user_text, const char *
     json_t *doc = NULL;
     if (!sys.norm && !user.norm) {
         loaded def = {0};
-        if ((r = parse_text(sh_default_policy, sh_default_policy_len, "<embedded default>", 0, &def, err)) < 0)
+        if ((r = parse_text(sh_default_policy, sh_default_policy_len, "<embedded default>", 0, &def, err)) <
+            0)
             goto out;
         doc = json_incref(def.norm);
         loaded_clear(&def);

@@ -34,7 +34,8 @@ typedef struct sh_policy_error {
  * default filled in; the rest of the core and the Python side read it, never the raw text. */
 typedef struct sh_policy {
     json_t *doc;
-    char origin[1100];    /* "<embedded default>", "system:PATH", "user:PATH", "user:<dict>", "system:PATH+user:PATH" */
+    char origin[1100];    /* "<embedded default>", "system:PATH", "user:PATH", "user:<dict>",
+                             "system:PATH+user:PATH" */
     char digest[65];      /* hex SHA-256 of the normalized document (compact, keys sorted) */
     bool enforce;         /* the policy in force says "enforce": true */
     bool system_enforced; /* ...because an enforced system policy is part of it */

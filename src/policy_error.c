@@ -10,8 +10,8 @@
 
 #include "suggest.h"
 
-void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col, const char *pointer,
-                         const char *fmt, ...) {
+void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col,
+                         const char *pointer, const char *fmt, ...) {
     if (!err)
         return;
     snprintf(err->source, sizeof err->source, "%s", source ? source : "<policy>");

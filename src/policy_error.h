@@ -10,8 +10,8 @@
 enum { SH_PTR_LEN = sizeof(((sh_policy_error *)0)->pointer) };
 
 /* Set *err (may be NULL): KIND, SOURCE, LINE:COL (0 for none), json POINTER ("" for none), message. */
-void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col, const char *pointer,
-                         const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+void sh_policy_set_error(sh_policy_error *err, int kind, const char *source, int line, int col,
+                         const char *pointer, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
 
 /* A short printable rendering of V for messages: "text" quoted (escaped, cut at 64 bytes), a
  * number, true/false/null, or "a list"/"an object". */

@@ -75,7 +75,8 @@ int sh_check_layers(sh_check_ctx *c, const json_t *v, json_t **out) {
         return check_fraction(c, v, out);
     int single = json_is_string(v);
     if (!single && !json_is_array(v))
-        SH_FAIL(c, "must be a range \"A-B\", a list of ranges or {\"fraction\": [a, b]}, not %s", sh_policy_describe_tmp(v));
+        SH_FAIL(c, "must be a range \"A-B\", a list of ranges or {\"fraction\": [a, b]}, not %s",
+                sh_policy_describe_tmp(v));
     size_t n = single ? 1 : json_array_size(v);
     if (n == 0)
         SH_FAIL(c, "must list at least one range (leave \"layers\" out to freeze no blocks)");
@@ -97,9 +98,10 @@ int sh_check_layers(sh_check_ctx *c, const json_t *v, json_t **out) {
         char shown[120];
         sh_policy_describe(item, shown, sizeof shown);
         if (!json_is_string(item) || parse_range(json_string_value(item), &rs[i]) < 0) {
-            sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
-                                "must be a block range \"A-B\" (0-based, inclusive, A and B at most %d), not %s",
-                                SH_POLICY_MAX_BLOCK, shown);
+            sh_policy_set_error(
+                c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
+                "must be a block range \"A-B\" (0-based, inclusive, A and B at most %d), not %s",
+                SH_POLICY_MAX_BLOCK, shown);
             goto out;
         }
         if (rs[i].first > rs[i].last) {

@@ -66,8 +66,11 @@ static int layers_cover(mctx *m, const json_t *a, const json_t *b) {
         char *text = json_dumps(a, JSON_COMPACT | JSON_REAL_PRECISION(15));
         snprintf(want, sizeof want, "%s", text ? text : "?");
         free(text);
-        return weakens(m, "must cover its layers %s, given in the same form (block ranges and fractions of depth "
-                          "cannot be compared before the model is known)", want);
+        return weakens(
+            m,
+            "must cover its layers %s, given in the same form (block ranges and fractions of depth "
+            "cannot be compared before the model is known)",
+            want);
     }
     enum { CAP = 1024 };
     long *af = calloc(4 * CAP, sizeof *af);
@@ -82,7 +85,8 @@ static int layers_cover(mctx *m, const json_t *a, const json_t *b) {
             if (bf[j] <= next && bl[j] >= next)
                 next = bl[j] + 1;
         if (next <= al[i])
-            r = weakens(m, "must cover the blocks %ld-%ld it freezes (block %ld is missing)", af[i], al[i], next);
+            r = weakens(m, "must cover the blocks %ld-%ld it freezes (block %ld is missing)", af[i], al[i],
+                        next);
     }
     free(af);
     return r;
@@ -117,8 +121,8 @@ static int check_rule(mctx *m, const sh_field *f, const json_t *a, const json_t 
             return 0;
         char allowed[200] = "";
         for (int i = ra; f->order[i]; i++)
-            snprintf(allowed + strlen(allowed), sizeof allowed - strlen(allowed), "%s\"%s\"", i > ra ? ", " : "",
-                     f->order[i]);
+            snprintf(allowed + strlen(allowed), sizeof allowed - strlen(allowed), "%s\"%s\"",
+                     i > ra ? ", " : "", f->order[i]);
         return weakens(m, "must be one of %s, not %s", allowed, sb);
     }
     case SH_T_SUPERSET: {
@@ -154,7 +158,8 @@ static int merge_probes(mctx *m, json_t *merged, const json_t *user_raw, const j
         json_t *mine = json_object_get(user_norm, name), *theirs = json_object_get(sys, name);
         sh_pointer_push(m->ptr, sizeof m->ptr, name);
         if (theirs && !json_equal(theirs, mine))
-            return weakens(m, "it defines this probe, which cannot be changed (add a probe under another name)");
+            return weakens(m,
+                           "it defines this probe, which cannot be changed (add a probe under another name)");
         if (!theirs && json_object_set(sys, name, mine) < 0)
             return -ENOMEM;
         m->ptr[base] = '\0';
@@ -162,7 +167,8 @@ static int merge_probes(mctx *m, json_t *merged, const json_t *user_raw, const j
     return 0;
 }
 
-static int merge_section(mctx *m, json_t *merged, const char *name, const json_t *user_raw, const json_t *user_norm) {
+static int merge_section(mctx *m, json_t *merged, const char *name, const json_t *user_raw,
+                         const json_t *user_norm) {
     json_t *sys = json_object_get(merged, name);
     if (!sys) /* the user adds a protection the system does not have */
         return json_object_set(merged, name, (json_t *)user_norm) < 0 ? -ENOMEM : 0;
@@ -188,8 +194,8 @@ static int merge_section(mctx *m, json_t *merged, const char *name, const json_t
     return 0;
 }
 
-int sh_policy_tighten(const json_t *sys, const char *sys_name, const json_t *user_raw, const json_t *user_norm,
-                      const char *user_name, json_t **ret, sh_policy_error *err) {
+int sh_policy_tighten(const json_t *sys, const char *sys_name, const json_t *user_raw,
+                      const json_t *user_norm, const char *user_name, json_t **ret, sh_policy_error *err) {
     mctx m = {.sys_name = sys_name, .user_name = user_name, .err = err, .ptr = ""};
     json_t *merged = json_deep_copy(sys);
     if (!merged)

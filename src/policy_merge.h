@@ -17,7 +17,7 @@
  * On success stores the normalized result in *ret (new reference) and returns 0. A weakening
  * fills *err (kind SH_POLICY_ERR_WEAKENING, source USER_NAME, pointer of the key) and returns
  * -EPERM; -ENOMEM on allocation failure. */
-int sh_policy_tighten(const json_t *sys, const char *sys_name, const json_t *user_raw, const json_t *user_norm,
-                      const char *user_name, json_t **ret, sh_policy_error *err);
+int sh_policy_tighten(const json_t *sys, const char *sys_name, const json_t *user_raw,
+                      const json_t *user_norm, const char *user_name, json_t **ret, sh_policy_error *err);
 
 #endif

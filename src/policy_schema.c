@@ -12,9 +12,9 @@
 #include "policy_error.h"
 #include "suggest.h"
 
-#define MAX_COUNT 1e9    /* upper bound of step counts: keeps the features' arithmetic exact */
+#define MAX_COUNT 1e9 /* upper bound of step counts: keeps the features' arithmetic exact */
 #define MAX_LIST SH_POLICY_MAX_LIST
-#define MAX_PATH 4096    /* bytes of a path or a glob */
+#define MAX_PATH 4096 /* bytes of a path or a glob */
 
 /* the schema */
 
@@ -119,8 +119,8 @@ const sh_field *sh_schema_fields(const char *section) {
     static const struct {
         const char *name;
         const sh_field *fields;
-    } all[] = {{"", TOP},         {"freeze", FREEZE}, {"safegrad", SAFEGRAD}, {"probe", PROBE},
-               {"gate", GATE},    {"monitor", MONITOR}, {"audit", AUDIT}};
+    } all[] = {{"", TOP},      {"freeze", FREEZE},   {"safegrad", SAFEGRAD}, {"probe", PROBE},
+               {"gate", GATE}, {"monitor", MONITOR}, {"audit", AUDIT}};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (strcmp(all[i].name, section) == 0)
             return all[i].fields;
@@ -354,7 +354,8 @@ static int check_object(ctx *c, const sh_field *fields, const json_t *v, json_t 
             json_object_set(norm, f->name, value);
         } else if ((f->flags & SH_F_REQUIRED) && !(c->flags & SH_NORM_OVERLAY)) {
             sh_pointer_push(c->ptr, sizeof c->ptr, f->name);
-            sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr, "required key is missing");
+            sh_policy_set_error(c->err, SH_POLICY_ERR_INVALID, c->source, 0, 0, c->ptr,
+                                "required key is missing");
             r = -EINVAL;
             goto fail;
         } else if (f->def) {
@@ -497,7 +498,8 @@ static int check_references(ctx *c, json_t *norm) {
     return 0;
 }
 
-int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, json_t **ret, sh_policy_error *err) {
+int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, json_t **ret,
+                        sh_policy_error *err) {
     ctx c = {.source = source, .flags = flags, .err = err, .ptr = ""};
     ctx *cp = &c;
     if (!json_is_object(raw)) {
@@ -555,7 +557,8 @@ int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, j
     }
     for (const sh_field *f = TOP; f->name; f++) {
         json_t *value = json_object_get(got, f->name);
-        json_object_set_new(norm, f->name, value ? json_incref(value) : json_loads(f->def, JSON_DECODE_ANY, NULL));
+        json_object_set_new(norm, f->name,
+                            value ? json_incref(value) : json_loads(f->def, JSON_DECODE_ANY, NULL));
     }
     for (size_t i = 0; SECTIONS[i]; i++) {
         json_t *value = json_object_get(got, SECTIONS[i]);

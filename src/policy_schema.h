@@ -13,8 +13,8 @@
 #define SH_POLICY_MAX_BLOCK 999999 /* largest block number in a range */
 
 enum sh_kind {
-    SH_K_INT,          /* an integer in [lo, hi] */
-    SH_K_NUM,          /* a number in lo..hi, ends open per flags; normalized to a real */
+    SH_K_INT, /* an integer in [lo, hi] */
+    SH_K_NUM, /* a number in lo..hi, ends open per flags; normalized to a real */
     SH_K_BOOL,
     SH_K_ENUM,         /* one of choices */
     SH_K_PATH,         /* a non-empty string */
@@ -52,7 +52,7 @@ typedef struct sh_field {
     const char *const *choices; /* NULL-terminated, for SH_K_ENUM and SH_K_JUDGE */
     const char *def;            /* the default as JSON text; NULL: absent unless given */
     enum sh_tighten tighten;
-    const char *const *order;   /* SH_T_ORDER: the values, weakest first */
+    const char *const *order; /* SH_T_ORDER: the values, weakest first */
 } sh_field;
 
 /* The fields of SECTION ("" for the top level, "probe" for one entry of probes, else a section
@@ -68,7 +68,8 @@ const sh_field *sh_schema_fields(const char *section);
  * SH_NORM_OVERLAY. On success stores the normalized document (new reference: absent sections
  * absent, present ones with every default) in *ret and returns 0; otherwise fills *err with
  * the first error and returns -EINVAL, or returns -ENOMEM. */
-int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, json_t **ret, sh_policy_error *err);
+int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, json_t **ret,
+                        sh_policy_error *err);
 
 /* Validate freeze.layers V at C's pointer; on success store the normalized value (a sorted
  * list of "A-B" strings, or {"fraction": [a, b]} with reals) in *out. -EINVAL with C's error

@@ -6,7 +6,9 @@
 
 #define MAXW 64
 
-static int lower(int c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+static int lower(int c) {
+    return (c >= 'A' && c <= 'Z') ? c + 32 : c;
+}
 
 static int min3(int a, int b, int c) {
     int m = a < b ? a : b;

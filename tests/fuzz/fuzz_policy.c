@@ -19,14 +19,13 @@ static void cleanup(void) {
     rmdir(tmp_dir);
 }
 
-static const char *SYSTEM =
-    "{\"version\": 1, \"enforce\": true, \"on_error\": \"warn\","
-    " \"freeze\": {\"layers\": [\"2-3\", \"6-7\"], \"params\": [\"embed*\"]},"
-    " \"safegrad\": {\"threshold\": 0.1},"
-    " \"probes\": {\"harm\": {\"data\": \"/srv/harm.jsonl\"}},"
-    " \"gate\": {\"probe\": \"harm\", \"every\": 4},"
-    " \"monitor\": {\"probe\": \"harm\", \"every\": 100, \"threshold\": 0.98},"
-    " \"audit\": {\"path\": \"/var/log/safehook.jsonl\", \"level\": \"sample\"}}";
+static const char *SYSTEM = "{\"version\": 1, \"enforce\": true, \"on_error\": \"warn\","
+                            " \"freeze\": {\"layers\": [\"2-3\", \"6-7\"], \"params\": [\"embed*\"]},"
+                            " \"safegrad\": {\"threshold\": 0.1},"
+                            " \"probes\": {\"harm\": {\"data\": \"/srv/harm.jsonl\"}},"
+                            " \"gate\": {\"probe\": \"harm\", \"every\": 4},"
+                            " \"monitor\": {\"probe\": \"harm\", \"every\": 100, \"threshold\": 0.98},"
+                            " \"audit\": {\"path\": \"/var/log/safehook.jsonl\", \"level\": \"sample\"}}";
 
 static const char *USER = "{\"version\": 1, \"monitor\": {\"every\": 10}, \"freeze\": {\"layers\": \"0-9\"}}";
 
@@ -50,7 +49,11 @@ static int valid_line(const char *s) {
     while (*p) {
         if (*p < 0x20 || *p == 0x7f)
             return 0;
-        int n = *p < 0x80 ? 1 : (*p & 0xe0) == 0xc0 ? 2 : (*p & 0xf0) == 0xe0 ? 3 : (*p & 0xf8) == 0xf0 ? 4 : 0;
+        int n = *p < 0x80             ? 1
+                : (*p & 0xe0) == 0xc0 ? 2
+                : (*p & 0xf0) == 0xe0 ? 3
+                : (*p & 0xf8) == 0xf0 ? 4
+                                      : 0;
         if (n == 0)
             return 0;
         for (int i = 1; i < n; i++)

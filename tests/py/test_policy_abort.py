@@ -71,4 +71,4 @@ def test_unappliable_policy_under_warn_trains_and_says_so(lib, tmp_path):
     err = r.stderr.splitlines()
     assert len(err) == 1 and err[0].startswith("safehook: cannot set up 'probes'")
     assert err[0].endswith("(on_error=warn: training continues)")
-    assert _events(audit) == ["error", "start", "step", "step", "step", "end"]
+    assert _events(audit) == ["error", "start", "optimizer", "step", "step", "step", "end"]

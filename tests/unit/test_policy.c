@@ -49,7 +49,8 @@ static void test_version(void) {
     CHECK_STR(error_of("{\"audit\": {}}"),
               "t.json: /version: required key is missing (this safehook reads \"version\": 1)");
     /* the version is checked before the keys it governs */
-    CHECK_STR(error_of("{\"monitr\": 1, \"version\": \"1\"}"), "t.json: /version: must be an integer, not \"1\"");
+    CHECK_STR(error_of("{\"monitr\": 1, \"version\": \"1\"}"),
+              "t.json: /version: must be an integer, not \"1\"");
 }
 
 static void test_embedded_default(void) {
@@ -86,7 +87,8 @@ static void test_sha256_vectors(void) {
 }
 
 static void test_reads_runtime_keys(void) {
-    sh_policy *p = parse_ok("{\"version\":1,\"on_error\":\"warn\",\"enforce\":true,\"audit\":{\"path\":\"/tmp/a.jsonl\"}}");
+    sh_policy *p = parse_ok(
+        "{\"version\":1,\"on_error\":\"warn\",\"enforce\":true,\"audit\":{\"path\":\"/tmp/a.jsonl\"}}");
     if (!p)
         return;
     CHECK_INT(p->on_error, SH_ON_ERROR_WARN);
@@ -97,7 +99,8 @@ static void test_reads_runtime_keys(void) {
 }
 
 static void test_defaults_only_in_present_sections(void) {
-    sh_policy *p = parse_ok("{\"version\":1,\"probes\":{\"harm\":{\"data\":\"h.jsonl\"}},\"monitor\":{\"probe\":\"harm\"}}");
+    sh_policy *p = parse_ok(
+        "{\"version\":1,\"probes\":{\"harm\":{\"data\":\"h.jsonl\"}},\"monitor\":{\"probe\":\"harm\"}}");
     if (!p)
         return;
     json_t *mon = json_object_get(p->doc, "monitor");
@@ -168,9 +171,10 @@ static void test_first_error_in_written_order(void) {
 static void test_pointer_escapes(void) {
     CHECK_STR(error_of("{\"version\":1,\"probes\":{\"a/b\":{}}}"),
               "t.json: /probes/a~1b: a probe name has 1 to 64 letters, digits, '_', '-' or '.'");
-    CHECK_STR(error_of("{\"version\":1,\"a\\nb\":1}"),
-              "t.json: /a\\x0ab: unknown key (known keys: version, enforce, on_error, freeze, safegrad, probes, "
-              "gate, monitor, audit)");
+    CHECK_STR(
+        error_of("{\"version\":1,\"a\\nb\":1}"),
+        "t.json: /a\\x0ab: unknown key (known keys: version, enforce, on_error, freeze, safegrad, probes, "
+        "gate, monitor, audit)");
 }
 
 static void test_suggestions(void) {

@@ -63,7 +63,8 @@ static void test_sources(void) {
     sh_policy_error err = {0};
     const char *missing = "/nonexistent/system.json";
     const char *user = write_file("user.json", "{\"version\": 1, \"safegrad\": {}}");
-    const char *advisory = write_file("advisory.json", "{\"version\": 1, \"audit\": {\"level\": \"events\"}}");
+    const char *advisory =
+        write_file("advisory.json", "{\"version\": 1, \"audit\": {\"level\": \"events\"}}");
 
     /* nothing given: the embedded default, which has an audit section */
     CHECK_INT(sh_policy_resolve(NULL, NULL, NULL, missing, &p, &err), 0);
@@ -106,7 +107,8 @@ static void test_sources(void) {
     CHECK_STR(line, want);
 
     /* an invalid user policy is reported under its own name */
-    CHECK_INT(sh_policy_resolve(NULL, "{\"version\": 1, \"gate\": {}}", "<dict>", sys_path, &p, &err), -EINVAL);
+    CHECK_INT(sh_policy_resolve(NULL, "{\"version\": 1, \"gate\": {}}", "<dict>", sys_path, &p, &err),
+              -EINVAL);
     sh_policy_error_format(&err, line, sizeof line);
     CHECK_STR(line, "<dict>: /gate/probe: required key is missing");
 }
@@ -163,25 +165,31 @@ static void test_weakenings_refused(void) {
         {"{\"version\": 1, \"enforce\": false}", "/enforce", "must stay true"},
         {"{\"version\": 1, \"on_error\": \"warn\"}", "/on_error", "must be one of \"abort\", not \"warn\""},
         {"{\"version\": 1, \"monitor\": {\"every\": 200}}", "/monitor/every", "must be <= 100, not 200"},
-        {"{\"version\": 1, \"monitor\": {\"threshold\": 0.9}}", "/monitor/threshold", "must be >= 0.98, not 0.9"},
+        {"{\"version\": 1, \"monitor\": {\"threshold\": 0.9}}", "/monitor/threshold",
+         "must be >= 0.98, not 0.9"},
         {"{\"version\": 1, \"monitor\": {\"action\": \"reduce_lr\"}}", "/monitor/action",
          "must be one of \"rollback\", \"both\", \"stop\", not \"reduce_lr\""},
-        {"{\"version\": 1, \"monitor\": {\"probe\": \"other\"}, \"probes\": {\"other\": {\"callable\": \"a:b\"}}}",
+        {"{\"version\": 1, \"monitor\": {\"probe\": \"other\"}, \"probes\": {\"other\": {\"callable\": "
+         "\"a:b\"}}}",
          "/monitor/probe", "it sets \"harm\", which cannot be changed (not \"other\")"},
         {"{\"version\": 1, \"audit\": {\"level\": \"events\"}}", "/audit/level",
          "must be one of \"sample\", \"steps\", not \"events\""},
         {"{\"version\": 1, \"audit\": {\"path\": null}}", "/audit/path",
          "it sets \"/var/log/safehook.jsonl\", which cannot be changed (not null)"},
-        {"{\"version\": 1, \"audit\": {\"sample_every\": 11}}", "/audit/sample_every", "must be <= 10, not 11"},
+        {"{\"version\": 1, \"audit\": {\"sample_every\": 11}}", "/audit/sample_every",
+         "must be <= 10, not 11"},
         {"{\"version\": 1, \"freeze\": {\"restore\": false}}", "/freeze/restore", "must stay true"},
-        {"{\"version\": 1, \"freeze\": {\"check_every\": 21}}", "/freeze/check_every", "must be <= 20, not 21"},
-        {"{\"version\": 1, \"freeze\": {\"params\": [\"lm_head*\"]}}", "/freeze/params", "must keep \"embed*\""},
+        {"{\"version\": 1, \"freeze\": {\"check_every\": 21}}", "/freeze/check_every",
+         "must be <= 20, not 21"},
+        {"{\"version\": 1, \"freeze\": {\"params\": [\"lm_head*\"]}}", "/freeze/params",
+         "must keep \"embed*\""},
         {"{\"version\": 1, \"freeze\": {\"layers\": [\"4-6\", \"10-11\"]}}", "/freeze/layers",
          "must cover the blocks 4-7 it freezes (block 7 is missing)"},
         {"{\"version\": 1, \"freeze\": {\"layers\": [\"0-5\", \"6-9\", \"11-12\"]}}", "/freeze/layers",
          "must cover the blocks 10-11 it freezes (block 10 is missing)"},
         {"{\"version\": 1, \"freeze\": {\"layers\": {\"fraction\": [0, 1]}}}", "/freeze/layers",
-         "must cover its layers [\"4-7\",\"10-11\"], given in the same form (block ranges and fractions of depth "
+         "must cover its layers [\"4-7\",\"10-11\"], given in the same form (block ranges and fractions of "
+         "depth "
          "cannot be compared before the model is known)"},
         {"{\"version\": 1, \"probes\": {\"harm\": {\"data\": \"/tmp/easy.jsonl\"}}}", "/probes/harm",
          "it defines this probe, which cannot be changed (add a probe under another name)"},
@@ -192,16 +200,17 @@ static void test_weakenings_refused(void) {
         CHECK_STR(resolve(cases[i].user, NULL), want);
     }
     /* covering ranges split differently are a tightening */
-    CHECK_STR(resolve("{\"version\": 1, \"freeze\": {\"layers\": [\"3-5\", \"6-8\", \"10\", \"11\"]}}", NULL), "");
+    CHECK_STR(resolve("{\"version\": 1, \"freeze\": {\"layers\": [\"3-5\", \"6-8\", \"10\", \"11\"]}}", NULL),
+              "");
 }
 
 static void test_fraction_and_same_rules(void) {
-    const char *fsys = write_file("fraction-system.json",
-                                  "{\"version\": 1, \"enforce\": true, \"on_error\": \"warn\","
-                                  " \"freeze\": {\"layers\": {\"fraction\": [0.25, 0.75]}},"
-                                  " \"safegrad\": {\"source\": \"anchor\", \"threshold\": 0.1},"
-                                  " \"gate\": {\"probe\": \"g\", \"mode\": \"exact\"},"
-                                  " \"probes\": {\"g\": {\"callable\": \"pkg.mod:fn\"}}}");
+    const char *fsys =
+        write_file("fraction-system.json", "{\"version\": 1, \"enforce\": true, \"on_error\": \"warn\","
+                                           " \"freeze\": {\"layers\": {\"fraction\": [0.25, 0.75]}},"
+                                           " \"safegrad\": {\"source\": \"anchor\", \"threshold\": 0.1},"
+                                           " \"gate\": {\"probe\": \"g\", \"mode\": \"exact\"},"
+                                           " \"probes\": {\"g\": {\"callable\": \"pkg.mod:fn\"}}}");
     struct {
         const char *user, *want;
     } cases[] = {
@@ -210,11 +219,13 @@ static void test_fraction_and_same_rules(void) {
         {"{\"version\": 1, \"freeze\": {\"layers\": {\"fraction\": [0.3, 0.8]}}}",
          "/freeze/layers: must cover the fraction [0.25, 0.75] it freezes"},
         {"{\"version\": 1, \"freeze\": {\"layers\": [\"0-100\"]}}",
-         "/freeze/layers: must cover its layers {\"fraction\":[0.25,0.75]}, given in the same form (block ranges and "
+         "/freeze/layers: must cover its layers {\"fraction\":[0.25,0.75]}, given in the same form (block "
+         "ranges and "
          "fractions of depth cannot be compared before the model is known)"},
         {"{\"version\": 1, \"safegrad\": {\"source\": \"direction\", \"direction\": \"d.safetensors\"}}",
          "/safegrad/source: it sets \"anchor\", which cannot be changed (not \"direction\")"},
-        {"{\"version\": 1, \"safegrad\": {\"threshold\": 0.0}}", "/safegrad/threshold: must be >= 0.1, not 0.0"},
+        {"{\"version\": 1, \"safegrad\": {\"threshold\": 0.0}}",
+         "/safegrad/threshold: must be >= 0.1, not 0.0"},
         {"{\"version\": 1, \"gate\": {\"mode\": \"first_order\"}}",
          "/gate/mode: must be one of \"exact\", not \"first_order\""},
         {"{\"version\": 1, \"gate\": {\"tolerance\": 0.5}}", "/gate/tolerance: must be <= 0.0, not 0.5"},
