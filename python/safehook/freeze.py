@@ -266,7 +266,7 @@ class Freezer:
                 self.counts["violations"] += 1
                 self.rt.violation("gradient on a frozen parameter (requires_grad was re-enabled); "
                                   "gradient dropped, parameter frozen again",
-                                  {"params": names[:MAX_NAMES], "count": len(names), "step": step}, skip=2)
+                                  {"params": names[:MAX_NAMES], "count": len(names)}, skip=2)
         if step % self.check_every == 0 and step != self.last_check:
             self.last_check = step
             self.check(step, record)
@@ -299,8 +299,9 @@ class Freezer:
         record["freeze_restored"] = restored
         self.rt.violation("frozen weights changed" + (" and were restored from the freeze-time snapshot"
                                                       if restored else ""),
-                          {"params": [self.names[i] for i in bad][:MAX_NAMES], "count": len(bad),
-                           "step": step, "restored": restored}, skip=3)
+                          dict({"params": [self.names[i] for i in bad][:MAX_NAMES], "count": len(bad),
+                                "restored": restored}, **({"at_exit": True} if step is None else {})),
+                          skip=3)
 
     def finish(self, fields):
         """At exit: a last integrity check, and the counters for the 'end' record."""

@@ -206,36 +206,19 @@ def test_peft_lora_adapters_inside_frozen_blocks_are_frozen(tmp_path, lib):
 
 
 def test_tampering_is_recorded_with_stacks_and_undone(tmp_path, lib):
-    facts, records = run_train(tmp_path, lib, "gpt2", "plain", "requires_grad", "data", "step", policy=POLICY)
+    facts, records = run_train(tmp_path, lib, "gpt2", "plain", "requires_grad", "data", "step", "late",
+                               policy=POLICY)
     assert_frozen_exactly(facts, {1, 2})  # every tamper was undone before the script looked
     v = by_event(records, "violation")
-    assert [r["step"] for r in v] == [3, 5, 7], [(r["step"], r["what"]) for r in v]
+    assert [r["step"] for r in v] == [3, 5, 7, 8], [(r["step"], r["what"]) for r in v]
     assert "gradient on a frozen parameter" in v[0]["what"]   # requires_grad re-enabled after step 2
     assert "changed" in v[1]["what"] and v[1]["restored"]     # p.data rebound after step 4
     assert "changed" in v[2]["what"] and v[2]["restored"]     # monkeypatched step 6 wrote it
-    for r in v:
+    assert v[3]["at_exit"] and v[3]["params"] == ["transformer.h.2.ln_1.weight"] and v[3]["restored"]
+    for r in v[:3]:
         assert r["params"] == ["transformer.h.1.mlp.c_fc.weight"]
         assert any("freeze_train.py" in fr and "opt.step()" in fr for fr in r["python_stack"])
         assert r["native_stack"] and any("core_pre_step" in fr for fr in r["native_stack"])
     end = by_event(records, "end")[0]["freeze"]
-    assert end["dropped_grads"] == 1 and end["restored"] == 2 and end["violations"] == 3
-
-
-def test_write_after_last_step_is_caught_at_exit(tmp_path, lib):
-    script = tmp_path / "late.py"
-    script.write_text(
-        "import torch, transformers as T\ntorch.set_num_threads(1)\n"
-        "m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,\n"
-        "    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))\n"
-        "o = torch.optim.AdamW(m.parameters())\nx = torch.randint(0, 64, (2, 8))\n"
-        "m(input_ids=x, labels=x).loss.backward(); o.step()\n"
-        "with torch.no_grad():\n    m.model.layers[2].mlp.up_proj.weight.mul_(0)\n")
-    audit = tmp_path / "a.jsonl"
-    pol = tmp_path / "p.json"
-    pol.write_text(json.dumps({"version": 1, "freeze": {"layers": ["2"], "restore": False}}))
-    env = dict(os.environ, LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit), SAFEHOOK_POLICY=str(pol))
-    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=60, capture_output=True)
-    recs = [json.loads(l) for l in audit.read_text().splitlines()]
-    (v,) = by_event(recs, "violation")
-    assert v["params"] == ["model.layers.2.mlp.up_proj.weight"] and v["restored"] is False
-    assert recs[-1]["event"] == "end" and recs[-1]["freeze"]["changed"] == 1
+    assert end["dropped_grads"] == 1 and end["restored"] == 3 and end["violations"] == 4
+    assert records[-1]["event"] == "end"  # the exit check runs before the end record

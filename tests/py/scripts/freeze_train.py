@@ -7,6 +7,7 @@ usage: freeze_train.py OUT.json ARCH STACK [TAMPER ...]
   TAMPER: requires_grad (re-enable requires_grad on a frozen weight after step 2)
           data (write p.data of a frozen weight after step 4)
           step (monkeypatch opt.step so that step 6 also writes a frozen weight)
+          late (zero a weight of frozen block 2 after the last step and after writing OUT.json)
 Writes {block index: weights equal to the initial ones} and a few facts to OUT.json.
 The script knows nothing of safehook: it is a user's training script."""
 import json
@@ -115,3 +116,6 @@ facts["lora_tensors"] = [sum(1 for n, _ in b.named_parameters() if "lora_" in n)
 rank = os.environ.get("RANK")
 with open(out + ("." + rank if rank else ""), "w") as f:
     json.dump(facts, f)
+if "late" in tamper:
+    with torch.no_grad():
+        next(blocks[2].parameters()).mul_(0)   # after the last step: only the exit check sees it
