@@ -9,23 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import base_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "scripts", "freeze_train.py")
 
 
-@pytest.fixture(scope="module")
-def lib():
-    return subprocess.check_output([sys.executable, "-m", "safehook", "lib"], text=True).strip()
-
-
 def run_train(tmp_path, lib, arch, stack, *tamper, policy=None, torchrun=False, expect_rc=0):
     audit = tmp_path / "audit.jsonl"
     out = tmp_path / "out.json"
-    env = dict(os.environ, LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("SAFEHOOK_POLICY", None)
-    env.pop("SAFEHOOK_DISABLE", None)
+    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit))
     if policy is not None:
         pfile = tmp_path / "policy.json"
         pfile.write_text(json.dumps(policy))
@@ -159,8 +152,7 @@ def test_default_policy_on_model_without_blocks_audits_and_trains(tmp_path, lib)
         "o = torch.optim.AdamW(m.parameters(), weight_decay=0.1)\n"
         "for i in range(3):\n    m(torch.randn(2, 4)).sum().backward(); o.step(); o.zero_grad()\n")
     audit = tmp_path / "a.jsonl"
-    env = dict(os.environ, LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit))
-    env.pop("SAFEHOOK_POLICY", None)
+    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit))
     subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=60)
     recs = [json.loads(l) for l in audit.read_text().splitlines()]
     (fr,) = by_event(recs, "freeze")
