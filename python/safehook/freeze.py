@@ -167,6 +167,7 @@ class Freezer:
         self.block_ids = []
         self.names, self.params, self.sums, self.snaps = [], [], [], []
         self.last_check = None
+        self.rescanned = False
         self.counts = {"violations": 0, "dropped_grads": 0, "changed": 0, "restored": 0, "checks": 0}
 
     # -- freezing --
@@ -243,6 +244,36 @@ class Freezer:
         debug("freeze: %d blocks of %s (%s), %d tensors, mode %s" % (
             len(ids), blocks.path if blocks else "-", when, len(self.params), self.mode))
 
+    def rescan(self, step):
+        """Freeze parameters that appeared inside the frozen blocks after freezing (LoRA adapters
+        injected by a PEFT wrap made after the first forward)."""
+        if not self.blocks or not self.block_ids:
+            return
+        known = {id(p) for p in self.params}
+        new = []
+        for i in self.block_ids:
+            prefix = "%s.%d." % (self.blocks.path, i) if self.blocks.path else "%d." % i
+            for n, p in self.blocks.modules[i].named_parameters():
+                if id(p) not in known:
+                    known.add(id(p))
+                    new.append((prefix + n, p))
+        if not new:
+            return
+        for n, p in new:
+            if self.mode == "requires_grad":
+                p.requires_grad_(False)
+            p.grad = None
+            self.names.append(n)
+            self.params.append(p)
+        ps = [p for _, p in new]
+        self.sums.extend(checksums(ps))
+        if self.restore:
+            self.snaps.extend(p.detach().to("cpu", copy=True) for p in ps)
+        names = [n for n, _ in new]
+        self.rt.audit("freeze", {"late": True, "step": step, "added": names[:MAX_NAMES], "tensors": len(new),
+                                 "adapters": sum(1 for n in names if ".lora_" in n), "mode": self.mode})
+        debug("freeze: %d parameters appeared in frozen blocks and were frozen" % len(new))
+
     def on_model(self, info):
         try:
             self.apply(info.root, info.called, "first_forward")
@@ -251,6 +282,10 @@ class Freezer:
 
     # -- enforcement --
     def pre_step(self, optimizer, step, record):
+        check = step % self.check_every == 0 and step != self.last_check
+        if check or not self.rescanned:
+            self.rescanned = True
+            self.rescan(step)
         if not self.params:
             return
         idx = _core.freeze_with_grad(self.params)
@@ -267,7 +302,7 @@ class Freezer:
                 self.rt.violation("gradient on a frozen parameter (requires_grad was re-enabled); "
                                   "gradient dropped, parameter frozen again",
                                   {"params": names[:MAX_NAMES], "count": len(names)}, skip=2)
-        if step % self.check_every == 0 and step != self.last_check:
+        if check:
             self.last_check = step
             self.check(step, record)
 

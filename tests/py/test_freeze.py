@@ -18,7 +18,7 @@ TRAIN = os.path.join(HERE, "scripts", "freeze_train.py")
 def run_train(tmp_path, lib, arch, stack, *tamper, policy=None, torchrun=False, expect_rc=0):
     audit = tmp_path / "audit.jsonl"
     out = tmp_path / "out.json"
-    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit))
+    env = base_env(LD_PRELOAD=lib or None, SAFEHOOK_AUDIT=str(audit))
     if policy is not None:
         pfile = tmp_path / "policy.json"
         pfile.write_text(json.dumps(policy))
@@ -128,11 +128,17 @@ def test_checksums_see_every_change_on_both_paths():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_frozen_blocks_bit_identical_after_adamw(tmp_path, lib, arch):
-    facts, records = run_train(tmp_path, lib, arch, "plain", policy=POLICY)
+    norm = {"llama": "model.norm.weight", "gpt2": "transformer.ln_f.weight", "qwen2": "model.norm.weight"}[arch]
+    policy = {"version": 1, "freeze": {"layers": "1-2", "check_every": 1, "params": ["*.norm.weight", "*.ln_f.*"]}}
+    facts, records = run_train(tmp_path, lib, arch, "plain", policy=policy)
     assert_frozen_exactly(facts, {1, 2})
+    outside = facts[0]["equal_outside"]
+    assert outside[norm] and sum(outside.values()) == (2 if arch == "gpt2" else 1), outside  # the globs'
+    assert by_event(records, "freeze")[0]["glob_matches"] == (2 if arch == "gpt2" else 1)
     (fr,) = by_event(records, "freeze")
     assert fr["frozen_blocks"] == [1, 2] and fr["blocks"]["count"] == 4 and fr["when"] == "first_forward"
     assert fr["tensors"] == fr["were_trainable"] > 0
+    assert fr["mode"] == "requires_grad"
     assert not by_event(records, "violation")
     assert by_event(records, "end")[0]["freeze"]["checks"] == 9  # 8 steps + the exit check
 
@@ -179,6 +185,18 @@ def test_ddp_two_gloo_ranks(tmp_path, lib, arch, stack):
     assert not by_event(records, "violation")
 
 
+def test_ddp_built_before_install_drops_frozen_grads(tmp_path, lib):
+    # DDP's reducer already expects every gradient: requires_grad stays, gradients are dropped
+    facts, records = run_train(tmp_path, "", "llama", "ddp_then_install", policy=POLICY)
+    assert_frozen_exactly(facts, {1, 2})
+    (fr,) = by_event(records, "freeze")
+    assert fr["mode"] == "grad_none" and fr["wrapper"] == "DistributedDataParallel"
+    assert all(all(rg) for rg in facts[0]["requires_grad"])
+    steps = by_event(records, "step")
+    assert len(steps) == 8 and all(s["freeze_dropped"] == 18 for s in steps)
+    assert not by_event(records, "violation")
+
+
 def test_hf_trainer(tmp_path, lib):
     facts, records = run_train(tmp_path, lib, "llama", "trainer", policy=POLICY)
     assert_frozen_exactly(facts, {1, 2})
@@ -186,15 +204,23 @@ def test_hf_trainer(tmp_path, lib):
     assert by_event(records, "end")[0]["steps"] == 8
 
 
-def test_peft_lora_adapters_inside_frozen_blocks_are_frozen(tmp_path, lib):
-    facts, records = run_train(tmp_path, lib, "llama", "peft", policy=POLICY)
+@pytest.mark.parametrize("stack", ["peft", "peft_late"])
+def test_peft_lora_adapters_inside_frozen_blocks_are_frozen(tmp_path, lib, stack):
+    facts, records = run_train(tmp_path, lib, "llama", stack, policy=POLICY)
     assert_frozen_exactly(facts, {1, 2})  # blocks 0 and 3 changed through their adapters only
     f = facts[0]
     assert f["lora_tensors"] == [4, 4, 4, 4]
-    (fr,) = by_event(records, "freeze")
-    assert fr["blocks"]["path"] == "base_model.model.model.layers"
-    assert fr["adapters"] == 8 and fr["were_trainable"] == 8  # only the adapters were trainable there
     assert not any(f["requires_grad"][1]) and not any(f["requires_grad"][2])
+    frs = by_event(records, "freeze")
+    if stack == "peft":
+        (fr,) = frs
+        assert fr["blocks"]["path"] == "base_model.model.model.layers"
+        assert fr["adapters"] == 8 and fr["were_trainable"] == 8  # only the adapters were trainable there
+    else:  # frozen at the base model's forward; the adapters PEFT adds later are found at step 1
+        first, late = frs
+        assert first["blocks"]["path"] == "model.layers" and first["adapters"] == 0
+        assert late["late"] and late["step"] == 1 and late["adapters"] == 8 and late["tensors"] == 8
+    assert not by_event(records, "violation")
 
 
 def test_tampering_is_recorded_with_stacks_and_undone(tmp_path, lib):

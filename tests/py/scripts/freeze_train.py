@@ -2,8 +2,10 @@
 
 usage: freeze_train.py OUT.json ARCH STACK [TAMPER ...]
   ARCH:   llama | gpt2 | qwen2 | neox          (transformers classes, 4 blocks, hidden 32)
-  STACK:  plain | ddp | ddp_early | trainer | peft
-          ddp: DDP built after a first forward; ddp_early: DDP built before any forward
+  STACK:  plain | ddp | ddp_early | ddp_then_install | trainer | peft | peft_late
+          ddp: DDP built after a first forward; ddp_early: DDP built before any forward;
+          ddp_then_install: one rank, DDP built, then safehook.install() (SAFEHOOK_POLICY)
+          peft_late: LoRA wrap made after a first forward of the base model
   TAMPER: requires_grad (re-enable requires_grad on a frozen weight after step 2)
           data (write p.data of a frozen weight after step 4)
           step (monkeypatch opt.step so that step 6 also writes a frozen weight)
@@ -47,6 +49,7 @@ def build(arch):
 model, path = build(arch)
 blocks = model.get_submodule(path)
 initial = [{n: p.detach().clone() for n, p in b.named_parameters()} for b in blocks]
+outside = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(path + ".")}
 data = torch.randint(0, 64, (STEPS, 4, 16), generator=torch.Generator().manual_seed(1))
 facts = {"violations_seen_by_script": 0}
 
@@ -68,25 +71,35 @@ if stack == "trainer":
     T.Trainer(model=model, args=args, train_dataset=DS()).train()
 else:
     ddp = None
-    if stack == "peft":
+    if stack in ("peft", "peft_late"):
         import peft
+        if stack == "peft_late":
+            with torch.no_grad():
+                model(data[0])  # the first forward (safehook freezes here), then the LoRA wrap
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
                                                            if arch in ("llama", "qwen2") else None))
         initial = [{n: p.detach().clone() for n, p in b.named_parameters()} for b in blocks]
-    if stack in ("ddp", "ddp_early"):
+    if stack in ("ddp", "ddp_early", "ddp_then_install"):
         import torch.distributed as dist
-        dist.init_process_group("gloo")
+        if stack == "ddp_then_install":  # one rank, no torchrun
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        else:
+            dist.init_process_group("gloo")
         if stack == "ddp":
             with torch.no_grad():
                 model(data[0])  # a first forward before DDP wraps: freezing happens here
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if stack == "ddp_then_install":  # a notebook user: safehook arrives after DDP was built
+            import safehook
+            safehook.install()
     runner = ddp or model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     frozen_w = blocks[1].mlp.c_fc.weight if arch == "gpt2" else next(blocks[1].parameters())
     for step in range(1, STEPS + 1):
         batch = data[step - 1]
         if ddp is not None:
-            batch = batch[torch.distributed.get_rank()::2]
+            batch = batch[torch.distributed.get_rank()::torch.distributed.get_world_size()]
         loss = runner(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
@@ -111,6 +124,8 @@ else:
 
 facts["equal"] = [all(torch.equal(p.detach(), initial[i][n]) for n, p in b.named_parameters())
                   for i, b in enumerate(blocks)]
+facts["equal_outside"] = {n: torch.equal(p.detach(), outside[n]) for n, p in model.named_parameters()
+                          if n in outside}
 facts["requires_grad"] = [[p.requires_grad for p in b.parameters()] for b in blocks]
 facts["lora_tensors"] = [sum(1 for n, _ in b.named_parameters() if "lora_" in n) for b in blocks]
 rank = os.environ.get("RANK")
