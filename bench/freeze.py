@@ -3,7 +3,8 @@
 Two identical tiny Llama models train side by side, their steps interleaved, under
 safehook.install() with freeze.layers {"fraction": [0.375, 0.625]}: the first model forwarded is
 the one safehook freezes, the second trains fully (its steps pass through the same hooks).
-Prints the median step time of each and their ratio (frozen / full; below 1 is faster).
+Prints the median step time of each and their ratio (frozen / full; below 1 is faster), and the
+time of one integrity check (checksums of the frozen tensors).
 
     python bench/freeze.py [--layers 8] [--hidden 256] [--seq 128] [--batch 8] [--steps 30] [--device cpu]
 """
@@ -70,6 +71,20 @@ def main():
     print("frozen blocks: %s of %d" % (frozen_blocks, a.layers))
     print("median step: frozen %.2f ms   full %.2f ms" % (med["frozen"] * 1e3, med["full"] * 1e3))
     print("ratio frozen/full: %.3f" % (med["frozen"] / med["full"]))
+
+    # the cost of one integrity check (every freeze.check_every steps, default 50)
+    from safehook.freeze import checksums
+    frozen = [p for i in frozen_blocks for p in models["frozen"].model.layers[i].parameters()]
+    nbytes = sum(p.numel() * p.element_size() for p in frozen)
+    checksums(frozen)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        checksums(frozen)
+    sync()
+    dt = (time.perf_counter() - t0) / 5
+    print("integrity check: %d tensors, %.1f MB in %.2f ms (%.2f GB/s), %.2f%% of a frozen step"
+          % (len(frozen), nbytes / 1e6, dt * 1e3, nbytes / dt / 1e9, 100 * dt / med["frozen"]))
 
 
 if __name__ == "__main__":

@@ -141,9 +141,19 @@ def _torch_checksum(t):
 
 
 def checksums(tensors):
-    """64-bit checksums of TENSORS' bytes: C for contiguous CPU tensors, torch ops for the rest."""
+    """64-bit checksums of TENSORS' values: the C kernel over the raw bytes of CPU tensors (a
+    contiguous copy first for the rare non-contiguous one), torch ops on their device for the
+    rest (GPU), so that no frozen weight crosses to the host for a check."""
     sums = _core.freeze_checksums(tensors)
-    return [s if s is not None else _torch_checksum(t) for s, t in zip(sums, tensors)]
+    out = []
+    for s, t in zip(sums, tensors):
+        if s is None:
+            if t.device.type == "cpu" and not t.is_sparse:
+                s = _core.freeze_checksums([t.detach().contiguous()])[0]
+            if s is None:
+                s = _torch_checksum(t)
+        out.append(s)
+    return out
 
 
 def _wrapper_name(mod):

@@ -105,23 +105,27 @@ def test_find_blocks_known_families_and_generic():
 def test_checksums_see_every_change_on_both_paths():
     import torch
     from safehook import _core
-    from safehook.freeze import checksums
+    from safehook.freeze import _torch_checksum, checksums
     t = torch.randn(64, 33)
-    nc = torch.randn(33, 64).t()  # non-contiguous: the torch fallback
+    nc = torch.randn(33, 64).t()  # non-contiguous: hashed from a contiguous copy
     c0, n0 = checksums([t, nc])
     assert _core.freeze_checksums([t, nc])[1] is None and isinstance(c0, int)
-    assert checksums([t.clone(), nc.t().contiguous().t()]) == [c0, n0]  # same bytes, same sums
-    for x, ref in ((t, c0), (nc, n0)):
+    assert checksums([t.clone(), nc.contiguous()]) == [c0, n0]  # same values, same sums
+    g0 = _torch_checksum(t)  # the on-device path (GPU tensors), run here on CPU
+    assert g0 == _torch_checksum(t.t().contiguous().t())
+    for x, ref, fn in ((t, c0, lambda x: checksums([x])[0]), (nc, n0, lambda x: checksums([x])[0]),
+                       (t, g0, _torch_checksum)):
         old = x[5, 7].item()
         x[5, 7] = torch.nextafter(torch.tensor(old), torch.tensor(float("inf")))  # one ulp
-        assert checksums([x])[0] != ref
+        assert fn(x) != ref
         x[5, 7] = old
-        assert checksums([x])[0] == ref
-    # swapping two values changes the sum too
+        assert fn(x) == ref
+    # swapping two values changes the sum too, on both paths
     a = torch.arange(16, dtype=torch.float32)
     b = a.clone()
     b[[2, 9]] = b[[9, 2]]
     assert checksums([a])[0] != checksums([b])[0]
+    assert _torch_checksum(a) != _torch_checksum(b)
 
 
 # -- real training runs --

@@ -57,8 +57,10 @@ class WordTokenizer:
 
 
 def _data():
+    """Training pairs. The over-refusal prompts are held out: they share words with the harmful
+    training prompts (kill, shoot, steal, ...), which is what scaling the safety layers plays on."""
     harmful = DEFAULT_HARMFUL + EXTRA_HARMFUL
-    benign = DEFAULT_BENIGN + EXTRA_BENIGN + DEFAULT_OVER_REFUSAL
+    benign = DEFAULT_BENIGN + EXTRA_BENIGN
     return [(p, REFUSE) for p in harmful] + [(p, HELP) for p in benign]
 
 
@@ -73,7 +75,7 @@ def _model(vocab):
 
 def build_untrained():
     pairs = _data()
-    tok = WordTokenizer([p + " " + r + " " + WordTokenizer.chat_template for p, r in pairs])
+    tok = WordTokenizer([p + " " + r + " " + WordTokenizer.chat_template for p, r in pairs] + DEFAULT_OVER_REFUSAL)
     return _model(len(tok.vocab)), tok
 
 
