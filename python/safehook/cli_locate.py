@@ -234,10 +234,10 @@ class Scaled:
                 p.copy_(s)
 
 
-def sweep(runner, prompts, start, peak, alpha, say):
+def sweep(runner, prompts, start, alpha, say):
     """The two passes of the over-refusal sweep. Upper bound: scale start..hi for every hi >= start;
     lower bound: scale lo..best_hi for every lo <= best_hi. Each keeps the bound with the most
-    over-refusals (ties: the one nearest the cosine-gap estimate). Returns (lo, hi, counts_hi,
+    over-refusals (ties: the tighter range, fewer blocks to freeze). Returns (lo, hi, counts_hi,
     counts_lo)."""
     n = len(runner.blocks)
 
@@ -247,9 +247,9 @@ def sweep(runner, prompts, start, peak, alpha, say):
         say("  scale %d-%d: %d over-refusals" % (lo, hi, c))
         return c
     counts_hi = {hi: count(start, hi) for hi in range(start, n)}
-    best_hi = max(counts_hi, key=lambda h: (counts_hi[h], -abs(h - peak)))
+    best_hi = max(counts_hi, key=lambda h: (counts_hi[h], -h))  # the tightest range at the peak
     counts_lo = {lo: (counts_hi[best_hi] if lo == start else count(lo, best_hi)) for lo in range(0, best_hi + 1)}
-    best_lo = max(counts_lo, key=lambda l: (counts_lo[l], -abs(l - start)))
+    best_lo = max(counts_lo, key=lambda l: (counts_lo[l], l))
     return best_lo, best_hi, counts_hi, counts_lo
 
 
@@ -288,7 +288,7 @@ def locate(args, say=print):
     if not args.no_sweep:
         base = runner.refusals(over)
         say("over-refusal sweep: alpha %.2f, %d prompts, %d refused unscaled" % (args.alpha, len(over), base))
-        lo, hi, ch, cl = sweep(runner, over, start, peak, args.alpha, say)
+        lo, hi, ch, cl = sweep(runner, over, start, args.alpha, say)
         result.update(baseline_refusals=base, sweep_upper=ch, sweep_lower=cl)
         if max(list(ch.values()) + list(cl.values())) <= base:
             say("the sweep never raised over-refusal above the unscaled model: keeping the gap range")
