@@ -297,6 +297,20 @@ def test_locate_cli_on_a_model_built_in_a_script(tmp_path):
     from safehook.freeze import select_blocks
     assert select_blocks(pol["freeze"]["layers"], 6) == list(range(lo, hi + 1))
 
+    # the same weights saved as a local HF directory (real fast tokenizer, chat template), loaded
+    # with from_pretrained: the same prompt ids, so the same cosine profile
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, "-c", "import locate_tiny; locate_tiny.save_hf_dir(%r)" % str(hf)],
+                   env=env, check=True, capture_output=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "safehook", "locate", "--model", str(hf), "--device", "cpu",
+                        "--no-sweep", "--json", "--benign", str(files["benign"]), "--harmful", str(files["harmful"])],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res2 = json.loads(p.stdout)
+    assert [round(r["gap"], 5) for r in res2["profile"]] == [round(r["gap"], 5) for r in res["profile"]]
+    a, b = res["gap_start"], res["gap_peak"]
+    assert res2["policy"]["freeze"]["layers"] == ("%d-%d" % (a, b) if b > a else str(a))
+
 
 def test_locate_scaling_puts_the_exact_weights_back():
     import torch

@@ -101,3 +101,20 @@ def build():
         opt.zero_grad()
     model.eval()
     return model, tok
+
+
+def save_hf_dir(path):
+    """Save the untrained model with a real (word-level, fast) HF tokenizer to PATH, so that
+    `safehook locate --model PATH` loads it with from_pretrained, offline."""
+    import tokenizers
+    import transformers as T
+    model, tok = build_untrained()
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=tok.vocab, unk_token="<unk>"))
+    core.normalizer = tokenizers.normalizers.Lowercase()
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                     eos_token="<eos>")
+    fast.chat_template = "user : {{ messages[-1]['content'] }} assistant :"
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
