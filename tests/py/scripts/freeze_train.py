@@ -120,6 +120,11 @@ else:
                 return r
             opt.step = step_and_nudge
     if ddp is not None:
+        # torch 2.13 + gloo: a DDP module alive at destroy_process_group can abort the process
+        # at exit (see tests/py/scripts/train_ddp.py); free it first
+        import gc
+        del ddp, runner
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 facts["equal"] = [all(torch.equal(p.detach(), initial[i][n]) for n, p in b.named_parameters())
