@@ -18,6 +18,8 @@
 #include "sh_config.h"
 #include "stack.h"
 
+int sh_py_freeze_init(PyObject *m);
+
 typedef struct {
     PyObject *error;       /* safehook.SafehookError */
     PyObject *policy_error;/* safehook.PolicyError (subclass) */
@@ -516,6 +518,8 @@ static int core_exec(PyObject *m) {
         return -1;
     /* Feature bindings live in hooks/py_<feature>.c, each with sh_py_<feature>_init(m). */
     if (sh_py_policy_init(m) < 0)
+        return -1;
+    if (sh_py_freeze_init(m) < 0)
         return -1;
     return 0;
 }

@@ -176,8 +176,15 @@ def _policy_refused(e):
 
 
 def _finish():
+    fields = {}
+    rt = _state["runtime"]
+    for cb in (rt._finish if rt is not None else ()):
+        try:
+            cb(fields)
+        except Exception as e:  # never break the user's exit
+            _debug("finish callback failed: %r" % (e,))
     try:
-        _core.finish()
+        _core.finish(fields)
     except Exception:
         pass
 
