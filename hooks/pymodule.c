@@ -17,6 +17,8 @@
 #include "sh_config.h"
 #include "stack.h"
 
+int sh_py_safegrad_init(PyObject *m); /* hooks/py_safegrad.c */
+
 typedef struct {
     PyObject *error;       /* safehook.SafehookError */
     PyObject *policy_error;/* safehook.PolicyError (subclass) */
@@ -489,6 +491,8 @@ static int core_exec(PyObject *m) {
     if (PyModule_AddStringConstant(m, "__version__", SH_VERSION) < 0)
         return -1;
     /* Feature bindings live in hooks/py_<feature>.c, each with sh_py_<feature>_init(m). */
+    if (sh_py_safegrad_init(m) < 0)
+        return -1;
     return 0;
 }
 
