@@ -60,9 +60,10 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
     """Project TASK_GRADS (a list of tensors, changed in place) against SAFETY_GRADS (same
     shapes) and return what was done:
 
-        {"granularity", "cosine", "projected", "coef", "norms": {"task", "safety"}}
+        {"granularity", "cosine", "projected", "coef", "norms": {"task", "safety"},
+         "total": {"cosine", "norms"}}
 
-    scalars for "global", lists (one entry per group) otherwise; cosine is None where a norm is
+    scalars for "global", lists (one entry per group) otherwise ("total": over all tensors); cosine is None where a norm is
     0. Pairs where either tensor is None are left out. ``groups`` gives a key per tensor for
     "layer". ``grad_scale`` (GradScaler's scale, when the gradients are still scaled) only
     divides the reported task norm: the projection is linear, so scaled gradients project the
@@ -137,8 +138,12 @@ def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold):
         with torch.no_grad():
             for c, idx in by_coef.items():
                 for i in idx:
-                    s = s_loc[i]
-                    g_loc[i].add_(s.to(device=g_loc[i].device).view(g_loc[i].shape), alpha=-c)
+                    g = g_loc[i]
+                    s = s_loc[i].to(device=g.device).view(g.shape)
+                    if g.dtype in (torch.bfloat16, torch.float16):
+                        g.add_(s.float() * -c)  # torch would round alpha to g's dtype
+                    else:
+                        g.add_(s.to(g.dtype), alpha=-c)
     return dots, coefs, cosines
 
 
@@ -152,8 +157,11 @@ def _report(granularity, dots, coefs, cosines, ngroups, grad_scale):
     proj = [c != 0.0 for c in coefs]
     nt = [math.sqrt(max(dots[3 * k + 2], 0.0)) / scale for k in range(ngroups)]
     ns = [math.sqrt(max(dots[3 * k + 1], 0.0)) for k in range(ngroups)]
+    gs, ss, gg = (sum(dots[3 * k + c] for k in range(ngroups)) for c in range(3))
+    total = {"cosine": gs / math.sqrt(gg * ss) if gg > 0 and ss > 0 else None,
+             "norms": {"task": math.sqrt(max(gg, 0.0)) / scale, "safety": math.sqrt(max(ss, 0.0))}}
     if granularity == "global":
-        return {"granularity": "global", "cosine": cos[0], "projected": proj[0], "coef": coefs[0],
+        return {"granularity": "global", "total": total, "cosine": cos[0], "projected": proj[0], "coef": coefs[0],
                 "norms": {"task": nt[0], "safety": ns[0]}}
-    return {"granularity": granularity, "cosine": cos, "projected": proj, "coef": coefs,
+    return {"granularity": granularity, "total": total, "cosine": cos, "projected": proj, "coef": coefs,
             "norms": {"task": nt, "safety": ns}}
