@@ -182,6 +182,7 @@ class SafeGrad:
         return out
 
     def _direction(self, params):
+        import torch
         names = self._names()
         if not names:
             self._fail("source 'direction' needs the parameter names, but no model forward was seen "
@@ -195,7 +196,9 @@ class SafeGrad:
                 if d is None:
                     out.append(None)
                     continue
-                s = (-d).to(device=p.grad.device, dtype=p.grad.dtype)
+                # kept in the file's precision (the kernel mixes dtypes), float64 aside
+                dt = d.dtype if d.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+                s = (-d).to(device=p.grad.device, dtype=dt)
                 if hasattr(p, "device_mesh"):  # a DTensor parameter (FSDP2): its shard
                     from torch.distributed.tensor import distribute_tensor
                     s = distribute_tensor(s, p.device_mesh, p.placements)
