@@ -19,6 +19,7 @@
 #include "stack.h"
 
 int sh_py_freeze_init(PyObject *m);
+int sh_py_safegrad_init(PyObject *m); /* hooks/py_safegrad.c */
 
 typedef struct {
     PyObject *error;       /* safehook.SafehookError */
@@ -520,6 +521,8 @@ static int core_exec(PyObject *m) {
     if (sh_py_policy_init(m) < 0)
         return -1;
     if (sh_py_freeze_init(m) < 0)
+        return -1;
+    if (sh_py_safegrad_init(m) < 0)
         return -1;
     return 0;
 }
