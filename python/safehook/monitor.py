@@ -211,6 +211,10 @@ class Monitor:
         self.interventions = 0
         self.dead = False       # stopped, aborted, or unusable under on_error=warn
 
+    def _label(self):
+        return {"loss": "score (-loss)", "refusal_rate": "refusal rate",
+                "over_refusal": "score (1 - over-refusal)"}.get(self.probe.cfg["score"], "score")
+
     # -- wiring --
     def on_model(self, info):
         self.info = info
@@ -254,7 +258,7 @@ class Monitor:
                                     elapsed_s=round(dt, 4)), step=0)
         if self.cfg["progress"]:
             _progress("monitor baseline: %s %.4f on probe '%s' (limit %.4f) [%.2fs]"
-                      % (self.probe.cfg["score"], self.baseline, self.probe.name, self.limit, dt))
+                      % (self._label(), self.baseline, self.probe.name, self.limit, dt))
 
     def post(self, opt, step, record):
         if self.dead or self.baseline is None or id(opt) != self.primary:
@@ -266,7 +270,7 @@ class Monitor:
         res = self.probe.evaluate(self.info.root)
         score = res["score"]
         rec = dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
-                   ratio=(score / self.baseline if self.baseline else None))
+                   ratio=(score / self.baseline if self.baseline > 0 else None))
         if score >= self.limit:
             self.snaps.save(self.info.root, self._opts(), step, score)
             self.last_pass = step
@@ -275,7 +279,7 @@ class Monitor:
             self.rt.audit("probe", dict(rec, passed=True, action="snapshot", elapsed_s=round(dt, 4)))
             if self.cfg["progress"]:
                 _progress("monitor step %d: %s %.4f (baseline %.4f, limit %.4f) ok, snapshot saved [%.2fs]"
-                          % (step, self.probe.cfg["score"], score, self.baseline, self.limit, dt))
+                          % (step, self._label(), score, self.baseline, self.limit, dt))
             return
         self._act(step, score, rec, t0)
 
@@ -283,7 +287,7 @@ class Monitor:
     def _act(self, step, score, rec, t0):
         action = self.cfg["action"]
         suspects, dropped = self.fp.since(self.last_pass)
-        what = "%s %.4f < limit %.4f (baseline %.4f)" % (self.probe.cfg["score"], score, self.limit, self.baseline)
+        what = "%s %.4f < limit %.4f (baseline %.4f)" % (self._label(), score, self.limit, self.baseline)
         opts = self._opts()
         if action == "stop":
             rec.update(passed=False, action="stop", suspects=suspects, suspects_dropped=dropped)

@@ -70,7 +70,7 @@ def pretrain(m, steps=60, lr=1e-2):
                 a.mul_(0.9).add_(g, alpha=0.1)
                 b.mul_(0.999).addcmul_(g, g, value=0.001)
                 p.sub_(lr * (a / (1 - 0.9 ** t)) / ((b / (1 - 0.999 ** t)).sqrt() + 1e-8))
-    return float(loss)
+    return float(loss.detach())
 
 
 def state(m, opt):

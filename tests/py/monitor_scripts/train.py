@@ -1,7 +1,7 @@
 """Training run for the monitor and gate tests, started under LD_PRELOAD with a policy.
 
 argv[1]: a JSON config: {"phases": [["safe"|"harmful"|"alternate", steps], ...], "lr": float,
-"sched": bool, "out": path, "ref_dir": path or null (torch.save of the state after each step),
+"sched": bool, "betas": [b1, b2], "pretrain": steps, "out": path, "ref_dir": path or null (torch.save of the state after each step),
 "block_fsync_at": n or null, "marker": path}. Writes to "out": per-step records, the
 exception that ended training, and the bit-identity checks of every rollback in the audit log.
 """
@@ -37,7 +37,7 @@ from safehook import monitor as shmon  # noqa: E402
 
 m = tiny.model()
 pre_loss = tiny.pretrain(m, steps=cfg.get("pretrain", 60))
-opt = torch.optim.Adam(m.parameters(), lr=cfg["lr"])
+opt = torch.optim.Adam(m.parameters(), lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0) if cfg.get("sched") else None
 
 states = {0: tiny.state(m, opt)}
@@ -93,5 +93,6 @@ if audit and os.path.exists(audit):
             checks.append({"step": s, "to": to, "identical": tiny.same(states[s], states[to]),
                            "differs_from_before": not tiny.same(states[s - 1], states[to])})
 result["rollback_checks"] = checks
+result["adam_steps"] = sorted({float(st["step"]) for st in opt.state.values() if "step" in st})
 with open(cfg["out"], "w") as f:
     json.dump(result, f)
