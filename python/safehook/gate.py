@@ -28,7 +28,7 @@ skips or scales.
 """
 import torch
 
-from . import probes
+from . import _core, probes
 from ._runtime import debug
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "action": "skip", "every": 1}
@@ -170,6 +170,8 @@ class Gate:
         self.stashed = None   # grads set aside by a skip
         self.lrs = None       # lrs changed by a scale
         self.counts = {"allow": 0, "skip": 0, "scale": 0}
+        self.dead = False
+        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
 
     def on_model(self, info):
         self.info = info
@@ -207,7 +209,14 @@ class Gate:
         return after - before, before, "tentative"
 
     def pre(self, opt, step, record):
-        if self.info is None or step % self.cfg["every"] != 0:
+        if self.dead or step % self.cfg["every"] != 0:
+            return
+        if self.info is None:
+            self.dead = True
+            self.rt.fail("gate: no forward of a model was seen before the first optimizer step, "
+                         "so updates cannot be checked")
+            if self.on_error == "abort":
+                raise _core.PolicyError("safehook: gate: no model seen before the first optimizer step")
             return
         if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
             return

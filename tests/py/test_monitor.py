@@ -417,3 +417,51 @@ def test_fingerprint_ignores_padding():
     assert fa[0] == monitor.fingerprint(left, torch.tensor([[0, 0, 1, 1, 1]]))[0]
     assert fa[0] != fa[1] and fa[0] != monitor.fingerprint(torch.tensor([7, 6, 5]))[0]
     assert len(fa[0]) == 16
+
+
+class _Runtime:
+    """The part of safehook._runtime.Runtime a feature calls while it runs: records go to a list."""
+
+    def __init__(self):
+        self.records = []
+
+    def audit(self, event, fields=None, step=None):
+        self.records.append(dict(fields or {}, event=event, step=step))
+
+    def fail(self, msg):
+        raise AssertionError(msg)
+
+
+def test_gate_scale_shrinks_the_update_to_the_tolerance(tmp_path):
+    import torch
+    import tiny
+    from safehook import gate, _model
+    probe = tmp_path / "p.jsonl"
+    tiny.write_probe(str(probe), n=8)
+    policy = {"probes": {"p": {"data": str(probe)}},
+              "gate": {"probe": "p", "mode": "first_order", "tolerance": 1e-3, "action": "scale"}}
+    m = tiny.model()
+    tiny.pretrain(m, steps=10)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    rt = _Runtime()
+    g = gate.Gate(policy, rt)
+    g.on_model(_model.ModelInfo(m))
+    ids, mask, labels = tiny.batch("harmful")
+    for step in (1, 2):
+        opt.zero_grad()
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        est, full = gate.predicted_updates(opt)
+        before = {p: p.detach().clone() for p in m.parameters()}
+        record = {}
+        g.pre(opt, step, record)
+        info = record["gate"]
+        assert info["action"] == "scale" and info["delta"] > 1e-3
+        s = info["scale"]
+        assert s == pytest.approx(1e-3 / info["delta"]) and 0 < s < 0.5, s
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * s)
+        opt.step()
+        g.post(opt, step, {})
+        assert opt.param_groups[0]["lr"] == 1e-3  # put back exactly
+        for p in m.parameters():  # Adam's displacement is linear in lr: exactly s times the full one
+            torch.testing.assert_close(p.detach() - before[p], s * full[p], rtol=1e-3, atol=2e-7)
+    assert [r["action"] for r in rt.records if r["event"] == "gate"] == ["scale", "scale"]
