@@ -60,7 +60,8 @@ def series(recs):
             c = _find(r, "cosine")
             if isinstance(c, (int, float)) and not isinstance(c, bool):
                 out["cosine"].append((step, c))
-            if _find(r, "projected") is True:
+            pr = _find(r, "projected")  # SafeGrad: a bool, or the number of groups projected
+            if pr is True or (isinstance(pr, int) and not isinstance(pr, bool) and pr > 0):
                 out["projected"].append(step)
         elif ev == "rollback":
             out["rollbacks"].append((step, r.get("to_step")))

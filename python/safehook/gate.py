@@ -220,7 +220,15 @@ class Gate:
             return
         if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
             return
-        delta, loss, est = (self._delta_exact if self.cfg["mode"] == "exact" else self._delta_first_order)(opt)
+        try:
+            delta, loss, est = (self._delta_exact if self.cfg["mode"] == "exact" else self._delta_first_order)(opt)
+        except Exception as e:  # updates would go through unchecked: say so
+            self.dead = True
+            msg = "gate: probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e)
+            self.rt.fail(msg)
+            if self.on_error == "abort":
+                raise _core.PolicyError("safehook: " + msg) from e
+            return
         tol = self.cfg["tolerance"]
         decision = "allow"
         info = {"delta": delta, "loss": loss, "mode": self.cfg["mode"], "estimate": est}

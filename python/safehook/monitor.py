@@ -248,7 +248,9 @@ class Monitor:
                                 "so there is nothing to measure")
         self.primary = id(opt)
         t0 = time.perf_counter()
-        res = self.probe.evaluate(self.info.root)
+        res = self._evaluate()
+        if res is None:
+            return
         self.baseline = res["score"]
         self.limit = self.baseline - (1.0 - self.cfg["threshold"]) * abs(self.baseline)
         self.snaps.save(self.info.root, self._opts(), 0, self.baseline)
@@ -267,7 +269,9 @@ class Monitor:
         if step % self.cfg["every"] != 0:
             return
         t0 = time.perf_counter()
-        res = self.probe.evaluate(self.info.root)
+        res = self._evaluate()
+        if res is None:
+            return
         score = res["score"]
         rec = dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
                    ratio=(score / self.baseline if self.baseline > 0 else None))
@@ -282,6 +286,13 @@ class Monitor:
                           % (step, self._label(), score, self.baseline, self.limit, dt))
             return
         self._act(step, score, rec, t0)
+
+    def _evaluate(self):
+        try:
+            return self.probe.evaluate(self.info.root)
+        except Exception as e:  # a probe that cannot run leaves training unmonitored: say so
+            self._cannot("probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e))
+            return None
 
     # -- acting on a drop --
     def _act(self, step, score, rec, t0):

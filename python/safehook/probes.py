@@ -214,6 +214,25 @@ class Probe:
         self._examples = out
         return out
 
+    def rows(self):
+        """The (safe) rows as pre-tokenized dicts {"input_ids", "labels"} (text rows encoded)."""
+        return [{"input_ids": e.ids, "labels": e.labels} for e in self.examples()]
+
+    def batch(self, device):
+        """The whole set's safe rows as one right-padded batch: {"input_ids", "attention_mask",
+        "labels"} tensors on DEVICE (for callers that need logits, e.g. a KL loss)."""
+        import torch
+        ex = self.examples()
+        n = max(len(e.ids) for e in ex)
+        ids = torch.zeros(len(ex), n, dtype=torch.long)
+        labels = torch.full((len(ex), n), -100, dtype=torch.long)
+        mask = torch.zeros(len(ex), n, dtype=torch.long)
+        for i, e in enumerate(ex):
+            ids[i, :len(e.ids)] = torch.tensor(e.ids)
+            labels[i, :len(e.labels)] = torch.tensor(e.labels)
+            mask[i, :len(e.ids)] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
     # -- loss --
     def _padded(self, seqs, dev):
         """Right-padded batches of (ids, labels, mask) tensors, built once per device."""

@@ -125,6 +125,20 @@ def test_one_progress_line_per_evaluation(rollback_run):
     assert "-> both to step 8" in lines[3]
 
 
+def test_stop_ends_training_after_the_step_and_refuses_more(tmp_path):
+    policy = _write_policy(tmp_path, monitor={"probe": "refusals", "every": 2, "threshold": 0.5, "action": "stop"})
+    out, recs, err = _train(tmp_path, policy, {"phases": [["safe", 2], ["harmful", 10]], "lr": 0.01, "pretrain": 25})
+    exc = out["exception"]
+    assert exc["type"] == "SafetyStop" and exc["step"] == 4, exc
+    assert "monitor.action=stop" in exc["message"] and "step 2" in exc["message"]
+    assert out["after_end"] == "PolicyError"
+    probes = [r for r in recs if r["event"] == "probe"]
+    assert [(r["step"], r["action"]) for r in probes] == [(0, "baseline"), (2, "snapshot"), (4, "stop")]
+    assert [e["step"] for e in probes[-1]["suspects"]] == [3, 4]
+    assert not any(r["event"] == "rollback" for r in recs)
+    assert recs[-1]["event"] == "end" and recs[-1]["steps"] == 4  # the refused step is not counted
+
+
 def test_kill_during_disk_snapshot_write_leaves_last_good_snapshot(tmp_path):
     import torch
     import tiny
