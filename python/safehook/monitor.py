@@ -253,14 +253,16 @@ class Monitor:
             return
         self.baseline = res["score"]
         self.limit = self.baseline - (1.0 - self.cfg["threshold"]) * abs(self.baseline)
-        self.snaps.save(self.info.root, self._opts(), 0, self.baseline)
+        if not self._save(0, self.baseline):
+            return
         dt = time.perf_counter() - t0
         self.rt.audit("probe", dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
                                     passed=True, action="baseline", snapshot=self.snaps.where,
                                     elapsed_s=round(dt, 4)), step=0)
         if self.cfg["progress"]:
-            _progress("monitor baseline: %s %.4f on probe '%s' (limit %.4f) [%.2fs]"
-                      % (self._label(), self.baseline, self.probe.name, self.limit, dt))
+            _progress("monitor baseline: %s %.4f on probe '%s' (limit %.4f) [%.2fs]%s"
+                      % (self._label(), self.baseline, self.probe.name, self.limit, dt,
+                         "; a baseline of 0 cannot fall: this probe detects nothing" if self.baseline == 0 else ""))
 
     def post(self, opt, step, record):
         if self.dead or self.baseline is None or id(opt) != self.primary:
@@ -276,7 +278,8 @@ class Monitor:
         rec = dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
                    ratio=(score / self.baseline if self.baseline > 0 else None))
         if score >= self.limit:
-            self.snaps.save(self.info.root, self._opts(), step, score)
+            if not self._save(step, score):
+                return
             self.last_pass = step
             self.fp.clear()
             dt = time.perf_counter() - t0
@@ -286,6 +289,15 @@ class Monitor:
                           % (step, self._label(), score, self.baseline, self.limit, dt))
             return
         self._act(step, score, rec, t0)
+
+    def _save(self, step, score):
+        try:
+            self.snaps.save(self.info.root, self._opts(), step, score)
+            return True
+        except Exception as e:  # without a safe state there is nothing to roll back to: say so
+            self._cannot("cannot save the safe-state snapshot (%s): %s: %s"
+                         % (self.snaps.where, type(e).__name__, e))
+            return False
 
     def _evaluate(self):
         try:

@@ -479,3 +479,37 @@ def test_gate_scale_shrinks_the_update_to_the_tolerance(tmp_path):
         for p in m.parameters():  # Adam's displacement is linear in lr: exactly s times the full one
             torch.testing.assert_close(p.detach() - before[p], s * full[p], rtol=1e-3, atol=2e-7)
     assert [r["action"] for r in rt.records if r["event"] == "gate"] == ["scale", "scale"]
+
+
+def test_callable_probes_and_judges(tmp_path, monkeypatch):
+    import torch
+    import tiny
+    from safehook import probes
+    (tmp_path / "myprobes.py").write_text(
+        "import torch\n"
+        "def loss(model):\n"
+        "    return sum(p.pow(2).sum() for p in model.parameters())\n"
+        "def score(model):\n"
+        "    return 0.25\n"
+        "def judge(prompt, answer):\n"
+        "    assert isinstance(prompt, list) and isinstance(answer, list)\n"
+        "    return answer[:1] == [3]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = tiny.model()
+    lp = probes.Probe("l", {"callable": "myprobes:loss"})
+    lp.check()
+    want = float(sum(p.detach().double().pow(2).sum() for p in m.parameters()))
+    assert lp.score(m) == pytest.approx(-want, rel=1e-5)
+    _, grads = lp.loss_and_grad(m, list(m.parameters()))
+    for p, g in zip(m.parameters(), grads):
+        torch.testing.assert_close(g, 2 * p.detach())
+    assert probes.Probe("s", {"callable": "myprobes:score", "kind": "score"}).score(m) == 0.25
+    with pytest.raises(ValueError):
+        probes.Probe("x", {"callable": "no_such_module_here:f"}).check()
+    # A callable judge on pre-tokenized rows (no tokenizer): it gets token ids.
+    path = tmp_path / "p.jsonl"
+    tiny.write_probe(str(path), n=4)
+    tiny.pretrain(m, steps=40)
+    jp = probes.Probe("j", {"data": str(path), "score": "refusal_rate", "judge": "myprobes:judge",
+                            "max_new_tokens": 3})
+    assert jp.score(m) == 1.0  # taught to answer with the refusal, whose first token is 3
