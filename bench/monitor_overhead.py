@@ -3,7 +3,8 @@ with the same training run without safehook.
 
 Each configuration runs as its own process (safehook is preloaded into the protected ones, as
 a user would run it); the configurations alternate, --reps times, and the medians are compared.
-The model has the demo's shape (8 layers, hidden 128, intermediate 384, 4 heads); the training
+Two clocks: wall time, and the process's CPU time (user + system, all its threads), which
+the other jobs of a shared machine disturb much less. The model has the demo's shape (8 layers, hidden 128, intermediate 384, 4 heads); the training
 loop is timed from the first step after --warmup steps to the end, so that process start, model
 construction and the monitor's baseline (taken before the first step) are not in it.
 
@@ -54,6 +55,7 @@ def child(args):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            c0 = time.process_time()
         ids = data[i % len(data)].to(args.device)
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -62,7 +64,8 @@ def child(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "steps": args.steps, "params": sum(p.numel() for p in m.parameters())}))
+    cpu = time.process_time() - c0
+    print(json.dumps({"seconds": dt, "cpu": cpu, "steps": args.steps, "params": sum(p.numel() for p in m.parameters())}))
 
 
 def write_probe(path, n=32, seed=7):
@@ -108,6 +111,7 @@ def main():
     }
     configs = args.configs.split(",")
     times = {c: [] for c in configs}
+    cpus = {c: [] for c in configs}
     evals = {c: [] for c in configs}
     base_cmd = [sys.executable, os.path.abspath(__file__), "--child", "--steps", str(args.steps), "--warmup",
                 str(args.warmup), "--layers", str(args.layers), "--hidden", str(args.hidden), "--batch",
@@ -129,30 +133,34 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             params = r["params"]
             times[c].append(r["seconds"] / r["steps"])
+            cpus[c].append(r["cpu"] / r["steps"])
             if os.path.exists(audit):
                 for line in open(audit):
                     rec = json.loads(line)
                     if rec["event"] == "probe" and rec.get("action") != "baseline":
                         evals[c].append(rec["elapsed_s"])
-            print("rep %d %-12s %.2f ms/step" % (rep, c, 1e3 * times[c][-1]), file=sys.stderr)
+            print("rep %d %-12s %.2f ms/step wall, %.2f ms/step cpu" % (rep, c, 1e3 * times[c][-1], 1e3 * cpus[c][-1]),
+                  file=sys.stderr)
 
     print("model: Llama %d layers, hidden %d, %.2fM parameters; batch %d x %d tokens; %s, %d thread(s)"
           % (args.layers, args.hidden, params / 1e6, args.batch, SEQ, args.device, args.threads))
     print("%d timed steps per run, monitor every %d steps, %d reps (median)" % (args.steps, args.every, args.reps))
     ref = statistics.median(times["off"]) if "off" in times else None
-    print("%-12s %10s %8s %14s %16s" % ("config", "ms/step", "ratio", "ms/evaluation", "eval share"))
+    cref = statistics.median(cpus["off"]) if "off" in cpus else None
+    print("%-12s %9s %7s %9s %7s %14s %11s" % ("config", "wall ms", "ratio", "cpu ms", "ratio", "ms/evaluation",
+                                                 "eval share"))
     for c in configs:
-        med = statistics.median(times[c])
+        med, cmed = statistics.median(times[c]), statistics.median(cpus[c])
         ev, share = "-", "-"
         if evals[c]:
             e = statistics.median(evals[c])
             ev = "%.1f" % (1e3 * e)
             if ref:  # the evaluation's cost spread over the steps between evaluations
                 share = "%.2f%%" % (100 * e / (args.every * ref))
-        print("%-12s %10.2f %8s %14s %16s" % (c, 1e3 * med, "%.3f" % (med / ref) if ref else "-", ev, share))
-    print("ratio: wall time per step against 'off', measured; eval share: the median evaluation time "
-          "(probe + snapshot) divided by %d steps of 'off'" % args.every)
-
+        print("%-12s %9.2f %7s %9.2f %7s %14s %11s" % (c, 1e3 * med, "%.3f" % (med / ref) if ref else "-", 1e3 * cmed,
+                                                      "%.3f" % (cmed / cref) if cref else "-", ev, share))
+    print("per step, median of the reps; ratio against 'off'. eval share: the median evaluation time (probe + "
+          "snapshot, wall) over %d steps of 'off' (wall)" % args.every)
 
 if __name__ == "__main__":
     main()

@@ -22,10 +22,9 @@ def _lib():
 
 
 def _env(policy_path, audit_path):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEHOOK_") and k != "LD_PRELOAD"}
     env.update(LD_PRELOAD=_lib(), SAFEHOOK_POLICY=str(policy_path), SAFEHOOK_AUDIT=str(audit_path),
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("SAFEHOOK_DISABLE", None)
     return env
 
 
