@@ -508,7 +508,7 @@ def test_callable_probes_and_judges(tmp_path, monkeypatch):
     # A callable judge on pre-tokenized rows (no tokenizer): it gets token ids.
     path = tmp_path / "p.jsonl"
     tiny.write_probe(str(path), n=4)
-    tiny.pretrain(m, steps=40)
+    tiny.pretrain(m, steps=25)
     jp = probes.Probe("j", {"data": str(path), "score": "refusal_rate", "judge": "myprobes:judge",
                             "max_new_tokens": 3})
     assert jp.score(m) == 1.0  # taught to answer with the refusal, whose first token is 3
