@@ -215,6 +215,8 @@ class Gate:
         return after - before, before, "tentative"
 
     def pre(self, opt, step, record):
+        if self.stashed is not None or self.lrs is not None:
+            self.post(opt, step, record)  # the last step raised before its post hook: put things back
         if self.dead or step % self.cfg["every"] != 0:
             return
         if self.info is None:
