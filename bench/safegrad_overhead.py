@@ -4,7 +4,7 @@ one run: a small LlamaForCausalLM trained with AdamW, the configurations interle
 each timed over --steps optimizer steps (forward, backward, step), so refresh_every 50 pays one
 refresh per window. Prints ms/step and the ratio to plain (best round of --rounds).
 
-    python bench/safegrad_overhead.py [--layers 8] [--hidden 128] [--steps 50] [--rounds 3] [--threads 1]
+    python bench/safegrad_overhead.py [--layers 8] [--hidden 128] [--steps 50] [--rounds 2] [--threads 1]
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--probe-rows", type=int, default=32)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, spinning OpenMP threads distort every figure)")
     a = ap.parse_args()
@@ -78,10 +78,9 @@ def main():
     best = {}
     for _ in range(a.rounds):
         for name, pol in configs:
+            safehook.uninstall()  # install() over an active install keeps the features it has
             if pol is not None:
                 safehook.install(pol)
-            else:
-                safehook.uninstall()
             best[name] = min(best.get(name, 1e9), window(a.steps))
         safehook.uninstall()
     print("LlamaForCausalLM: %d layers, hidden %d, vocab %d, %.1fM params; batch %dx%d; probe %d rows x 32 tokens; "
