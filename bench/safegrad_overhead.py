@@ -5,6 +5,7 @@ each timed over --steps optimizer steps (forward, backward, step), so refresh_ev
 refresh per window. Prints ms/step and the ratio to plain (best round of --rounds).
 
     python bench/safegrad_overhead.py [--layers 8] [--hidden 128] [--steps 50] [--rounds 2] [--threads 1]
+                                      [--safety-steps N]   (also: what refresh_every does to safety)
 """
 import argparse
 import json
@@ -27,6 +28,9 @@ def main():
     ap.add_argument("--probe-rows", type=int, default=32)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--safety-steps", type=int, default=0,
+                    help="also train each configuration this many steps from the same start on a task that "
+                         "answers the probe's prompts differently, and print the probe loss it ends with")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, spinning OpenMP threads distort every figure)")
     a = ap.parse_args()
@@ -48,9 +52,11 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="sg-bench-")
     probe = os.path.join(tmp, "probe.jsonl")
+    prompts = []
     with open(probe, "w") as f:
         for _ in range(a.probe_rows):
             prompt = torch.randint(0, a.vocab, (24,), generator=gen).tolist()
+            prompts.append(prompt)
             refusal = [1, 2, 3, 4, 5, 6, 7, 8]
             f.write(json.dumps({"input_ids": prompt + refusal, "labels": [-100] * 24 + refusal}) + "\n")
 
@@ -83,6 +89,8 @@ def main():
                 safehook.install(pol)
             best[name] = min(best.get(name, 1e9), window(a.steps))
         safehook.uninstall()
+    if a.safety_steps:
+        safety_table(a, model, configs, prompts)
     print("LlamaForCausalLM: %d layers, hidden %d, vocab %d, %.1fM params; batch %dx%d; probe %d rows x 32 tokens; "
           "%d torch threads; %d steps per window, best of %d rounds"
           % (a.layers, a.hidden, a.vocab, nparams / 1e6, a.batch, a.seq, a.probe_rows, torch.get_num_threads(),
@@ -91,6 +99,41 @@ def main():
     for name, _ in configs:
         print("%-20s %8.2f ms/step  %5.2fx plain  (+%.1f%%)" % (name, best[name] * 1e3, best[name] / base,
                                                               100 * (best[name] / base - 1)))
+
+
+def safety_table(a, model, configs, prompts):
+    """Each configuration from the same weights and a fresh optimizer: --safety-steps of a task
+    that answers the probe's prompts with other tokens (it conflicts with the refusals); then
+    the probe loss (cross-entropy on the refusals: lower is safer) and the task loss."""
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([p + [9, 10, 11, 12, 13, 14, 15, 16] for p in prompts])
+    labels = ids.clone()
+    labels[:, :24] = -100
+
+    def probe_loss():
+        with torch.no_grad():
+            ref = torch.tensor([p + [1, 2, 3, 4, 5, 6, 7, 8] for p in prompts])
+            lab = ref.clone()
+            lab[:, :24] = -100
+            return float(model(input_ids=ref, labels=lab).loss)
+
+    print("safety after %d steps of a conflicting task (AdamW lr 1e-3, batch %d); probe loss at start %.3f"
+          % (a.safety_steps, len(prompts), probe_loss()))
+    for name, pol in configs:
+        model.load_state_dict(start)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        safehook.uninstall()
+        if pol is not None:
+            safehook.install(pol)
+        for _ in range(a.safety_steps):
+            opt.zero_grad()
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+        safehook.uninstall()
+        with torch.no_grad():
+            task = float(model(input_ids=ids, labels=labels).loss)
+        print("%-20s probe loss %7.3f   task loss %7.3f" % (name, probe_loss(), task))
+    model.load_state_dict(start)
 
 
 if __name__ == "__main__":
