@@ -8,6 +8,9 @@
  * library, which puts the optimizer hooks in place right after torch.optim.optimizer executes.
  * A process that never imports torch pays one string compare per audit event. */
 #include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,10 +143,78 @@ static int audit_hook(const char *event, PyObject *args, void *data) {
     return 0;
 }
 
+/* Is NAME defined by a loaded object? Looked up in the objects' GNU hash tables, because a
+ * dlsym() that fails allocates its error message: the first malloc of a small program like
+ * /bin/true, two brk() calls and a page fault, which was most of this library's cost there.
+ * An object without a GNU hash table makes the answer "maybe" (1): dlsym() decides then. */
+struct lookup {
+    const char *name;
+    uint32_t hash;
+    int found;
+};
+
+static int lookup_object(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    struct lookup *q = data;
+    const ElfW(Dyn) *dyn = NULL;
+    for (int i = 0; i < info->dlpi_phnum; i++)
+        if (info->dlpi_phdr[i].p_type == PT_DYNAMIC)
+            dyn = (const ElfW(Dyn) *)(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+    if (!dyn)
+        return 0;
+    const uint32_t *gh = NULL;
+    const ElfW(Sym) *symtab = NULL;
+    const char *strtab = NULL;
+    for (; dyn->d_tag != DT_NULL; dyn++) {
+        /* ld.so relocates these in place for the objects it loads, not for the vDSO */
+        ElfW(Addr) a = dyn->d_un.d_ptr < info->dlpi_addr ? info->dlpi_addr + dyn->d_un.d_ptr : dyn->d_un.d_ptr;
+        if (dyn->d_tag == DT_GNU_HASH)
+            gh = (const uint32_t *)a;
+        else if (dyn->d_tag == DT_SYMTAB)
+            symtab = (const ElfW(Sym) *)a;
+        else if (dyn->d_tag == DT_STRTAB)
+            strtab = (const char *)a;
+    }
+    if (!symtab || !strtab)
+        return 0;
+    if (!gh) {
+        q->found = 1; /* no GNU hash table: let dlsym() look */
+        return 1;
+    }
+    uint32_t nbuckets = gh[0], symoffset = gh[1], bloom_size = gh[2];
+    if (nbuckets == 0)
+        return 0;
+    const uint32_t *buckets = (const uint32_t *)((const ElfW(Addr) *)(gh + 4) + bloom_size);
+    const uint32_t *chain = buckets + nbuckets;
+    uint32_t sym = buckets[q->hash % nbuckets];
+    if (sym < symoffset)
+        return 0;
+    for (;; sym++) {
+        uint32_t h = chain[sym - symoffset];
+        if ((h | 1) == (q->hash | 1) && symtab[sym].st_shndx != SHN_UNDEF &&
+            strcmp(strtab + symtab[sym].st_name, q->name) == 0) {
+            q->found = 1;
+            return 1;
+        }
+        if (h & 1)
+            return 0;
+    }
+}
+
+static int maybe_defined(const char *name) {
+    struct lookup q = {name, 5381, 0};
+    for (const char *c = name; *c; c++)
+        q.hash = q.hash * 33 + (unsigned char)*c;
+    dl_iterate_phdr(lookup_object, &q);
+    return q.found;
+}
+
 __attribute__((constructor)) static void safehook_preload_init(void) {
+    if (!maybe_defined("PySys_AddAuditHook"))
+        return; /* not a CPython process */
     *(void **)&py.PySys_AddAuditHook = dlsym(RTLD_DEFAULT, "PySys_AddAuditHook");
     if (!py.PySys_AddAuditHook)
-        return; /* not a CPython process */
+        return;
 
     const char *off = getenv("SAFEHOOK_DISABLE");
     if (off && strcmp(off, "1") == 0 && access(SH_SYSTEM_POLICY, F_OK) != 0)

@@ -123,6 +123,23 @@ def test_preload_library_has_no_python_symbols(lib):
     assert "unwind" not in subprocess.check_output(["ldd", lib], text=True)
 
 
+@pytest.mark.parametrize("python", [PY, "/usr/bin/python3"], ids=["default", "debian-static-libpython"])
+def test_hook_is_found_in_both_pythons(lib, tmp_path, python):
+    # The constructor finds CPython through the loaded objects' GNU hash tables (no dlsym, no
+    # malloc, in processes that are not Python): in pyenv's python (shared libpython) and in
+    # Debian's (libpython linked into the executable). A package that fails to import next to
+    # the library shows that the hook ran: the import of torch is seen before torch loads.
+    if not os.path.exists(python):
+        pytest.skip("%s is not installed" % python)
+    fake = tmp_path / "pkg"
+    fake.mkdir()
+    shutil.copy(lib, fake / "libsafehook.so")
+    (fake / "__init__.py").write_text("raise RuntimeError('seen')\n")
+    p = run([python, "-c", "import sys\ntry:\n import torch\nexcept ImportError: pass"],
+            base_env(LD_PRELOAD=str(fake / "libsafehook.so")))
+    assert "safehook: protection is NOT active" in p.stderr and "RuntimeError: seen" in p.stderr
+
+
 def test_audit_hook_failure_is_reported_not_silent(lib, tmp_path):
     # A broken package next to the library: torch still imports, the user is told once.
     fake = tmp_path / "pkg"
