@@ -1,0 +1,59 @@
+"""The protection modes of the demo and their policies (policies/SCHEMA.md, version 1).
+
+A mode is a set of safehook features plus the policy that asks for them; "plain" is the
+unprotected baseline (no preload at all). Policies are written per run, because the probe's
+data path is a file of that run."""
+import importlib.util
+import json
+import os
+
+# name, label, features it needs
+MODES = [
+    ("plain", "plain SFT", ()),
+    ("freeze", "freeze (middle layers)", ("freeze",)),
+    ("safegrad", "SafeGrad (probe)", ("safegrad", "probes")),
+    ("gate", "gate", ("gate", "probes")),
+    ("monitor", "monitor+rollback", ("monitor", "probes")),
+    ("freeze_safegrad", "freeze+SafeGrad", ("freeze", "safegrad", "probes")),
+    ("all", "all together", ("freeze", "safegrad", "gate", "monitor", "probes")),
+]
+LABELS = {name: label for name, label, _ in MODES}
+PROBE = "refusals"
+
+
+def available(features):
+    """(True, None) when this safehook has every feature module, else (False, reason)."""
+    missing = [f for f in features if importlib.util.find_spec("safehook." + f) is None]
+    if missing:
+        return False, "feature not in this safehook build: %s" % ", ".join(
+            "safehook.%s" % m for m in missing)
+    return True, None
+
+
+def policy(mode, probe_data, cfg):
+    """The policy dict of MODE (None for plain). PROBE_DATA: JSONL of pre-tokenized harmful
+    prompts with refusals, disjoint from the evaluation prompts."""
+    features = dict((n, f) for n, _, f in MODES)[mode]
+    if not features:
+        return None
+    p = {"version": 1, "on_error": "abort", "audit": {"level": "steps"}}
+    if "probes" in features:
+        p["probes"] = {PROBE: {"data": os.path.abspath(probe_data), "limit": cfg["probe_rows"]}}
+    if "freeze" in features:
+        # The middle half of the blocks, where safety behaviour is reported to concentrate.
+        p["freeze"] = {"layers": {"fraction": [0.25, 0.75]}}
+    if "safegrad" in features:
+        p["safegrad"] = {"source": "probe", "probe": PROBE}
+    if "gate" in features:
+        p["gate"] = {"probe": PROBE}
+    if "monitor" in features:
+        p["monitor"] = {"probe": PROBE, "every": cfg["monitor_every"], "action": "rollback",
+                        "progress": False}
+    return p
+
+
+def write_policy(path, pol):
+    with open(path, "w") as f:
+        json.dump(pol, f, indent=2)
+        f.write("\n")
+    return path
