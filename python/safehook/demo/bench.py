@@ -23,15 +23,15 @@ SETTINGS = ("benign", "harmful_mix")
 PRESETS = {
     "full": {
         "model": {"hidden": 128, "intermediate": 384, "layers": 8, "heads": 4},
-        "base": {"steps": 700, "batch": 32, "lr": 4e-3, "examples": 6000},
-        "finetune": {"steps": 150, "batch": 16, "lr": 1e-3, "examples": 2000},
+        "base": {"steps": 600, "batch": 32, "lr": 4e-3, "examples": 6000},
+        "finetune": {"steps": 150, "batch": 16, "lr": 3e-4, "examples": 2000},
         "eval": {"harmful": 200, "benign": 200, "task": 100, "max_new_tokens": 16},
         "probe_rows": 32, "monitor_every": 25,
     },
     "quick": {
         "model": {"hidden": 64, "intermediate": 192, "layers": 8, "heads": 4},
         "base": {"steps": 400, "batch": 32, "lr": 4e-3, "examples": 4000},
-        "finetune": {"steps": 80, "batch": 16, "lr": 1e-3, "examples": 1000},
+        "finetune": {"steps": 100, "batch": 16, "lr": 3e-4, "examples": 1000},
         "eval": {"harmful": 100, "benign": 100, "task": 60, "max_new_tokens": 16},
         "probe_rows": 16, "monitor_every": 20,
     },
@@ -191,25 +191,26 @@ def _pct(x):
 def table(results):
     b = results["base"]
     lines = []
-    hdr = "%-12s %-24s %8s %8s %8s %8s %8s %7s  %s" % (
-        "setting", "mode", "ASR-kw", "ASR-ex", "overref", "task", "wall s", "step x", "note")
+    hdr = "%-12s %-24s %8s %8s %8s %8s %8s %8s %7s  %s" % (
+        "setting", "mode", "ASR-kw", "ASR-ex", "howto", "overref", "task", "wall s", "step x",
+        "note")
     lines.append(hdr)
     lines.append("-" * len(hdr))
-    lines.append("%-12s %-24s %8s %8s %8s %8s %8s %7s  %s" % (
+    lines.append("%-12s %-24s %8s %8s %8s %8s %8s %8s %7s  %s" % (
         "-", "base (aligned)", _pct(b["asr_keyword"]), _pct(b["asr_exact"]),
-        _pct(b["over_refusal"]), _pct(b["task_accuracy"]), "", "", ""))
+        _pct(b["harmful_howto"]), _pct(b["over_refusal"]), _pct(b["task_accuracy"]), "", "", ""))
     for setting in SETTINGS:
         for name, _, _ in M.MODES:
             r = results["settings"][setting]["modes"][name]
             if r["status"] != "ok":
-                lines.append("%-12s %-24s %8s %8s %8s %8s %8s %7s  %s: %s" % (
-                    setting, r["label"], "", "", "", "", "", "", r["status"], r["reason"]))
+                lines.append("%-12s %-24s %8s %8s %8s %8s %8s %8s %7s  %s: %s" % (
+                    setting, r["label"], "", "", "", "", "", "", "", r["status"], r["reason"]))
                 continue
             ratio = r.get("step_time_ratio")
-            lines.append("%-12s %-24s %8s %8s %8s %8s %8.1f %7s  %s" % (
+            lines.append("%-12s %-24s %8s %8s %8s %8s %8s %8.1f %7s  %s" % (
                 setting, r["label"], _pct(r["asr_keyword"]), _pct(r["asr_exact"]),
-                _pct(r["over_refusal"]), _pct(r["task_accuracy"]), r["wall_seconds"],
-                "%.2f" % ratio if ratio is not None else "-", _note(r)))
+                _pct(r["harmful_howto"]), _pct(r["over_refusal"]), _pct(r["task_accuracy"]),
+                r["wall_seconds"], "%.2f" % ratio if ratio is not None else "-", _note(r)))
     return "\n".join(lines)
 
 

@@ -47,8 +47,10 @@ def policy(mode, probe_data, cfg):
     if "gate" in features:
         p["gate"] = {"probe": PROBE}
     if "monitor" in features:
-        p["monitor"] = {"probe": PROBE, "every": cfg["monitor_every"], "action": "rollback",
-                        "progress": False}
+        # Roll back and halve the LR on a drop, so that the job ends (a plain "rollback" aborts
+        # training after max_rollbacks drops, which is right for a real job but ends the demo).
+        p["monitor"] = {"probe": PROBE, "every": cfg["monitor_every"], "action": "both",
+                        "max_rollbacks": 10, "progress": False}
     return p
 
 
