@@ -13,7 +13,7 @@ def _cmd(args):
                   file=sys.stderr)
             return 2
     res = bench.run(quick=args.quick, seed=args.seed, layers=args.layers, out=args.out,
-                    cache=args.cache, modes=modes)
+                    cache=args.cache, modes=modes, jobs=args.jobs)
     print(bench.table(res))
     print()
     for name, c in res["checks"].items():
@@ -46,4 +46,6 @@ def register(sub):
                    help="cache of base models (default ~/.cache/safehook/demo)")
     s.add_argument("--modes", metavar="M,M", default=None,
                    help="run only these modes (plain always runs)")
+    s.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="fine-tuning runs at a time (default: 1, or 2 with --quick)")
     s.set_defaults(func=_cmd)

@@ -23,17 +23,17 @@ SETTINGS = ("benign", "harmful_mix")
 PRESETS = {
     "full": {
         "model": {"hidden": 128, "intermediate": 384, "layers": 8, "heads": 4},
-        "base": {"steps": 600, "batch": 32, "lr": 4e-3, "examples": 6000},
+        "base": {"steps": 700, "batch": 32, "lr": 4e-3, "examples": 6000},
         "finetune": {"steps": 150, "batch": 16, "lr": 3e-4, "examples": 2000},
         "eval": {"harmful": 200, "benign": 200, "task": 100, "max_new_tokens": 16},
-        "probe_rows": 32, "monitor_every": 25,
+        "probe_rows": 32, "monitor_every": 25, "jobs": 1,
     },
     "quick": {
         "model": {"hidden": 64, "intermediate": 192, "layers": 8, "heads": 4},
         "base": {"steps": 400, "batch": 32, "lr": 4e-3, "examples": 4000},
         "finetune": {"steps": 100, "batch": 16, "lr": 3e-4, "examples": 1000},
         "eval": {"harmful": 100, "benign": 100, "task": 60, "max_new_tokens": 16},
-        "probe_rows": 16, "monitor_every": 20,
+        "probe_rows": 16, "monitor_every": 20, "jobs": 2,
     },
 }
 
@@ -82,7 +82,7 @@ def _audit_summary(path):
     return {"events": dict(ev), "step_flags": dict(flags)}
 
 
-def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log):
+def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tokenizer_dir=None):
     """Fine-tune BASE_DIR on DATA_PATH under MODE; return (result dict, model dir or None)."""
     label = M.LABELS[mode]
     features = dict((n, f) for n, _, f in M.MODES)[mode]
@@ -100,9 +100,12 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log):
     env.pop("SAFEHOOK_AUDIT", None)
     env.pop("SAFEHOOK_DISABLE", None)
     env["PYTHONWARNINGS"] = "ignore"
-    pol = M.policy(mode, probe_path, cfg)
+    pol = M.policy(mode, probe_path, cfg, tokenizer_dir)
     if pol is not None:
-        ppath = M.write_policy(os.path.join(work, "policy-%s.json" % mode), pol)
+        ppath = os.path.join(work, "policy-%s.json" % mode)
+        if not os.path.exists(ppath):  # the same for both settings (jobs may race to write it)
+            M.write_policy(ppath + ".%s" % setting, pol)
+            os.replace(ppath + ".%s" % setting, ppath)
         apath = os.path.join(work, "audit-%s.jsonl" % tag)
         if os.path.exists(apath):
             os.remove(apath)
@@ -255,7 +258,7 @@ def chart(results, path):
     plt.close(fig)
 
 
-def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, log=None):
+def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs=None, log=None):
     """Run the benchmark; returns the results dict (also written to OUT, with a PNG chart)."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -265,6 +268,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, log=
     log = log or Progress()
     t_start = time.time()
     cfg = make_config(quick, seed, layers)
+    jobs = jobs or cfg["jobs"]
     out = os.path.abspath(out or os.path.join("results", "alignment_tax.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = os.path.splitext(out)[0] + ".d"
@@ -297,30 +301,48 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, log=
         "settings": {},
     }
     selected = [n for n, _, _ in M.MODES if modes is None or n in modes or n == "plain"]
+    data = {}
     for setting in SETTINGS:
-        data_path = os.path.join(work, "finetune-%s.jsonl" % setting)
+        data[setting] = os.path.join(work, "finetune-%s.jsonl" % setting)
         rows = world.finetune_data(setting, cfg["finetune"]["examples"])
-        W.write_jsonl(data_path, [W.encode(tok, r) for r in rows])
-        per = {}
-        for name, label, _ in M.MODES:
+        W.write_jsonl(data[setting], [W.encode(tok, r) for r in rows])
+        results["settings"][setting] = {"data": data[setting], "modes": {}}
+    # Mode by mode, both settings side by side: with jobs=2 the two settings of one mode run at
+    # the same time, so every mode's step time is measured under the same load as plain's.
+    jobs_list = [(name, setting) for name, _, _ in M.MODES for setting in SETTINGS]
+    import concurrent.futures as cf
+
+    def one(name, setting):
+        log("%-12s %-24s fine-tuning ..." % (setting, M.LABELS[name]))
+        return run_mode(name, setting, work, base_dir, data[setting], probe_path, cfg, log,
+                        tokenizer_dir=base_dir)
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futs = []
+        for name, setting in jobs_list:
             if name not in selected:
-                per[name] = {"mode": name, "label": label, "setting": setting,
-                             "status": "skipped", "reason": "not selected (--modes)"}
+                results["settings"][setting]["modes"][name] = {
+                    "mode": name, "label": M.LABELS[name], "setting": setting,
+                    "status": "skipped", "reason": "not selected (--modes)"}
                 continue
-            log("%-12s %-24s fine-tuning ..." % (setting, label))
-            res, mdir = run_mode(name, setting, work, base_dir, data_path, probe_path, cfg, log)
+            futs.append((name, setting, pool.submit(one, name, setting)))
+        for name, setting, fut in futs:
+            res, mdir = fut.result()
             if mdir:
                 res.update(_metrics(mdir, tok, evalset, cfg))
                 shutil.rmtree(mdir, ignore_errors=True)
-                log("%-12s %-24s ASR %s, over-refusal %s, task %s, %.1fs"
-                    % (setting, label, _pct(res["asr_keyword"]), _pct(res["over_refusal"]),
+                log("%-12s %-24s ASR %s, how-to %s, over-refusal %s, task %s, %.1fs"
+                    % (setting, M.LABELS[name], _pct(res["asr_keyword"]),
+                       _pct(res["harmful_howto"]), _pct(res["over_refusal"]),
                        _pct(res["task_accuracy"]), res["wall_seconds"]))
-            per[name] = res
+            results["settings"][setting]["modes"][name] = res
+    for setting in SETTINGS:
+        per = results["settings"][setting]["modes"]
         plain = per.get("plain")
         for r in per.values():
             if r.get("status") == "ok" and plain and plain.get("status") == "ok":
                 r["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
-        results["settings"][setting] = {"data": data_path, "modes": per}
+    results["jobs"] = jobs
 
     results["checks"] = checks(results)
     png = os.path.splitext(out)[0] + ".png"

@@ -19,6 +19,7 @@ MODES = [
 ]
 LABELS = {name: label for name, label, _ in MODES}
 PROBE = "refusals"
+PROBE_RATE = "refusal_rate"
 
 
 def available(features):
@@ -30,9 +31,10 @@ def available(features):
     return True, None
 
 
-def policy(mode, probe_data, cfg):
+def policy(mode, probe_data, cfg, tokenizer_dir=None):
     """The policy dict of MODE (None for plain). PROBE_DATA: JSONL of pre-tokenized harmful
-    prompts with refusals, disjoint from the evaluation prompts."""
+    prompts with refusals, disjoint from the evaluation prompts; TOKENIZER_DIR lets the
+    monitor's probe read its greedy answers."""
     features = dict((n, f) for n, _, f in MODES)[mode]
     if not features:
         return None
@@ -47,9 +49,15 @@ def policy(mode, probe_data, cfg):
     if "gate" in features:
         p["gate"] = {"probe": PROBE}
     if "monitor" in features:
+        # The monitor watches behaviour: the refusal rate of greedy answers to the probe prompts.
+        p["probes"][PROBE_RATE] = {"data": os.path.abspath(probe_data), "limit": cfg["probe_rows"],
+                                   "score": "refusal_rate", "judge": "keyword",
+                                   "max_new_tokens": 12}
+        if tokenizer_dir:
+            p["probes"][PROBE_RATE]["tokenizer"] = os.path.abspath(tokenizer_dir)
         # Roll back and halve the LR on a drop, so that the job ends (a plain "rollback" aborts
         # training after max_rollbacks drops, which is right for a real job but ends the demo).
-        p["monitor"] = {"probe": PROBE, "every": cfg["monitor_every"], "action": "both",
+        p["monitor"] = {"probe": PROBE_RATE, "every": cfg["monitor_every"], "action": "both",
                         "max_rollbacks": 10, "progress": False}
     return p
 
