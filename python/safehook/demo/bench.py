@@ -1,6 +1,6 @@
 """The alignment-tax benchmark: an aligned base model is fine-tuned on a benign task, and on the
 task mixed with 10% harmful requests answered compliantly, once per protection mode. Each
-fine-tuning is a subprocess running finetune.py (no safehook import) under
+fine-tuning is a subprocess running scripts/finetune.py (no safehook import) under
 LD_PRELOAD=$(safehook lib) with the mode's policy and an audit log, the path users take. The
 fine-tuned models are evaluated side by side with the same prompts and judges."""
 import collections
@@ -18,6 +18,9 @@ from . import modes as M
 from . import world as W
 
 SCHEMA = "safehook.alignment_tax/1"
+# The user's training script, alone in its folder: run as a script, its folder goes first on
+# sys.path, and nothing there may shadow a module that torch or transformers import.
+FINETUNE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "finetune.py")
 SETTINGS = ("benign", "harmful_mix")
 
 PRESETS = {
@@ -116,7 +119,7 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
         res["policy"] = ppath
         res["audit"] = apath
     ft = cfg["finetune"]
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"),
+    cmd = [sys.executable, FINETUNE,
            "--model", base_dir, "--data", data_path, "--out", out, "--steps", str(ft["steps"]),
            "--lr", str(ft["lr"]), "--batch", str(ft["batch"]), "--seed", str(cfg["seed"]),
            "--threads", "1"]
