@@ -20,8 +20,7 @@ def _cmd(args):
         print("check %-18s %s  %s" % (name, "pass" if c["pass"] else "FAIL",
                                       ", ".join("%s=%s" % (k, _fmt(v)) for k, v in c.items()
                                                 if k != "pass")))
-    print("results: %s\nchart:   %s\nwall:    %.0fs" % (args.out or "results/alignment_tax.json",
-                                                       res["chart"], res["wall_seconds"]))
+    print("results: %s\nchart:   %s\nwall:    %.0fs" % (res["out"], res["chart"], res["wall_seconds"]))
     return 0
 
 
@@ -36,7 +35,7 @@ def register(sub):
                     "instruction world, fine-tune it on a benign task and on a harmful mix under "
                     "each protection mode (each run under LD_PRELOAD with its policy), and report "
                     "ASR, over-refusal, task accuracy and step time side by side.")
-    s.add_argument("--quick", action="store_true", help="small world, model and steps (about 3 minutes)")
+    s.add_argument("--quick", action="store_true", help="small world, model and steps: a few minutes, the test suite's run")
     s.add_argument("--seed", type=int, default=0, help="seed of the world and the models (default 0)")
     s.add_argument("--layers", type=int, default=None, metavar="N",
                    help="number of transformer blocks of the base model (default 8)")
