@@ -221,8 +221,9 @@ def _note(r):
     s = r.get("audit_summary") or {}
     ev = s.get("events") or {}
     parts = ["%s %d" % (k, v) for k, v in sorted(ev.items())
-             if k not in ("start", "end", "step")]
-    parts += ["%s %d" % (k, v) for k, v in sorted((s.get("step_flags") or {}).items())]
+             if k not in ("start", "end", "step", "optimizer")]
+    parts += ["%s %d" % (k, v) for k, v in sorted((s.get("step_flags") or {}).items())
+              if k not in ("safety_refreshed",)]
     return ", ".join(parts)
 
 
