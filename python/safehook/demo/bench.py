@@ -105,10 +105,7 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
     env["PYTHONWARNINGS"] = "ignore"
     pol = M.policy(mode, probe_path, cfg, tokenizer_dir)
     if pol is not None:
-        ppath = os.path.join(work, "policy-%s.json" % mode)
-        if not os.path.exists(ppath):  # the same for both settings (jobs may race to write it)
-            M.write_policy(ppath + ".%s" % setting, pol)
-            os.replace(ppath + ".%s" % setting, ppath)
+        ppath = M.write_policy(os.path.join(work, "policy-%s.json" % tag), pol)
         apath = os.path.join(work, "audit-%s.jsonl" % tag)
         if os.path.exists(apath):
             os.remove(apath)
