@@ -80,7 +80,8 @@ def _audit_summary(path):
             ev[rec.get("event", "?")] += 1
             if rec.get("event") == "step":
                 for k, v in rec.items():
-                    if v is True:
+                    # True, or a count (SafeGrad's per-layer/tensor "projected")
+                    if v is True or (k == "projected" and type(v) is int and v > 0):
                         flags[k] += 1
     return {"events": dict(ev), "step_flags": dict(flags)}
 
