@@ -1,12 +1,16 @@
-/* The worker pool behind sh_pool_run: a generation counter under one mutex, one condition
- * variable to start a round and one to finish it. A round costs a wake-up per worker (tens of
- * microseconds), so callers only split work that takes longer than that. */
+/* The worker pool behind sh_pool_run. A round is a set of parts that the calling thread and the
+ * workers claim one at a time from a shared ticket, so a worker that wakes late (a busy machine
+ * can keep a woken thread off the CPU for milliseconds) costs nothing: the caller has taken its
+ * parts meanwhile. The ticket carries the round number, so a worker still holding an old round
+ * cannot claim a part of the next one. */
 #include "pool.h"
 
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -14,40 +18,60 @@
 
 static struct {
     pthread_mutex_t run_mu; /* one round at a time */
-    pthread_mutex_t mu;
+    pthread_mutex_t mu;     /* guards the fields below up to nworkers, and the condition variables */
     pthread_cond_t go, done;
-    unsigned long gen;
-    int nworkers; /* started */
-    int active;   /* workers taking part in this round: indexes 1..active */
-    int pending;
+    uint32_t round;         /* the current round's number */
     void (*fn)(void *, int, int);
     void *arg;
     int nparts;
-    int size;    /* 0: not decided yet */
-    unsigned long born[MAX_THREADS + 1]; /* pool.gen when worker i was created */
+    int nworkers;           /* started */
+    _Atomic uint64_t ticket;   /* round << 32 | next part to claim */
+    _Atomic int finished;      /* parts of the current round done */
+    int size;               /* 0: not decided yet */
     int atfork;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, 0, {0}, 0};
+} pool = {.run_mu = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER,
+          .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+/* The next part of ROUND, or -1 when the round has none left (or is over). */
+static int claim(uint32_t round, int nparts) {
+    uint64_t v = atomic_load(&pool.ticket);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != round || (int)(uint32_t)v >= nparts)
+            return -1;
+        if (atomic_compare_exchange_weak(&pool.ticket, &v, v + 1))
+            return (int)(uint32_t)v;
+    }
+}
+
+/* Run the parts of ROUND this thread can claim; the one that finishes the last part wakes the
+ * caller. */
+static void work(uint32_t round, void (*fn)(void *, int, int), void *arg, int nparts) {
+    int part;
+    while ((part = claim(round, nparts)) >= 0) {
+        fn(arg, part, nparts);
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == nparts) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_broadcast(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+}
 
 static void *worker(void *p) {
-    int idx = (int)(long)p;
+    uint32_t seen = (uint32_t)(uintptr_t)p; /* the round when this thread was created */
     pthread_mutex_lock(&pool.mu);
-    /* rounds started before this thread ran but after it was counted are still its own */
-    unsigned long seen = pool.born[idx];
     for (;;) {
-        while (pool.gen == seen)
+        while (pool.round == seen)
             pthread_cond_wait(&pool.go, &pool.mu);
-        seen = pool.gen;
-        if (idx > pool.active)
-            continue;
+        seen = pool.round;
         void (*fn)(void *, int, int) = pool.fn;
         void *arg = pool.arg;
         int nparts = pool.nparts;
         pthread_mutex_unlock(&pool.mu);
-        fn(arg, idx, nparts);
+        /* fn and arg stay valid while a part of this round is unclaimed or running: the caller
+         * waits for every part, and claim() refuses parts of another round */
+        work(seen, fn, arg, nparts);
         pthread_mutex_lock(&pool.mu);
-        if (--pool.pending == 0)
-            pthread_cond_signal(&pool.done);
     }
     return NULL;
 }
@@ -59,7 +83,6 @@ static void after_fork_child(void) {
     pthread_cond_init(&pool.go, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.nworkers = 0;
-    pool.pending = 0;
 }
 
 static int default_size(void) {
@@ -94,15 +117,15 @@ int sh_pool_set_size(int n) {
     return 0;
 }
 
-/* Start workers up to WANT (excluding the caller); called with run_mu held. Returns how many run. */
-static int grow(int want) {
+/* Start workers up to WANT (the caller not counted); called with run_mu held. */
+static void grow(int want) {
     if (!pool.atfork) {
         pthread_atfork(NULL, NULL, after_fork_child);
         pool.atfork = 1;
     }
     sigset_t all, old;
     sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* inherited by the workers: no signal lands there */
     while (pool.nworkers < want) {
         pthread_t th;
         pthread_attr_t attr;
@@ -110,8 +133,7 @@ static int grow(int want) {
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         pthread_attr_setstacksize(&attr, 256 * 1024);
         pthread_mutex_lock(&pool.mu);
-        pool.born[pool.nworkers + 1] = pool.gen;
-        int r = pthread_create(&th, &attr, worker, (void *)(long)(pool.nworkers + 1));
+        int r = pthread_create(&th, &attr, worker, (void *)(uintptr_t)pool.round);
         if (r == 0)
             pool.nworkers++;
         pthread_mutex_unlock(&pool.mu);
@@ -120,40 +142,34 @@ static int grow(int want) {
             break;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    return pool.nworkers;
 }
 
 int sh_pool_run(void (*fn)(void *arg, int part, int nparts), void *arg, int nparts) {
+    if (nparts < 1)
+        return 0;
     int size = sh_pool_size();
-    if (nparts > size)
-        nparts = size;
-    if (nparts <= 1) {
-        fn(arg, 0, 1);
+    if (nparts == 1 || size == 1) {
+        for (int p = 0; p < nparts; p++)
+            fn(arg, p, nparts);
         return 1;
     }
     pthread_mutex_lock(&pool.run_mu);
-    int have = grow(nparts - 1);
-    if (have < nparts - 1)
-        nparts = have + 1;
-    if (nparts <= 1) {
-        pthread_mutex_unlock(&pool.run_mu);
-        fn(arg, 0, 1);
-        return 1;
-    }
+    grow((nparts < size ? nparts : size) - 1);
     pthread_mutex_lock(&pool.mu);
+    uint32_t round = ++pool.round;
     pool.fn = fn;
     pool.arg = arg;
     pool.nparts = nparts;
-    pool.active = nparts - 1;
-    pool.pending = nparts - 1;
-    pool.gen++;
-    pthread_cond_broadcast(&pool.go);
+    atomic_store(&pool.finished, 0);
+    atomic_store(&pool.ticket, (uint64_t)round << 32);
+    if (pool.nworkers > 0)
+        pthread_cond_broadcast(&pool.go);
     pthread_mutex_unlock(&pool.mu);
-    fn(arg, 0, nparts);
+    work(round, fn, arg, nparts);
     pthread_mutex_lock(&pool.mu);
-    while (pool.pending > 0)
+    while (atomic_load(&pool.finished) < nparts)
         pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&pool.run_mu);
-    return nparts;
+    return pool.nworkers + 1;
 }

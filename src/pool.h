@@ -5,10 +5,11 @@
 #ifndef SH_POOL_H
 #define SH_POOL_H
 
-/* Run fn(arg, part, nparts) for part = 0..nparts-1, part 0 on the calling thread, the others on
- * workers, and return when all are done. nparts is at most sh_pool_size(); 1 (or a pool that
- * could not start a worker) runs everything on the caller. Calls from several threads are
- * serialized. Returns the number of parts run. */
+/* Run fn(arg, part, nparts) once for each part = 0..nparts-1 and return when all are done. The
+ * calling thread and up to sh_pool_size()-1 workers claim parts one at a time, so which thread
+ * runs a part is not fixed; a caller that needs deterministic results makes each part's output
+ * depend on the part alone. Calls from several threads are serialized. Returns the number of
+ * threads that could have taken part (1 when the pool has a single thread or nparts is 1). */
 int sh_pool_run(void (*fn)(void *arg, int part, int nparts), void *arg, int nparts);
 
 /* Threads the pool may use, the caller included: SAFEHOOK_THREADS if set (1..64), else the

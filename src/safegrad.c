@@ -15,8 +15,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #define BLOCK 1024           /* elements summed in fp32 before folding into fp64 */
-#define PAR_MIN (1u << 17)   /* elements below which one thread does everything */
-#define PAR_GRAIN (1u << 16) /* at least this many elements per thread */
+#define PAR_MIN (1u << 17)   /* elements below which the work is not split */
+#define PAR_GRAIN (1u << 16) /* elements per part, at least */
+#define PAR_MAX 64           /* parts, at most */
 
 /* Hot loops get an AVX2 clone on x86-64 (picked at load time by the ifunc resolver); the
  * default clone is plain x86-64 (SSE2). Elsewhere, one portable version. */
@@ -265,12 +266,13 @@ static int plan(job *j, const sh_sg_tensor *t, size_t nt, size_t ngroups, size_t
     return 0;
 }
 
+/* The parts a pass is cut into depend on the size alone, not on the threads: the dot products
+ * (summed part by part in a fixed order) are the same bits whatever the pool size. */
 static int nparts_for(size_t total) {
     if (total < PAR_MIN)
         return 1;
     size_t k = total / PAR_GRAIN;
-    int size = sh_pool_size();
-    return k < (size_t)size ? (int)k : size;
+    return k < PAR_MAX ? (int)k : PAR_MAX;
 }
 
 int sh_sg_dots(const sh_sg_tensor *t, size_t nt, size_t ngroups, double *out) {
@@ -289,7 +291,7 @@ int sh_sg_dots(const sh_sg_tensor *t, size_t nt, size_t ngroups, double *out) {
         r = -ENOMEM;
         goto free_start;
     }
-    nparts = sh_pool_run(dots_part, &j, nparts);
+    sh_pool_run(dots_part, &j, nparts);
     /* parts summed in a fixed order: the same inputs give the same bits on every rank */
     for (size_t k = 0; k < 3 * ngroups; k++) {
         double v = 0;

@@ -5,7 +5,8 @@
  * Two passes over contiguous CPU memory: one reads g and s once for all three dot products
  * (g.s, s.s, g.g), one updates g in place. fp32, bf16 and fp16 data, g and s each in their own
  * dtype; the arithmetic is fp32 within blocks of 1024 elements and fp64 across blocks. Large
- * work is split over the threads of pool.h. */
+ * work is cut into parts run by the threads of pool.h; the parts depend on the sizes alone, so the
+ * results are the same bits with any number of threads. */
 #ifndef SH_SAFEGRAD_H
 #define SH_SAFEGRAD_H
 

@@ -57,6 +57,7 @@ def _setup_features():
     from ._runtime import Runtime
     import importlib
     policy = _state["policy"]
+    _core.set_features([], [])  # a new policy replaces the features of the one before
     if policy is None:
         return
     rt = Runtime(policy)
@@ -197,7 +198,10 @@ def _activate(policy, via):
     except _core.PolicyError as e:
         _state["policy"] = None
         _policy_refused(e)
-    _watch()
+    if _state["active"]:
+        _setup_features()  # hooks already in place: only the features change with the policy
+    else:
+        _watch()
     if not getattr(_finish, "registered", False):
         atexit.register(_finish)
         _finish.registered = True

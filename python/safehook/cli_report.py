@@ -92,6 +92,13 @@ def summary(recs, bad=0):
         lines.append("gate: %d steps checked: %d allowed, %d skipped, %d scaled"
                      % (len(gated), sum(1 for r in gated if r["gate"].get("action") == "allow"),
                         len(s["gate_skips"]), len(s["gate_scales"])))
+        streaks = [r for r in recs if r["event"] == "gate" and isinstance(r.get("streak"), int)]
+        if streaks:
+            top = max(streaks, key=lambda r: r["streak"])
+            lines.append("  longest run of skipped updates: %d (to step %s)%s"
+                         % (top["streak"], top.get("step"),
+                            "; training stood still: the optimizer's momentum points against the probe "
+                            "(try gate.action 'scale' or a tolerance)" if any(r.get("stalled") for r in streaks) else ""))
     probes = [r for r in recs if r["event"] == "probe"]
     if probes:
         base = next((r for r in probes if r.get("action") == "baseline"), None)

@@ -373,7 +373,8 @@ def _watch_ddp(fr):
 
     @functools.wraps(real)
     def __init__(self, *args, **kwargs):
-        target = cell[0]
+        from . import _boot
+        target = cell[0] if _boot._state["active"] else None  # uninstalled: leave DDP alone
         module = args[0] if args else kwargs.get("module")
         if target is not None and module is not None:
             try:

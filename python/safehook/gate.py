@@ -24,7 +24,11 @@ Actions when delta > tolerance:
   those of the full gradient.
 
 Each gated step carries ``gate`` in its step record; a ``gate`` record is written when the gate
-skips or scales.
+skips or scales, with ``streak`` (consecutive skips). A skip leaves the optimizer's state as it
+was, momentum included: when that momentum points against the probe, every later update is
+skipped as well and training stands still. Gate records then say ``stalled`` (at 32
+consecutive skips, then at 64, 128...), and ``safehook report`` shows the longest streak; the
+``scale`` action or a tolerance above 0 avoids it.
 """
 import torch
 
@@ -32,6 +36,7 @@ from . import _core, probes
 from ._runtime import debug
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "action": "skip", "every": 1}
+STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
 
 
 def _raw_step(opt):
@@ -170,6 +175,7 @@ class Gate:
         self.stashed = None   # grads set aside by a skip
         self.lrs = None       # lrs changed by a scale
         self.counts = {"allow": 0, "skip": 0, "scale": 0}
+        self.streak = 0       # consecutive skipped steps
         self.dead = False
         self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
 
@@ -209,6 +215,8 @@ class Gate:
         return after - before, before, "tentative"
 
     def pre(self, opt, step, record):
+        if self.stashed is not None or self.lrs is not None:
+            self.post(opt, step, record)  # the last step raised before its post hook: put things back
         if self.dead or step % self.cfg["every"] != 0:
             return
         if self.info is None:
@@ -255,9 +263,16 @@ class Gate:
                         g["lr"] = lr * s
         info["action"] = decision
         self.counts[decision] += 1
+        self.streak = self.streak + 1 if decision == "skip" else 0
         record["gate"] = info
         if decision != "allow":
-            self.rt.audit("gate", dict(info, tolerance=tol, probe=self.probe.name), step=step)
+            extra = {"tolerance": tol, "probe": self.probe.name, "streak": self.streak}
+            if self.streak >= STALL and self.streak & (self.streak - 1) == 0:
+                # Skipping leaves the optimizer's momentum as it was: when that momentum points
+                # against the probe, every later update is skipped too and training stands still.
+                extra["stalled"] = True
+                debug("gate: %d updates in a row skipped: training is not moving" % self.streak)
+            self.rt.audit("gate", dict(info, **extra), step=step)
             debug("gate: step %d %s (delta %.3g > tolerance %.3g)" % (step, decision, delta, tol))
 
     def post(self, opt, step, record):

@@ -107,13 +107,16 @@ def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold):
     rest = [kernel[j] for j in skipped] + [i for i, w in enumerate(weights) if w != 1.0]
     if rest or group is not None:
         total = torch.tensor(dots, dtype=torch.float64)
-        extra = {}
-        for i in rest:
-            d = _torch_dots(g_loc[i], s_loc[i], weights[i])
-            k = 0 if ids is None else ids[i]
-            extra[k] = d if k not in extra else extra[k] + d
-        for k, d in extra.items():
-            total[3 * k:3 * k + 3] += d.cpu()
+        if rest:
+            # per-tensor dots stay on their device; one transfer per device brings them all back
+            by_dev = {}
+            for i in rest:
+                by_dev.setdefault(g_loc[i].device, []).append(i)
+            for idx in by_dev.values():
+                d = torch.stack([_torch_dots(g_loc[i], s_loc[i], weights[i]) for i in idx]).cpu()
+                for row, i in zip(d, idx):
+                    k = 0 if ids is None else ids[i]
+                    total[3 * k:3 * k + 3] += row
         if group is not None:
             import torch.distributed as dist
             backend = dist.get_backend(group)

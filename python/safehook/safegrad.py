@@ -61,7 +61,7 @@ class SafeGrad:
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
         self.stash = {}       # id(param) -> (param, task gradient buffer)
         self.direction = None # stripped name -> tensor (the file's)
-        self.last_refresh = None
+        self.last_refresh = {}  # id(optimizer) -> step of its last refresh
         self.kl_ref = None
         self.probe = None
         if self.granularity not in projection.GRANULARITIES:
@@ -123,6 +123,15 @@ class SafeGrad:
     def pre_step(self, opt, step, record):
         if self.failed:
             return
+        from ._core import PolicyError
+        try:
+            self._step(opt, step, record)
+        except PolicyError:
+            raise
+        except Exception as e:  # the projection could not be applied to this step
+            self._fail("step %d: %s: %s" % (step, type(e).__name__, e))
+
+    def _step(self, opt, step, record):
         import torch
         found_inf = getattr(opt, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and float(found_inf) > 0:
@@ -132,7 +141,7 @@ class SafeGrad:
         if not params:
             return
         with torch.no_grad():
-            safety = self._safety(params, step, record)
+            safety = self._safety(opt, params, step, record)
         if safety is None:
             return
         pairs = [(p, s) for p, s in zip(params, safety) if s is not None]
@@ -155,15 +164,16 @@ class SafeGrad:
             mins = [c for c in res["cosine"] if c is not None]
             record["cosine_min"] = min(mins) if mins else None
 
-    def _safety(self, params, step, record):
+    def _safety(self, opt, params, step, record):
         if self.source == "anchor":
             return self._anchor(params)
         if self.source == "direction":
             return self._direction(params)
-        due = self.last_refresh is None or step - self.last_refresh >= self.refresh_every
+        last = self.last_refresh.get(id(opt))
+        due = last is None or step - last >= self.refresh_every
         if due or any(id(p) not in self.safety for p in params):
             self._probe_grads(params, record)
-            self.last_refresh = step
+            self.last_refresh[id(opt)] = step
             record["safety_refreshed"] = True
         return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
 

@@ -508,7 +508,34 @@ def test_callable_probes_and_judges(tmp_path, monkeypatch):
     # A callable judge on pre-tokenized rows (no tokenizer): it gets token ids.
     path = tmp_path / "p.jsonl"
     tiny.write_probe(str(path), n=4)
-    tiny.pretrain(m, steps=40)
+    tiny.pretrain(m, steps=25)
     jp = probes.Probe("j", {"data": str(path), "score": "refusal_rate", "judge": "myprobes:judge",
                             "max_new_tokens": 3})
     assert jp.score(m) == 1.0  # taught to answer with the refusal, whose first token is 3
+
+
+def test_gate_reports_a_stall_when_momentum_keeps_every_update_out(tmp_path, monkeypatch):
+    import torch
+    from safehook import gate, _model, cli_report
+    (tmp_path / "linprobe.py").write_text("def loss(model):\n    return model.weight.sum()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    policy = {"probes": {"lin": {"callable": "linprobe:loss"}}, "gate": {"probe": "lin", "action": "skip"}}
+    m = torch.nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    rt = _Runtime()
+    g = gate.Gate(policy, rt)
+    g.on_model(_model.ModelInfo(m))
+    g.cfg["tolerance"] = float("inf")  # one update that raises the probe loss goes through...
+    for step in range(1, 66):
+        m.weight.grad = torch.full_like(m.weight, -1.0 if step == 1 else 0.05)  # ...then only safe gradients
+        rec = {}
+        g.pre(opt, step, rec)
+        opt.step()
+        g.post(opt, step, {})
+        g.cfg["tolerance"] = 0.0
+        if step > 1:  # the momentum of step 1 still points up the probe loss: every update is skipped
+            assert rec["gate"]["action"] == "skip" and rec["gate"]["delta"] > 0
+    gates = [r for r in rt.records if r["event"] == "gate"]
+    assert [r["streak"] for r in gates if r.get("stalled")] == [32, 64]
+    lines = cli_report.summary([dict(r, event="gate") for r in gates])
+    assert any("longest run of skipped updates: 64" in l and "stood still" in l for l in lines), lines

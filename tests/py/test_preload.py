@@ -147,3 +147,12 @@ def test_optimizer_record_and_sampled_steps(preload_run, tmp_path):
     pol.write_text('{"version": 1, "audit": {"level": "events"}}')
     _, recs = preload_run([PY, os.path.join(SCRIPTS, "train_top.py"), "4"], policy=str(pol))
     assert steps_of(recs) == [] and events(recs, "end")[0]["steps"] == 4
+
+
+def test_install_again_replaces_the_features(lib, tmp_path):
+    audit = tmp_path / "a.jsonl"
+    run([PY, os.path.join(SCRIPTS, "train_reinstall.py")], base_env(SAFEHOOK_AUDIT=str(audit)))
+    steps = steps_of(read_audit(str(audit)))
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all("cosine" in r for r in steps[:3])  # SafeGrad's fields while its policy is in force
+    assert not any("cosine" in r for r in steps[3:])

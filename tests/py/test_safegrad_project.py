@@ -158,3 +158,16 @@ def test_threads_split_matches_one_thread():
     for a, b in zip(outs[0][1], outs[1][1]):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
     assert _core.safegrad_threads() == old or old >= 1
+
+
+def test_layer_key_groups_blocks():
+    from safehook.safegrad import layer_key
+    assert layer_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
+    assert layer_key("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
+    assert layer_key("layers.0.mix.weight") == "layers.0"
+    assert layer_key("transformer.h.11.attn.c_attn.weight") == "transformer.h.11"
+    assert layer_key("base_model.model.model.layers.7.self_attn.v_proj.lora_A.default.weight") == \
+        "base_model.model.model.layers.7"
+    assert layer_key("model.embed_tokens.weight") == "model.embed_tokens"
+    assert layer_key("lm_head.weight") == "lm_head"
+    assert layer_key("bias") == "bias"

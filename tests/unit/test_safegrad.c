@@ -141,12 +141,56 @@ static void test_reference(void) {
 }
 
 static void test_threads(void) {
-    /* large enough to be split: the threaded result equals the one-thread result (same inputs,
-     * same split points per part count, so only the part sums differ: compare with tolerance) */
+    /* large enough to be cut into parts: correct with 1, 2 and 4 threads */
     for (int threads = 1; threads <= 4; threads *= 2) {
         CHECK_INT(sh_pool_set_size(threads), 0);
         run_case(SH_DT_F32, SH_DT_F32, 5, 1, 400000, -0.4);
         run_case(SH_DT_BF16, SH_DT_F32, 6, 2, 300000, -0.4);
+    }
+    /* and the same bits whatever the number of threads: the parts depend on the sizes alone */
+    enum { N = 3, LEN = 700001 };
+    float *g[N], *s[N], *ref[N];
+    sh_sg_tensor t[N];
+    for (int i = 0; i < N; i++) {
+        g[i] = malloc(LEN * sizeof(float));
+        s[i] = malloc(LEN * sizeof(float));
+        ref[i] = malloc(LEN * sizeof(float));
+        for (size_t k = 0; k < LEN; k++) {
+            g[i][k] = (float)urand();
+            s[i][k] = (float)(0.5 * urand() - 0.3 * g[i][k]);
+        }
+        memcpy(ref[i], g[i], LEN * sizeof(float));
+        t[i] = (sh_sg_tensor){g[i], s[i], LEN, SH_DT_F32, SH_DT_F32, 0};
+    }
+    double d1[3], dn[3], c1[1], cn[1], cos1[1], cosn[1];
+    CHECK_INT(sh_pool_set_size(1), 0);
+    CHECK_INT(sh_sg_project(t, N, 1, 0.0, d1, c1, cos1), 1);
+    float *one[N];
+    for (int i = 0; i < N; i++) {
+        one[i] = malloc(LEN * sizeof(float));
+        memcpy(one[i], g[i], LEN * sizeof(float));
+        memcpy(g[i], ref[i], LEN * sizeof(float));
+    }
+    for (int threads = 2; threads <= 3; threads++) {
+        CHECK_INT(sh_pool_set_size(threads), 0);
+        for (int rep = 0; rep < 20; rep++) { /* many rounds: a worker waking late must not matter */
+            for (int i = 0; i < N; i++)
+                memcpy(g[i], ref[i], LEN * sizeof(float));
+            CHECK_INT(sh_sg_project(t, N, 1, 0.0, dn, cn, cosn), 1);
+            CHECK(memcmp(d1, dn, sizeof d1) == 0);
+            for (int i = 0; i < N; i++)
+                if (memcmp(one[i], g[i], LEN * sizeof(float)) != 0) {
+                    CHECK(memcmp(one[i], g[i], LEN * sizeof(float)) == 0);
+                    rep = 20;
+                    break;
+                }
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        free(g[i]);
+        free(s[i]);
+        free(ref[i]);
+        free(one[i]);
     }
     CHECK_INT(sh_pool_set_size(0), 0);
 }
