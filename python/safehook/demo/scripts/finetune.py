@@ -1,0 +1,79 @@
+"""Fine-tune a causal LM on a JSONL file of pre-tokenized rows: a plain PyTorch training loop,
+written the way a user writes one. It does not import safehook: the demo runs it as a script,
+and protects it (or not) with LD_PRELOAD=$(safehook lib) and SAFEHOOK_POLICY, as a user would.
+
+    python finetune.py --model BASE_DIR --data train.jsonl --out OUT_DIR \\
+        --steps 150 --lr 1e-3 --batch 16 --seed 0
+
+Rows: {"input_ids": [...], "labels": [...]} (labels -100 where no loss is taken). Writes the
+fine-tuned model to OUT_DIR and OUT_DIR/stats.json (per-step wall times and losses).
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    with open(args.data) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    pad = model.config.pad_token_id or 0
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+
+    def batch():
+        b = rng.sample(rows, args.batch)
+        n = max(len(r["input_ids"]) for r in b)
+        ids = torch.full((len(b), n), pad, dtype=torch.long)
+        labels = torch.full((len(b), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(b), n), dtype=torch.long)
+        for i, r in enumerate(b):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        return ids, mask, labels
+
+    times, losses = [], []
+    t_start = time.perf_counter()
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        ids, mask, labels = batch()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    train_seconds = time.perf_counter() - t_start
+
+    model.save_pretrained(args.out)
+    with open(os.path.join(args.out, "stats.json"), "w") as f:
+        json.dump({"steps": args.steps, "train_seconds": train_seconds, "step_seconds": times,
+                   "losses": losses}, f)
+
+
+if __name__ == "__main__":
+    main()
