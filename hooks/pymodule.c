@@ -31,6 +31,7 @@ typedef struct {
     long long current;     /* the step number of the step running or last run */
     int depth;
     int started;
+    int sample_every;      /* step records: every step (1), every N steps, or none (0) */
 } core_state;
 
 static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule_GetState(m); }
@@ -149,6 +150,10 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     }
     sh_policy_free(st->policy);
     st->policy = p;
+    json_t *audit_sec = json_object_get(p->doc, "audit");
+    const char *level = json_string_value(json_object_get(audit_sec, "level"));
+    json_int_t every = json_integer_value(json_object_get(audit_sec, "sample_every"));
+    st->sample_every = !level || !strcmp(level, "steps") ? 1 : !strcmp(level, "sample") ? (every > 0 ? (int)every : 10) : 0;
     PyObject *doc = json_to_py(p->doc);
     if (!doc)
         return NULL;
@@ -196,6 +201,9 @@ static PyObject *core_set_features(PyObject *m, PyObject *args) {
 
 /* ---- the step hooks ---- */
 
+/* The "optimizer" record of a newly seen optimizer, written after the "start" record. */
+static json_t *pending_optimizer_record;
+
 /* Index and step count of OPT, creating its entry on first sight. A dict keyed by id() with a
  * weakref beside it: optimizers are not kept alive, and a reused id is noticed. */
 static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
@@ -218,11 +226,24 @@ static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
         PyErr_Clear(); /* not weak-referenceable: keep no reference at all */
         ref = Py_NewRef(Py_None);
     }
-    entry = Py_BuildValue("[Nnn]", ref, PyDict_GET_SIZE(st->optimizers), (Py_ssize_t)0);
+    Py_ssize_t index = PyDict_GET_SIZE(st->optimizers);
+    entry = Py_BuildValue("[Nnn]", ref, index, (Py_ssize_t)0);
     if (!entry || PyDict_SetItem(st->optimizers, key, entry) < 0) {
         Py_XDECREF(entry);
         Py_DECREF(key);
         return NULL;
+    }
+    if (sh_audit_active()) {
+        /* which optimizer the step records' "opt" numbers: class and parameter count */
+        json_t *f = json_object();
+        json_object_set_new(f, "index", json_integer(index));
+        json_object_set_new(f, "class", json_string(Py_TYPE(opt)->tp_name));
+        PyObject *groups = PyObject_GetAttrString(opt, "param_groups");
+        Py_ssize_t ngroups = groups ? PyObject_Length(groups) : -1;
+        Py_XDECREF(groups);
+        PyErr_Clear();
+        json_object_set_new(f, "param_groups", json_integer(ngroups));
+        pending_optimizer_record = f;
     }
     Py_DECREF(key);
     Py_DECREF(entry); /* the dict holds it */
@@ -232,7 +253,8 @@ static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
 static json_t *versions_json(void) {
     json_t *v = json_object();
     json_object_set_new(v, "safehook", json_string(SH_VERSION));
-    json_object_set_new(v, "python", json_string(Py_GetVersion()));
+    const char *pv = Py_GetVersion(); /* the running interpreter's, "3.11.2 (main, ...)" */
+    json_object_set_new(v, "python", json_stringn(pv, strcspn(pv, " ")));
     json_object_set_new(v, "jansson", json_string(jansson_version_str()));
     PyObject *torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch"); /* borrowed */
     PyObject *tv = torch ? PyObject_GetAttrString(torch, "__version__") : NULL;
@@ -305,6 +327,10 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         json_object_set_new(f, "versions", versions_json());
         emit("start", -1, f);
     }
+    if (pending_optimizer_record) {
+        emit("optimizer", count, pending_optimizer_record);
+        pending_optimizer_record = NULL;
+    }
 
     PyObject *record = NULL;
     if (st->pre_features && PyList_GET_SIZE(st->pre_features) > 0) {
@@ -314,7 +340,8 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
             goto error;
         }
     }
-    if (sh_audit_active()) {
+    if (sh_audit_active() && st->sample_every > 0 &&
+        (count % st->sample_every == 0 || count == 1)) {
         json_t *f = record ? to_json(record, 0) : json_object();
         json_object_set_new(f, "opt", json_integer(index));
         emit("step", count, f);

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up and run every test: system packages, Python packages, the build, the C unit tests
+# (also under ASan+UBSan), the policy fuzzer for a minute, and the integration tests.
+# Usage: bash tests/run.sh            (PYTHON=... to pick the interpreter; FUZZ_SECONDS=0 to skip fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+step() { printf '\n== %s\n' "$*"; }
+
+step "system packages"
+need=()
+pkg-config --exists jansson 2>/dev/null || need+=(libjansson-dev)
+[ -e /usr/include/x86_64-linux-gnu/libunwind.h ] || [ -e /usr/include/libunwind.h ] || need+=(libunwind-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v clang-14 >/dev/null || command -v clang >/dev/null || need+=(clang)
+if [ ${#need[@]} -gt 0 ]; then
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+step "python packages"
+"$PYTHON" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+"$PYTHON" -m pip install -q --disable-pip-version-check --no-build-isolation .
+
+step "C unit tests (warnings are errors)"
+rm -rf build-test build-asan
+meson setup build-test --werror >/dev/null
+meson compile -C build-test >/dev/null
+meson test -C build-test --print-errorlogs
+
+step "C unit tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+meson setup build-asan -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debug >/dev/null
+meson compile -C build-asan >/dev/null
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 meson test -C build-asan --print-errorlogs
+
+if [ "$FUZZ_SECONDS" -gt 0 ] && [ -x tests/fuzz/run.sh ]; then
+    step "policy fuzzer, ${FUZZ_SECONDS}s"
+    tests/fuzz/run.sh "$FUZZ_SECONDS"
+fi
+
+step "integration tests (real torch under LD_PRELOAD)"
+cd tests/py
+"$PYTHON" -m pytest -q -p no:cacheprovider "$@"
