@@ -14,8 +14,12 @@
 #include "audit.h"
 #include "log.h"
 #include "policy.h"
+#include "py_policy.h"
 #include "sh_config.h"
 #include "stack.h"
+
+int sh_py_freeze_init(PyObject *m);
+int sh_py_safegrad_init(PyObject *m); /* hooks/py_safegrad.c */
 
 typedef struct {
     PyObject *error;       /* safehook.SafehookError */
@@ -133,13 +137,10 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     sh_policy *p = NULL;
     sh_policy_error err = {0};
     int r = sh_policy_resolve(path, text, name, sys_path, &p, &err);
-    if (r < 0) {
-        char msg[1400];
-        sh_policy_error_format(&err, msg, sizeof msg);
-        PyErr_SetString(st->policy_error, msg);
-        return NULL;
-    }
-    const char *ap = audit && *audit ? audit : p->audit_path;
+    if (r < 0)
+        return r == -ENOMEM ? PyErr_NoMemory() : sh_py_policy_raise(st->policy_error, &err, sys_path, audit);
+    /* SAFEHOOK_AUDIT (AUDIT) overrides the policy's audit.path, unless an enforced system policy sets it */
+    const char *ap = (p->system_enforced && p->audit_path) ? p->audit_path : audit && *audit ? audit : p->audit_path;
     if (ap) {
         int ar = sh_audit_open(ap);
         if (ar < 0) {
@@ -157,8 +158,9 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     PyObject *doc = json_to_py(p->doc);
     if (!doc)
         return NULL;
-    PyObject *meta = Py_BuildValue("{s:s,s:s,s:O,s:s,s:z}", "origin", p->origin, "digest", p->digest,
-                                   "enforce", p->enforce ? Py_True : Py_False, "on_error",
+    PyObject *meta = Py_BuildValue("{s:s,s:s,s:O,s:O,s:s,s:z}", "origin", p->origin, "digest", p->digest,
+                                   "enforce", p->enforce ? Py_True : Py_False, "system_enforced",
+                                   p->system_enforced ? Py_True : Py_False, "on_error",
                                    p->on_error == SH_ON_ERROR_WARN ? "warn" : "abort", "audit", sh_audit_path());
     if (!meta || PyDict_SetItemString(doc, "_meta", meta) < 0) {
         Py_XDECREF(meta);
@@ -474,7 +476,7 @@ static PyObject *core_check_file(PyObject *m, PyObject *arg) {
     }
     char msg[1400];
     sh_policy_error_format(&err, msg, sizeof msg);
-    return PyUnicode_FromString(msg);
+    return PyUnicode_DecodeFSDefault(msg); /* the file name may not be UTF-8 */
 }
 
 PyDoc_STRVAR(system_policy_path_doc, "system_policy_path()\n--\n\nThe compiled-in path of the system policy.");
@@ -516,6 +518,12 @@ static int core_exec(PyObject *m) {
     if (PyModule_AddStringConstant(m, "__version__", SH_VERSION) < 0)
         return -1;
     /* Feature bindings live in hooks/py_<feature>.c, each with sh_py_<feature>_init(m). */
+    if (sh_py_policy_init(m) < 0)
+        return -1;
+    if (sh_py_freeze_init(m) < 0)
+        return -1;
+    if (sh_py_safegrad_init(m) < 0)
+        return -1;
     return 0;
 }
 

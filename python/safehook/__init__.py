@@ -12,7 +12,7 @@ from . import _core
 from ._core import PolicyError, SafehookError
 
 __version__ = _core.__version__
-__all__ = ["install", "uninstall", "lib", "PolicyError", "SafehookError", "__version__"]
+__all__ = ["install", "uninstall", "lib", "project", "PolicyError", "SafehookError", "__version__"]
 
 
 def lib():
@@ -32,3 +32,9 @@ def uninstall():
     """Remove the hooks, unless the policy in force is enforced (then raises SafehookError)."""
     from . import _boot
     _boot.uninstall()
+
+
+def project(task_grads, safety_grads, granularity="global", threshold=0.0, **kw):
+    """SafeGrad's projection, in place, exactly as the hook does it: see safehook.projection."""
+    from .projection import project as _project
+    return _project(task_grads, safety_grads, granularity, threshold, **kw)

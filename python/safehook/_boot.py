@@ -30,9 +30,14 @@ def _debug(msg):
         _warn(msg)
 
 
+# The system policy's path: None is the path compiled in (meson option system_policy). Never
+# taken from the environment; tests running in a subprocess of their own may set it.
+_SYSTEM_PATH = None
+
+
 def _configure(policy):
     """Resolve the policy in force (user policy against the system policy) and open the log."""
-    kw = {"audit_path": os.environ.get("SAFEHOOK_AUDIT") or None}
+    kw = {"audit_path": os.environ.get("SAFEHOOK_AUDIT") or None, "system_path": _SYSTEM_PATH}
     if policy is None:
         policy = os.environ.get("SAFEHOOK_POLICY") or None
     if isinstance(policy, dict):
@@ -143,9 +148,43 @@ def _protection_failed(msg):
         _warn(msg + " (on_error=warn: training continues)")
 
 
+def _policy_refused(e):
+    """The policy was refused: invalid, or weakening an enforced system policy. Record it, then
+    stop at the first optimizer step, unless an enforced system policy says on_error=warn: then
+    that policy alone applies. An invalid policy's own on_error cannot be trusted: abort holds."""
+    import traceback
+    kind = getattr(e, "kind", "invalid")
+    on_error = getattr(e, "on_error", "abort")
+    rec = {"message": str(e), "kind": kind, "pointer": getattr(e, "pointer", ""), "on_error": on_error}
+    if kind == "weakening":
+        rec["what"] = "the user policy weakens the enforced system policy"
+        rec["python_stack"] = [l.rstrip("\n") for l in traceback.format_stack()[:-1]]
+        rec["native_stack"] = _core.native_stack(0)
+        _core.audit("violation", rec)
+    else:
+        _core.audit("error", rec)
+    if on_error == "warn" and getattr(e, "system_enforced", False):
+        try:
+            _state["policy"] = _core.configure(audit_path=os.environ.get("SAFEHOOK_AUDIT") or None,
+                                               system_path=_SYSTEM_PATH)
+            _warn("policy error: %s (on_error=warn: the enforced system policy applies without the user policy)" % e)
+            return
+        except _core.PolicyError as e2:
+            e = e2
+    _core.set_pending_error("policy error: %s" % e)
+    _warn("policy error: %s (training will stop at its first optimizer step)" % e)
+
+
 def _finish():
+    fields = {}
+    rt = _state["runtime"]
+    for cb in (rt._finish if rt is not None else ()):
+        try:
+            cb(fields)
+        except Exception as e:  # never break the user's exit
+            _debug("finish callback failed: %r" % (e,))
     try:
-        _core.finish()
+        _core.finish(fields)
     except Exception:
         pass
 
@@ -156,10 +195,8 @@ def _activate(policy, via):
         _state["policy"] = _configure(policy)
         _core.set_pending_error(None)
     except _core.PolicyError as e:
-        # The policy could not be read, so its on_error is unknown: the default, abort, holds.
         _state["policy"] = None
-        _core.set_pending_error("policy error: %s" % e)
-        _warn("policy error: %s (training will stop at its first optimizer step)" % e)
+        _policy_refused(e)
     _watch()
     if not getattr(_finish, "registered", False):
         atexit.register(_finish)
@@ -171,9 +208,17 @@ def from_preload(lib):
     """Called by libsafehook.so when this process first imports torch."""
     if _state["via"] is not None:
         return
-    disable = os.environ.get("SAFEHOOK_DISABLE") == "1"
-    if disable:
-        _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
+    if os.environ.get("SAFEHOOK_DISABLE") == "1":
+        system = _core.system_policy_state(system_path=_SYSTEM_PATH)
+        if system["state"] in ("none", "advisory"):
+            _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
+            return
+        # An enforced system policy (or one that cannot be read, so may be): refuse, record, protect.
+        _activate(None, "preload")
+        _core.audit("violation", {"what": "SAFEHOOK_DISABLE=1 refused", "system_policy": system["path"],
+                                  "state": system["state"]})
+        _warn("SAFEHOOK_DISABLE=1 refused: the system policy %s is %s; this process stays protected"
+              % (system["path"], system["state"]))
         return
     _activate(None, "preload")
 

@@ -22,6 +22,7 @@ class Runtime:
         self.policy = policy or {}
         self._pre = []
         self._post = []
+        self._finish = []
 
     # -- step callables --
     def add_pre(self, fn, order=50):
@@ -35,6 +36,10 @@ class Runtime:
     def _publish(self):
         _core.set_features([f for _, _, f in sorted(self._pre, key=lambda t: t[:2])],
                            [f for _, _, f in sorted(self._post, key=lambda t: t[:2])])
+
+    def on_finish(self, cb):
+        """Call cb(fields) at exit, before the 'end' record; cb may add keys to fields."""
+        self._finish.append(cb)
 
     # -- the model --
     def on_model(self, cb):

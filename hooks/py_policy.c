@@ -1,0 +1,126 @@
+/* Policy bindings of safehook._core: the normalized text of a policy file for
+ * `safehook check --explain`, the state of the system policy (for SAFEHOOK_DISABLE), and the
+ * PolicyError that configure() raises, carrying what Python needs to record and act on it. */
+#define PY_SSIZE_T_CLEAN
+#include "py_policy.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "audit.h"
+
+PyObject *sh_py_policy_raise(PyObject *exc_type, const sh_policy_error *err, const char *system_path,
+                             const char *audit_path) {
+    char msg[1400];
+    sh_policy_error_format(err, msg, sizeof msg);
+    const char *on_error = "abort";
+    sh_policy *sys = NULL;
+    sh_policy_error serr = {0};
+    if (sh_policy_load_system(system_path, &sys, &serr) == 0 && sys && sys->enforce) {
+        on_error = sys->on_error == SH_ON_ERROR_WARN ? "warn" : "abort";
+        if (sys->audit_path)
+            audit_path = sys->audit_path;
+    }
+    if (audit_path && *audit_path)
+        sh_audit_open(audit_path); /* best effort: the refusal is raised either way */
+    /* file names may not be UTF-8: decode as the file system does */
+    PyObject *text = PyUnicode_DecodeFSDefault(msg);
+    PyObject *exc = text ? PyObject_CallOneArg(exc_type, text) : NULL;
+    Py_XDECREF(text);
+    if (exc) {
+        PyObject *attrs = Py_BuildValue(
+            "{s:s,s:s,s:N,s:s,s:O}", "kind", err->kind == SH_POLICY_ERR_WEAKENING ? "weakening" : "invalid",
+            "pointer", err->pointer, "source", PyUnicode_DecodeFSDefault(err->source), "on_error", on_error,
+            "system_enforced", (sys && sys->enforce) ? Py_True : Py_False);
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (attrs && PyDict_Next(attrs, &pos, &key, &value))
+            PyObject_SetAttr(exc, key, value);
+        Py_XDECREF(attrs);
+        PyErr_Clear();
+        PyErr_SetObject(exc_type, exc);
+        Py_DECREF(exc);
+    }
+    sh_policy_free(sys);
+    return NULL;
+}
+
+PyDoc_STRVAR(
+    explain_file_doc,
+    "explain_file(path)\n--\n\n"
+    "The normalized policy of the file PATH as indented JSON text: the sections it gives, each with\n"
+    "every default filled in. Raises PolicyError when the file is not a valid policy.");
+
+static PyObject *explain_file(PyObject *m, PyObject *arg) {
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &bytes))
+        return NULL;
+    sh_policy *p = NULL;
+    sh_policy_error err = {0};
+    int r = sh_policy_load_file(PyBytes_AS_STRING(bytes), &p, &err);
+    Py_DECREF(bytes);
+    if (r < 0) {
+        if (r == -ENOMEM)
+            return PyErr_NoMemory();
+        char msg[1400];
+        sh_policy_error_format(&err, msg, sizeof msg);
+        PyObject *exc_type = PyObject_GetAttrString(m, "PolicyError");
+        PyObject *text = PyUnicode_DecodeFSDefault(msg);
+        if (exc_type && text)
+            PyErr_SetObject(exc_type, text);
+        Py_XDECREF(exc_type);
+        Py_XDECREF(text);
+        return NULL;
+    }
+    char *text = json_dumps(p->doc, JSON_INDENT(2));
+    sh_policy_free(p);
+    if (!text)
+        return PyErr_NoMemory();
+    PyObject *s = PyUnicode_FromString(text);
+    free(text);
+    return s;
+}
+
+PyDoc_STRVAR(system_policy_state_doc,
+             "system_policy_state(system_path=None)\n--\n\n"
+             "The system policy at SYSTEM_PATH (None: the compiled-in path) as a dict: path, state ('none',\n"
+             "'advisory', 'enforced' or 'invalid'), error (the error line when invalid), audit (its\n"
+             "audit.path) and digest.");
+
+static PyObject *system_policy_state(PyObject *m, PyObject *args, PyObject *kw) {
+    (void)m;
+    static char *kwlist[] = {"system_path", NULL};
+    const char *path = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|z", kwlist, &path))
+        return NULL;
+    sh_policy *p = NULL;
+    sh_policy_error err = {0};
+    int r = sh_policy_load_system(path, &p, &err);
+    if (r == -ENOMEM)
+        return PyErr_NoMemory();
+    char msg[1400] = "";
+    const char *state = "none";
+    if (r < 0) {
+        state = "invalid";
+        sh_policy_error_format(&err, msg, sizeof msg);
+    } else if (p) {
+        state = p->enforce ? "enforced" : "advisory";
+    }
+    PyObject *d =
+        Py_BuildValue("{s:s,s:s,s:N,s:z,s:z}", "path", path ? path : sh_policy_system_path(), "state", state,
+                      "error", msg[0] ? PyUnicode_DecodeFSDefault(msg) : Py_NewRef(Py_None), "audit",
+                      p ? p->audit_path : NULL, "digest", p ? p->digest : NULL);
+    sh_policy_free(p);
+    return d;
+}
+
+static PyMethodDef policy_methods[] = {
+    {"explain_file", explain_file, METH_O, explain_file_doc},
+    {"system_policy_state", (PyCFunction)(void (*)(void))system_policy_state, METH_VARARGS | METH_KEYWORDS,
+     system_policy_state_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+int sh_py_policy_init(PyObject *m) {
+    return PyModule_AddFunctions(m, policy_methods);
+}

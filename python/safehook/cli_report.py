@@ -1,0 +1,213 @@
+"""safehook report AUDIT.jsonl [-o FILE.png]: what safehook did during a run.
+
+The summary reads the audit log's records: steps (and their SafeGrad fields ``cosine`` and
+``projected``, found at the top of the step record or in a sub-object), gate decisions, the
+monitor's probe scores against the baseline, rollbacks (with the steps that came just before
+each drop), violations and errors. With ``-o`` it also draws, over steps, the safety score
+(with the baseline and the limit), the conflict cosine, gate skips, and rollbacks as vertical
+lines (matplotlib, Agg backend). The PNG carries the lengths of the plotted series in a text
+chunk ``safehook-series`` (JSON), so that a test or a script can check what was drawn.
+"""
+import json
+import sys
+
+
+def load(path):
+    """(records, number of unreadable lines)."""
+    recs, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(r, dict) and "event" in r:
+                recs.append(r)
+            else:
+                bad += 1
+    return recs, bad
+
+
+def _find(rec, key):
+    """rec[key], or the first sub-object's key (features nest their step fields)."""
+    if key in rec:
+        return rec[key]
+    for v in rec.values():
+        if isinstance(v, dict) and key in v:
+            return v[key]
+    return None
+
+
+def series(recs):
+    """The data the report draws: {"score": [(step, score)], "baseline": float or None,
+    "limit": float or None, "cosine": [(step, cos)], "projected": [step], "rollbacks":
+    [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step]}."""
+    out = {"score": [], "baseline": None, "limit": None, "cosine": [], "projected": [], "rollbacks": [],
+           "ends": [], "gate_skips": [], "gate_scales": []}
+    for r in recs:
+        ev, step = r["event"], r.get("step")
+        if ev == "probe" and isinstance(r.get("score"), (int, float)):
+            out["score"].append((step, r["score"]))
+            if r.get("action") == "baseline":
+                out["baseline"], out["limit"] = r.get("baseline"), r.get("limit")
+            elif r.get("action") in ("stop", "abort"):
+                out["ends"].append((step, r["action"]))
+        elif ev == "step":
+            c = _find(r, "cosine")
+            if isinstance(c, (int, float)) and not isinstance(c, bool):
+                out["cosine"].append((step, c))
+            pr = _find(r, "projected")  # SafeGrad: a bool, or the number of groups projected
+            if pr is True or (isinstance(pr, int) and not isinstance(pr, bool) and pr > 0):
+                out["projected"].append(step)
+        elif ev == "rollback":
+            out["rollbacks"].append((step, r.get("to_step")))
+        elif ev == "gate":
+            out["gate_skips" if r.get("action") == "skip" else "gate_scales"].append(step)
+    return out
+
+
+def summary(recs, bad=0):
+    lines = []
+    starts = [r for r in recs if r["event"] == "start"]
+    ends = [r for r in recs if r["event"] == "end"]
+    steps = [r for r in recs if r["event"] == "step"]
+    if starts:
+        s = starts[0]
+        lines.append("run: policy %s (digest %s)%s" % (s.get("policy"), s.get("digest"),
+                                                      ", enforced" if s.get("enforce") else ""))
+    nsteps = ends[-1].get("steps") if ends else (max((r.get("step") or 0) for r in steps) if steps else 0)
+    lines.append("steps: %s%s (%d step records)" % (nsteps, "" if ends else " (no end record: still running or killed)",
+                                                     len(steps)))
+    s = series(recs)
+    if s["cosine"]:
+        cs = [c for _, c in s["cosine"]]
+        lines.append("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected; cosine min %.3f, mean %.3f"
+                     % (len(cs), sum(c < 0 for c in cs), len(s["projected"]), min(cs), sum(cs) / len(cs)))
+    gated = [r for r in steps if isinstance(r.get("gate"), dict)]
+    if gated or s["gate_skips"] or s["gate_scales"]:
+        lines.append("gate: %d steps checked: %d allowed, %d skipped, %d scaled"
+                     % (len(gated), sum(1 for r in gated if r["gate"].get("action") == "allow"),
+                        len(s["gate_skips"]), len(s["gate_scales"])))
+    probes = [r for r in recs if r["event"] == "probe"]
+    if probes:
+        base = next((r for r in probes if r.get("action") == "baseline"), None)
+        if base:
+            lines.append("monitor: probe '%s', baseline %.4f at step 0, limit %.4f"
+                         % (base.get("probe"), base["score"], base.get("limit", float("nan"))))
+        for r in probes:
+            if r.get("action") == "baseline":
+                continue
+            ratio = r.get("ratio")
+            rel = (" (%.3f x baseline)" % ratio if isinstance(ratio, (int, float))
+                   else " (%+.4f vs baseline)" % (r["score"] - base["score"]) if base else "")
+            lines.append("  step %-6s score %.4f%s  %s%s" % (
+                r.get("step"), r["score"], rel,
+                "ok" if r.get("passed") else "DROP",
+                "" if r.get("passed") else " -> " + str(r.get("action"))))
+    rbs = [r for r in recs if r["event"] == "rollback"]
+    if rbs:
+        lines.append("rollbacks: %d" % len(rbs))
+        for r in rbs:
+            sus = r.get("suspects") or []
+            rows = sum(len(e.get("rows", [])) for e in sus)
+            lines.append("  step %s -> step %s (score %.4f, limit %.4f); suspect steps %s, %d batch rows fingerprinted"
+                         % (r.get("step"), r.get("to_step"), r.get("score", float("nan")), r.get("limit", float("nan")),
+                            _ranges(r.get("suspect_steps") or []), rows))
+    viol = [r for r in recs if r["event"] == "violation"]
+    if viol:
+        kinds = {}
+        for r in viol:
+            kinds[r.get("what")] = kinds.get(r.get("what"), 0) + 1
+        lines.append("violations: %d (%s)" % (len(viol), ", ".join("%s: %d" % kv for kv in kinds.items())))
+    else:
+        lines.append("violations: 0")
+    for r in recs:
+        if r["event"] == "error":
+            lines.append("error at step %s: %s" % (r.get("step", "-"), r.get("message")))
+    if bad:
+        lines.append("(%d unreadable lines skipped)" % bad)
+    return lines
+
+
+def _ranges(steps):
+    if not steps:
+        return "-"
+    steps = sorted(steps)
+    out, a, b = [], steps[0], steps[0]
+    for s in steps[1:]:
+        if s == b + 1:
+            b = s
+            continue
+        out.append("%d-%d" % (a, b) if a != b else str(a))
+        a = b = s
+    out.append("%d-%d" % (a, b) if a != b else str(a))
+    return ",".join(out)
+
+
+def plot(recs, path):
+    """Draw the series into PATH (PNG). Returns the {series: length} written into the PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = series(recs)
+    lengths = {"score": len(s["score"]), "cosine": len(s["cosine"]), "rollbacks": len(s["rollbacks"]),
+               "gate_skips": len(s["gate_skips"])}
+    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    ax = axes[0]
+    if s["score"]:
+        ax.plot([p[0] for p in s["score"]], [p[1] for p in s["score"]], "o-", color="tab:blue", label="safety score")
+    if s["baseline"] is not None:
+        ax.axhline(s["baseline"], color="tab:green", ls="--", lw=1, label="baseline")
+    if s["limit"] is not None:
+        ax.axhline(s["limit"], color="tab:red", ls=":", lw=1, label="limit")
+    ax.set_ylabel("probe score (higher is safer)")
+    ax = axes[1]
+    if s["cosine"]:
+        ax.plot([p[0] for p in s["cosine"]], [p[1] for p in s["cosine"]], lw=1, color="tab:purple",
+                label="conflict cosine")
+        ax.axhline(0, color="grey", lw=0.5)
+    if s["gate_skips"]:
+        ax.plot(s["gate_skips"], [0] * len(s["gate_skips"]), "x", color="tab:orange", label="gate skip")
+    ax.set_ylabel("cosine(task, safety)")
+    ax.set_xlabel("step")
+    for a in axes:
+        for i, (step, _) in enumerate(s["rollbacks"]):
+            a.axvline(step, color="tab:red", lw=1.2, alpha=0.7, label="rollback" if i == 0 else None)
+        for step, what in s["ends"]:
+            a.axvline(step, color="black", ls="--", lw=1.2, label="training " + ("stopped" if what == "stop" else "aborted"))
+        if a.get_legend_handles_labels()[0]:
+            a.legend(loc="best", fontsize=8)
+    fig.suptitle("safehook: safety during training")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"safehook-series": json.dumps(lengths, sort_keys=True)})
+    plt.close(fig)
+    return lengths
+
+
+def _run(args):
+    try:
+        recs, bad = load(args.audit)
+    except OSError as e:
+        print("safehook report: cannot read %s: %s" % (args.audit, e.strerror), file=sys.stderr)
+        return 2
+    for line in summary(recs, bad):
+        print(line)
+    if args.output:
+        lengths = plot(recs, args.output)
+        print("plot: %s (%s)" % (args.output, ", ".join("%s %d" % kv for kv in sorted(lengths.items()))))
+    return 0
+
+
+def register(sub):
+    s = sub.add_parser("report", help="summarize an audit log (and plot it)",
+                       description="Summarize what safehook did in a run from its audit log: steps, SafeGrad "
+                                   "conflicts and projections, gate decisions, probe scores against the baseline, "
+                                   "rollbacks, violations. -o draws the safety score, conflict cosine and "
+                                   "rollbacks over steps.")
+    s.add_argument("audit", metavar="AUDIT.jsonl")
+    s.add_argument("-o", "--output", metavar="FILE.png", help="write a plot (PNG)")
+    s.set_defaults(func=_run)

@@ -1,0 +1,399 @@
+"""The freeze feature: the policy's safety blocks get requires_grad=False before the first
+backward, and stay frozen.
+
+When:   at the model's first forward (rt.on_model), or earlier when the model is handed to
+        DistributedDataParallel (its __init__ is watched, so the reducer never sees the frozen
+        parameters).
+What:   the transformer blocks selected by freeze.layers (found by find_blocks), every parameter
+        inside them (LoRA adapters included), plus the parameters matched by freeze.params.
+Holds:  a pre-step feature (order 10) drops any gradient a frozen parameter carries (someone set
+        requires_grad again) and records a violation; every freeze.check_every steps and at exit
+        the frozen tensors are checksummed (C, over their raw bytes) and any change is recorded
+        and, with freeze.restore, undone from the CPU snapshot taken at freeze time.
+
+Cases it cannot handle (documented, detected where possible):
+- FSDP (v1) FlatParameters: blocks inside a flat parameter cannot be frozen one by one after
+  wrapping; freeze before wrapping (or use DDP). Detected: the policy cannot be applied.
+- A model wrapped in DDP before safehook was installed: DDP's reducer already expects gradients
+  for every parameter, so the parameters keep requires_grad and their gradients are dropped
+  before each step instead (mode "grad_none"): the weights still do not move, the backward
+  compute is not saved.
+- Writes made after the last optimizer step and after the exit check (or in a process killed
+  before exit) are not seen.
+"""
+import atexit
+import fnmatch
+import functools
+import math
+import re
+import sys
+
+from . import _core
+from ._model import strip_name, unwrap
+from ._runtime import debug
+
+# Paths (relative to the model root, matched as a suffix) of the block list of known families:
+# Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and
+# GPT-J style: transformer.h; GPT-NeoX / Pythia: gpt_neox.layers. The bare names cover the
+# base models (LlamaModel.layers, GPT2Model.h) and PEFT-wrapped ones (base_model.model.model.layers).
+KNOWN_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                     "model.language_model.layers", "transformer.layers", "decoder.layers",
+                     "layers", "h", "blocks")
+
+MAX_NAMES = 32  # parameter names listed in one record
+
+
+class Blocks:
+    """The transformer block list of a model: ``path`` (stripped dotted name), ``modules``,
+    ``how`` ("known" path or "largest" ModuleList of identical blocks)."""
+
+    def __init__(self, path, modules, how):
+        self.path, self.modules, self.how = path, list(modules), how
+
+    def __len__(self):
+        return len(self.modules)
+
+    def describe(self):
+        return {"path": self.path, "count": len(self.modules), "how": self.how,
+                "class": type(self.modules[0]).__name__ if self.modules else None}
+
+
+def _is_block_list(mod):
+    import torch
+    if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+        return False
+    first = type(mod[0])
+    return all(type(m) is first for m in mod) and any(True for _ in mod[0].parameters())
+
+
+def find_blocks(root):
+    """The transformer blocks of ROOT, or None. A known family path wins; otherwise the largest
+    ModuleList whose children are all of one class (ties: more parameters, then shallower)."""
+    cands = [(strip_name(n), m) for n, m in root.named_modules() if _is_block_list(m)]
+    if not cands:
+        return None
+    for pat in KNOWN_BLOCK_PATHS:
+        hits = [(n, m) for n, m in cands if n == pat or n.endswith("." + pat)]
+        if hits:
+            n, m = max(hits, key=lambda t: (len(t[1]), -t[0].count(".")))
+            return Blocks(n, m, "known")
+
+    def size(t):
+        n, m = t
+        return (len(m), sum(p.numel() for p in m.parameters()), -n.count("."))
+    n, m = max(cands, key=size)
+    if len(m) < 2:
+        return None
+    return Blocks(n, m, "largest")
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def select_blocks(spec, n):
+    """Sorted block indices chosen by the freeze.layers value SPEC for a model of N blocks.
+    Raises ValueError with a message fit for the user when SPEC is malformed or out of range."""
+    if spec is None:
+        return []
+    if isinstance(spec, dict):
+        frac = spec.get("fraction")
+        if (not isinstance(frac, (list, tuple)) or len(frac) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in frac)
+                or not 0 <= frac[0] < frac[1] <= 1):
+            raise ValueError("freeze.layers.fraction must be [a, b] with 0 <= a < b <= 1")
+        lo, hi = int(math.floor(frac[0] * n)), int(math.ceil(frac[1] * n)) - 1
+        return list(range(lo, max(lo, hi) + 1)) if n else []
+    items = spec if isinstance(spec, list) else [spec]
+    out = set()
+    for it in items:
+        if isinstance(it, int) and not isinstance(it, bool):
+            lo = hi = it
+        elif isinstance(it, str) and _RANGE.match(it):
+            m = _RANGE.match(it)
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+        else:
+            raise ValueError("freeze.layers: %r is not a range like \"15-25\"" % (it,))
+        if lo > hi:
+            raise ValueError("freeze.layers: range %r goes backwards" % (it,))
+        if hi >= n:
+            raise ValueError("freeze.layers: block %d does not exist (the model has %d blocks, 0-%d)"
+                             % (hi, n, n - 1))
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def _torch_checksum(t):
+    """Checksum of a tensor the C kernel cannot read directly (GPU, non-contiguous): integer sums
+    of its raw 32-bit words, plain and position-weighted, computed on its own device (exact and
+    order-independent in int64, so deterministic)."""
+    import torch
+    x = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    w = x.view(torch.int32) if x.numel() % 4 == 0 else x
+    h = x.numel() * 0x9E3779B97F4A7C15
+    chunk = 1 << 22
+    for off in range(0, w.numel(), chunk):
+        c = w[off:off + chunk].to(torch.int64)
+        pos = torch.arange(off, off + c.numel(), device=c.device, dtype=torch.int64) % 65521 + 1
+        s1, s2 = int(c.sum()), int((c * pos).sum())
+        h = ((h ^ s1) * 0x100000001B3 + s2) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def checksums(tensors):
+    """64-bit checksums of TENSORS' values: the C kernel over the raw bytes of CPU tensors (a
+    contiguous copy first for the rare non-contiguous one), torch ops on their device for the
+    rest (GPU), so that no frozen weight crosses to the host for a check."""
+    sums = _core.freeze_checksums(tensors)
+    out = []
+    for s, t in zip(sums, tensors):
+        if s is None:
+            if t.device.type == "cpu" and not t.is_sparse:
+                s = _core.freeze_checksums([t.detach().contiguous()])[0]
+            if s is None:
+                s = _torch_checksum(t)
+        out.append(s)
+    return out
+
+
+def _wrapper_name(mod):
+    return type(mod).__name__ if mod is not None else None
+
+
+class Freezer:
+    """The freeze state of this process: one model, its frozen parameters, their reference
+    checksums and snapshots."""
+
+    def __init__(self, policy, rt):
+        self.rt = rt
+        self.cfg = policy.get("freeze") or {}
+        meta = policy.get("_meta") or {}
+        self.embedded_default = meta.get("origin") == "<embedded default>"
+        self.check_every = max(1, int(self.cfg.get("check_every", 50)))
+        self.restore = bool(self.cfg.get("restore", True))
+        self.model = None
+        self.mode = None          # "requires_grad" or "grad_none"
+        self.blocks = None
+        self.block_ids = []
+        self.names, self.params, self.sums, self.snaps = [], [], [], []
+        self.last_check = None
+        self.rescanned = False
+        self.counts = {"violations": 0, "dropped_grads": 0, "changed": 0, "restored": 0, "checks": 0}
+
+    # -- freezing --
+    def apply(self, root, called, when):
+        """Freeze ROOT's selected blocks (CALLED: the wrapper it was called through, if any)."""
+        if self.model is not None:
+            if root is not self.model:
+                debug("freeze: ignoring another model (%s); %s is frozen" % (type(root).__name__,
+                                                                            type(self.model).__name__))
+            return
+        self.model = root
+        flat = [n for n, p in root.named_parameters() if getattr(p, "_is_flat_param", False)]
+        if flat or "FullyShardedDataParallel" in (_wrapper_name(called) or ""):
+            self.rt.fail("freeze: the model is wrapped in FSDP flat parameters (%s); its blocks cannot "
+                         "be frozen after wrapping: freeze before FSDP, or use DDP"
+                         % (flat[0] if flat else _wrapper_name(called)))
+            return
+        spec = self.cfg.get("layers")
+        globs = list(self.cfg.get("params") or [])
+        blocks = find_blocks(root)
+        self.blocks = blocks
+        rec = {"model": type(root).__name__, "when": when,
+               "wrapper": _wrapper_name(called) if called is not root else None,
+               "blocks": blocks.describe() if blocks else None, "layers": spec, "params": globs,
+               "check_every": self.check_every, "restore": self.restore}
+        if spec is not None and blocks is None:
+            rec.update(frozen_blocks=[], tensors=0, numel=0)
+            if self.embedded_default:
+                rec["note"] = "no transformer block list found: the default policy freezes nothing here"
+                self.rt.audit("freeze", rec)
+                debug("freeze: " + rec["note"])
+                return
+            self.rt.audit("freeze", rec)
+            self.rt.fail("freeze: no transformer block list found in %s, so freeze.layers %r cannot "
+                         "be applied" % (type(root).__name__, spec))
+            return
+        try:
+            ids = select_blocks(spec, len(blocks)) if spec is not None else []
+        except ValueError as e:
+            self.rt.audit("freeze", dict(rec, error=str(e)))
+            self.rt.fail(str(e))
+            return
+        self.block_ids = ids
+        chosen = {}
+        for i in ids:
+            prefix = "%s.%d." % (blocks.path, i) if blocks.path else "%d." % i
+            for n, p in blocks.modules[i].named_parameters():
+                chosen.setdefault(id(p), (prefix + n, p))
+        matched = 0
+        if globs:
+            for n, p in root.named_parameters():
+                sn = strip_name(n)
+                if any(fnmatch.fnmatchcase(sn, g) for g in globs):
+                    matched += 1
+                    chosen.setdefault(id(p), (sn, p))
+        # DDP built before we could see the model: its reducer waits for every parameter that
+        # required grad at construction, so flipping requires_grad now would hang or fail it.
+        self.mode = "grad_none" if _wrapper_name(called) == "DistributedDataParallel" else "requires_grad"
+        trainable = 0
+        for n, p in chosen.values():
+            self.names.append(n)
+            self.params.append(p)
+            if p.requires_grad:
+                trainable += 1
+                if self.mode == "requires_grad":
+                    p.requires_grad_(False)
+        self.sums = checksums(self.params)
+        if self.restore:
+            self.snaps = [p.detach().to("cpu", copy=True) for p in self.params]
+        lora = [n for n in self.names if ".lora_" in n]
+        rec.update(frozen_blocks=ids, tensors=len(self.params), numel=sum(p.numel() for p in self.params),
+                   were_trainable=trainable, adapters=len(lora), glob_matches=matched, mode=self.mode)
+        self.rt.audit("freeze", rec)
+        debug("freeze: %d blocks of %s (%s), %d tensors, mode %s" % (
+            len(ids), blocks.path if blocks else "-", when, len(self.params), self.mode))
+
+    def rescan(self, step):
+        """Freeze parameters that appeared inside the frozen blocks after freezing (LoRA adapters
+        injected by a PEFT wrap made after the first forward)."""
+        if not self.blocks or not self.block_ids:
+            return
+        known = {id(p) for p in self.params}
+        new = []
+        for i in self.block_ids:
+            prefix = "%s.%d." % (self.blocks.path, i) if self.blocks.path else "%d." % i
+            for n, p in self.blocks.modules[i].named_parameters():
+                if id(p) not in known:
+                    known.add(id(p))
+                    new.append((prefix + n, p))
+        if not new:
+            return
+        for n, p in new:
+            if self.mode == "requires_grad":
+                p.requires_grad_(False)
+            p.grad = None
+            self.names.append(n)
+            self.params.append(p)
+        ps = [p for _, p in new]
+        self.sums.extend(checksums(ps))
+        if self.restore:
+            self.snaps.extend(p.detach().to("cpu", copy=True) for p in ps)
+        names = [n for n, _ in new]
+        self.rt.audit("freeze", {"late": True, "step": step, "added": names[:MAX_NAMES], "tensors": len(new),
+                                 "adapters": sum(1 for n in names if ".lora_" in n), "mode": self.mode})
+        debug("freeze: %d parameters appeared in frozen blocks and were frozen" % len(new))
+
+    def on_model(self, info):
+        try:
+            self.apply(info.root, info.called, "first_forward")
+        except Exception as e:
+            self.rt.fail("freeze: cannot freeze the model: %s: %s" % (type(e).__name__, e))
+
+    # -- enforcement --
+    def pre_step(self, optimizer, step, record):
+        check = step % self.check_every == 0 and step != self.last_check
+        if check or not self.rescanned:
+            self.rescanned = True
+            self.rescan(step)
+        if not self.params:
+            return
+        idx = _core.freeze_with_grad(self.params)
+        if idx:
+            for i in idx:
+                self.params[i].grad = None
+            self.counts["dropped_grads"] += len(idx)
+            record["freeze_dropped"] = len(idx)
+            if self.mode == "requires_grad":
+                names = [self.names[i] for i in idx]
+                for i in idx:
+                    self.params[i].requires_grad_(False)
+                self.counts["violations"] += 1
+                self.rt.violation("gradient on a frozen parameter (requires_grad was re-enabled); "
+                                  "gradient dropped, parameter frozen again",
+                                  {"params": names[:MAX_NAMES], "count": len(names)}, skip=2)
+        if check:
+            self.last_check = step
+            self.check(step, record)
+
+    def check(self, step, record):
+        """Compare the frozen tensors with their freeze-time checksums; record (and restore)
+        the ones that changed."""
+        import torch
+        self.counts["checks"] += 1
+        now = checksums(self.params)
+        bad = [i for i, (a, b) in enumerate(zip(now, self.sums)) if a != b]
+        record["freeze_check"] = "changed" if bad else "ok"
+        if not bad:
+            return
+        restored = False
+        if self.restore and self.snaps:
+            with torch.no_grad():
+                for i in bad:
+                    p = self.params[i]
+                    if p.shape != self.snaps[i].shape or p.dtype != self.snaps[i].dtype:
+                        p.data = self.snaps[i].to(p.device, copy=True)  # a rebinding p.data = other
+                    else:
+                        p.copy_(self.snaps[i])
+            after = checksums([self.params[i] for i in bad])
+            restored = all(a == self.sums[i] for a, i in zip(after, bad))
+            if restored:
+                self.counts["restored"] += len(bad)
+        self.counts["changed"] += len(bad)
+        self.counts["violations"] += 1
+        record["freeze_restored"] = restored
+        self.rt.violation("frozen weights changed" + (" and were restored from the freeze-time snapshot"
+                                                      if restored else ""),
+                          dict({"params": [self.names[i] for i in bad][:MAX_NAMES], "count": len(bad),
+                                "restored": restored}, **({"at_exit": True} if step is None else {})),
+                          skip=3)
+
+    def finish(self, fields):
+        """At exit: a last integrity check, and the counters for the 'end' record."""
+        if self.params:
+            rec = {}
+            self.check(None, rec)
+        fields["freeze"] = dict(self.counts, tensors=len(self.params), blocks=self.block_ids)
+
+
+def _watch_ddp(fr):
+    """Freeze the module handed to DistributedDataParallel before its reducer is built."""
+    mod = sys.modules.get("torch.nn.parallel.distributed")
+    if mod is None:
+        try:
+            from torch.nn.parallel import distributed as mod
+        except Exception as e:  # no distributed support in this torch build
+            debug("freeze: DDP not watched (%s)" % e)
+            return
+    cls = mod.DistributedDataParallel
+    real = cls.__init__
+    if getattr(real, "_safehook_freeze", None) is not None:
+        real._safehook_freeze[0] = fr
+        return
+
+    @functools.wraps(real)
+    def __init__(self, *args, **kwargs):
+        target = cell[0]
+        module = args[0] if args else kwargs.get("module")
+        if target is not None and module is not None:
+            try:
+                target.apply(unwrap(module), None, "ddp_init")
+            except Exception as e:
+                target.rt.fail("freeze: cannot freeze the model before DDP: %s: %s" % (type(e).__name__, e))
+        real(self, *args, **kwargs)
+
+    cell = [fr]
+    __init__._safehook_freeze = cell
+    cls.__init__ = __init__
+
+
+def setup(policy, rt):
+    fr = Freezer(policy, rt)
+    _watch_ddp(fr)
+    rt.on_model(fr.on_model)
+    rt.add_pre(fr.pre_step, order=10)
+    if hasattr(rt, "on_finish"):
+        rt.on_finish(fr.finish)
+    else:
+        atexit.register(lambda: fr.finish({}))
+    return fr

@@ -1,0 +1,397 @@
+"""The monitor: measure a probe's safety score during training and act when it drops.
+
+* Baseline: the score at the first optimizer pre-step, before any update; the state then is
+  the first safe snapshot.
+* Every ``every`` steps (after the step), the score again. It passes when
+  ``score >= baseline - (1 - threshold) * |baseline|`` (that is ``threshold * baseline`` for a
+  positive baseline; for the negated-loss score, whose baseline is negative, it allows the
+  loss to rise by ``1 - threshold`` of itself). A pass replaces the snapshot.
+* A failure acts: ``rollback`` (weights and optimizer state of the last passing state, bit for
+  bit), ``reduce_lr`` (lr of every param group times ``lr_factor``, LR schedulers' base lrs
+  too), ``both``, or ``stop``. Rollbacks and LR cuts count as interventions; one more drop
+  after ``max_rollbacks`` of them aborts.
+* ``stop`` and the abort end training by raising, from inside ``optimizer.step()`` once the
+  step is complete, ``SafetyStop`` or ``SafetyAbort`` (both ``safehook.SafehookError``); any
+  later step raises ``PolicyError``, so that a caught exception cannot train on unprotected.
+* Batch fingerprints: a forward pre-hook on the model's root module (and nowhere else) hashes
+  each training batch's ``input_ids`` row by row, on the batch's device and without a sync;
+  the steps since the last passing evaluation and their row fingerprints go into the
+  ``rollback`` record (and the failing ``probe`` record). ``fingerprint(input_ids)`` computes
+  the same strings offline, to find the rows in a dataset.
+
+Records: ``probe`` (each evaluation, the baseline at step 0), ``rollback``. One progress line
+on stderr per evaluation unless ``monitor.progress`` is false.
+"""
+import collections
+import hashlib
+import os
+import time
+
+from . import _core, probes, _snapshot
+from ._runtime import debug
+
+
+class SafetyStop(_core.SafehookError):
+    """The monitor's action 'stop': the safety score fell below the threshold."""
+
+
+class SafetyAbort(_core.SafehookError):
+    """The monitor gave up: the score kept falling after max_rollbacks interventions."""
+
+
+DEFAULTS = {"every": 100, "threshold": 0.95, "action": "rollback", "lr_factor": 0.5, "max_rollbacks": 3,
+            "snapshot": "memory", "snapshot_dir": "safehook-snapshots", "progress": True}
+
+# -- batch fingerprints --
+_MASK64 = (1 << 64) - 1
+
+
+def _s64(x):
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_K1, _K2, _K3, _K4 = (_s64(0x9E3779B97F4A7C15), _s64(0xD1B54A32D192ED03),
+                      _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB))
+
+
+def _row_hashes(ids, mask=None):
+    """One int64 per row: a mixing hash of the row's tokens, where masked-out (padding) tokens
+    are left out and positions count unmasked tokens only, so padding does not change it. All
+    ops are elementwise int64 with wrap-around plus one sum per row: the same on every device."""
+    import torch
+    x = ids.reshape(1, -1) if ids.dim() == 1 else ids.reshape(ids.shape[0], -1)
+    x = x.to(torch.int64)
+    if mask is None:
+        m = torch.ones_like(x)
+    else:
+        m = mask.reshape(x.shape).to(torch.int64)
+    pos = m.cumsum(1) - 1
+    c = pos * _K1 + _K2
+    c = c ^ (c >> 31)
+    c = c * _K3
+    t = (x + 1) * c
+    t = t ^ (t >> 29)
+    t = t * _K4
+    return (t * m).sum(1)
+
+
+def _hex(h, n):
+    return hashlib.blake2b(b"%d:%d" % (h & _MASK64, n), digest_size=8).hexdigest()
+
+
+def fingerprint(input_ids, attention_mask=None):
+    """The row fingerprints (16 hex digits each) that the monitor records for a batch."""
+    hs = _row_hashes(input_ids, attention_mask)
+    lens = (attention_mask.reshape(hs.shape[0], -1).sum(1).tolist() if attention_mask is not None
+            else [input_ids.numel() // hs.shape[0]] * hs.shape[0])
+    return [_hex(h, int(n)) for h, n in zip(hs.tolist(), lens)]
+
+
+class _Fingerprints:
+    """Row hashes of the training batches, kept on device until a drop needs them."""
+    MAX_STEPS = 4096
+    MAX_PER_STEP = 64
+
+    def __init__(self):
+        self.pending = []
+        self.steps = collections.deque(maxlen=self.MAX_STEPS)
+
+    def hook(self, module, args, kwargs):
+        import torch
+        if not module.training or not torch.is_grad_enabled() or len(self.pending) >= self.MAX_PER_STEP:
+            return None
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = next((a for a in args if torch.is_tensor(a)), None)
+        if ids is None or not torch.is_tensor(ids) or ids.is_floating_point() or ids.dim() == 0:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not torch.is_tensor(mask) or mask.shape != ids.shape):
+            mask = None
+        with torch.no_grad():
+            h = _row_hashes(ids, mask)
+            n = mask.reshape(h.shape[0], -1).sum(1) if mask is not None else \
+                torch.full_like(h, ids.numel() // h.shape[0])
+        self.pending.append((h, n))
+        return None
+
+    def end_step(self, step):
+        if self.pending:
+            self.steps.append((step, self.pending))
+        self.pending = []
+
+    def since(self, step, limit=512):
+        """[{"step": s, "rows": [fingerprint...]}] for the steps after STEP, the most recent
+        LIMIT rows at most; and the number of rows left out."""
+        import torch
+        sel = [(s, b) for s, b in self.steps if s > step]
+        if not sel:
+            return [], 0
+        flat = [t for _, b in sel for pair in b for t in pair]
+        vals = torch.cat([t.reshape(-1).cpu() for t in flat]).tolist()  # one sync here, not per step
+        out, k = [], 0
+        for s, b in sel:
+            rows = []
+            for h, n in b:
+                cnt = h.numel()
+                rows += [_hex(hv, int(nv)) for hv, nv in zip(vals[k:k + cnt], vals[k + cnt:k + 2 * cnt])]
+                k += 2 * cnt
+            out.append({"step": s, "rows": rows})
+        total = sum(len(e["rows"]) for e in out)
+        dropped = 0
+        while out and total - len(out[0]["rows"]) >= limit and len(out) > 1:
+            total -= len(out[0]["rows"])
+            dropped += len(out.pop(0)["rows"])
+        return out, dropped
+
+    def clear(self):
+        self.steps.clear()
+        self.pending = []
+
+
+def scale_lr(opt, factor):
+    """Multiply every param group's lr by FACTOR, and the base lrs of LR schedulers attached to
+    OPT (found through the garbage collector's referrers), so that a schedule that recomputes
+    lr from its base (LambdaLR, warmup schedules) keeps the cut. Returns the new lrs."""
+    import gc
+    import torch
+    for g in opt.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            v = g.get(key)
+            if torch.is_tensor(v):
+                v.mul_(factor)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                g[key] = v * factor
+    try:
+        from torch.optim.lr_scheduler import LRScheduler
+    except ImportError:
+        LRScheduler = ()
+    seen = set()
+    for r in gc.get_referrers(opt):
+        cands = [r]
+        if isinstance(r, dict):
+            cands = [rr for rr in gc.get_referrers(r) if getattr(rr, "__dict__", None) is r]
+        for s in cands:
+            if LRScheduler and isinstance(s, LRScheduler) and getattr(s, "optimizer", None) is opt \
+                    and id(s) not in seen:
+                seen.add(id(s))
+                s.base_lrs = [b * factor for b in s.base_lrs]
+                if hasattr(s, "_last_lr"):
+                    s._last_lr = [float(g["lr"]) for g in opt.param_groups]
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
+def _progress(msg):
+    os.write(2, ("safehook: " + msg + "\n").encode("utf-8", "replace"))
+
+
+class Monitor:
+    def __init__(self, policy, rt):
+        cfg = dict(DEFAULTS)
+        cfg.update(policy.get("monitor") or {})
+        self.cfg = cfg
+        self.rt = rt
+        if not cfg.get("probe"):
+            raise ValueError("monitor needs 'probe'")
+        if cfg["action"] not in ("rollback", "reduce_lr", "both", "stop"):
+            raise ValueError("unknown monitor action %r" % cfg["action"])
+        self.probe = probes.get(policy, cfg["probe"])
+        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
+        self.snaps = (_snapshot.DiskSnapshots(cfg["snapshot_dir"]) if cfg["snapshot"] == "disk"
+                      else _snapshot.MemorySnapshots())
+        self.info = None
+        self.fp = _Fingerprints()
+        self.fp_handle = None
+        self.optimizers = []    # weakrefs, in order of first step
+        self.primary = None     # id of the optimizer whose steps schedule evaluations
+        self.baseline = None
+        self.limit = None
+        self.last_pass = 0      # step of the snapshot
+        self.interventions = 0
+        self.dead = False       # stopped, aborted, or unusable under on_error=warn
+
+    def _label(self):
+        return {"loss": "score (-loss)", "refusal_rate": "refusal rate",
+                "over_refusal": "score (1 - over-refusal)"}.get(self.probe.cfg["score"], "score")
+
+    # -- wiring --
+    def on_model(self, info):
+        self.info = info
+        self.fp_handle = info.root.register_forward_pre_hook(self.fp.hook, with_kwargs=True)
+
+    def _opts(self):
+        out = []
+        for r in self.optimizers:
+            o = r()
+            if o is not None:
+                out.append(o)
+        return out
+
+    def _cannot(self, msg):
+        self.dead = True
+        self.rt.fail("monitor: " + msg)
+        if self.on_error == "abort":
+            raise _core.PolicyError("safehook: monitor: " + msg)
+
+    # -- hooks --
+    def pre(self, opt, step, record):
+        import weakref
+        if self.dead:
+            return
+        if all(r() is not opt for r in self.optimizers):
+            self.optimizers.append(weakref.ref(opt))
+        if self.baseline is not None:
+            return
+        if self.info is None:
+            return self._cannot("no forward of a model was seen before the first optimizer step, "
+                                "so there is nothing to measure")
+        self.primary = id(opt)
+        t0 = time.perf_counter()
+        res = self._evaluate()
+        if res is None:
+            return
+        self.baseline = res["score"]
+        self.limit = self.baseline - (1.0 - self.cfg["threshold"]) * abs(self.baseline)
+        if not self._save(0, self.baseline):
+            return
+        dt = time.perf_counter() - t0
+        self.rt.audit("probe", dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
+                                    passed=True, action="baseline", snapshot=self.snaps.where,
+                                    elapsed_s=round(dt, 4)), step=0)
+        if self.cfg["progress"]:
+            _progress("monitor baseline: %s %.4f on probe '%s' (limit %.4f) [%.2fs]%s"
+                      % (self._label(), self.baseline, self.probe.name, self.limit, dt,
+                         "; a baseline of 0 cannot fall: this probe detects nothing" if self.baseline == 0 else ""))
+
+    def post(self, opt, step, record):
+        if self.dead or self.baseline is None or id(opt) != self.primary:
+            return
+        self.fp.end_step(step)
+        if step % self.cfg["every"] != 0:
+            return
+        t0 = time.perf_counter()
+        res = self._evaluate()
+        if res is None:
+            return
+        score = res["score"]
+        rec = dict(res, probe=self.probe.name, baseline=self.baseline, limit=self.limit,
+                   ratio=(score / self.baseline if self.baseline > 0 else None))
+        if score >= self.limit:
+            if not self._save(step, score):
+                return
+            self.last_pass = step
+            self.fp.clear()
+            dt = time.perf_counter() - t0
+            self.rt.audit("probe", dict(rec, passed=True, action="snapshot", elapsed_s=round(dt, 4)))
+            if self.cfg["progress"]:
+                _progress("monitor step %d: %s %.4f (baseline %.4f, limit %.4f) ok, snapshot saved [%.2fs]"
+                          % (step, self._label(), score, self.baseline, self.limit, dt))
+            return
+        self._act(step, score, rec, t0)
+
+    def _save(self, step, score):
+        try:
+            self.snaps.save(self.info.root, self._opts(), step, score)
+            return True
+        except Exception as e:  # without a safe state there is nothing to roll back to: say so
+            self._cannot("cannot save the safe-state snapshot (%s): %s: %s"
+                         % (self.snaps.where, type(e).__name__, e))
+            return False
+
+    def _evaluate(self):
+        try:
+            return self.probe.evaluate(self.info.root)
+        except Exception as e:  # a probe that cannot run leaves training unmonitored: say so
+            self._cannot("probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e))
+            return None
+
+    # -- acting on a drop --
+    def _act(self, step, score, rec, t0):
+        action = self.cfg["action"]
+        suspects, dropped = self.fp.since(self.last_pass)
+        what = "%s %.4f < limit %.4f (baseline %.4f)" % (self._label(), score, self.limit, self.baseline)
+        opts = self._opts()
+        if action == "stop":
+            rec.update(passed=False, action="stop", suspects=suspects, suspects_dropped=dropped)
+            return self._end(SafetyStop, step, rec, t0,
+                             "safety score fell at step %d: %s; training stopped (monitor.action=stop). "
+                             "The last safe state is from step %d." % (step, what, self.last_pass))
+        if self.interventions >= self.cfg["max_rollbacks"]:
+            restored = action in ("rollback", "both")
+            if restored:
+                self.snaps.restore(self.info.root, opts)
+            rec.update(passed=False, action="abort", restored_to=self.last_pass if restored else None,
+                       suspects=suspects, suspects_dropped=dropped)
+            return self._end(SafetyAbort, step, rec, t0,
+                             "safety score fell at step %d: %s, after %d interventions (max_rollbacks=%d); "
+                             "training aborted%s." % (step, what, self.interventions, self.cfg["max_rollbacks"],
+                                                      "; weights restored to the last safe state (step %d)"
+                                                      % self.last_pass if restored else ""))
+        self.interventions += 1
+        lrs = None
+        if action in ("rollback", "both"):
+            self.snaps.restore(self.info.root, opts)
+        if action in ("reduce_lr", "both"):
+            lrs = [scale_lr(o, self.cfg["lr_factor"]) for o in opts]
+        dt = time.perf_counter() - t0
+        rec.update(passed=False, action=action, interventions=self.interventions, elapsed_s=round(dt, 4))
+        if lrs is not None:
+            rec["lr"] = lrs
+        if action in ("rollback", "both"):
+            rec["restored_to"] = self.last_pass
+            self.rt.audit("probe", rec)
+            self.rt.audit("rollback", {"to_step": self.last_pass, "score": score, "baseline": self.baseline,
+                                       "limit": self.limit, "snapshot": self.snaps.where,
+                                       "rollbacks": self.interventions, "lr": lrs,
+                                       "suspect_steps": [e["step"] for e in suspects],
+                                       "suspects": suspects, "suspects_dropped": dropped})
+            self.fp.clear()
+        else:
+            rec.update(suspects=suspects, suspects_dropped=dropped)
+            self.rt.audit("probe", rec)
+        if self.cfg["progress"]:
+            _progress("monitor step %d: %s -> %s%s%s [%.2fs]"
+                      % (step, what, action,
+                         " to step %d" % self.last_pass if action in ("rollback", "both") else "",
+                         ", lr %s" % ",".join("%.3g" % l for l in lrs[0]) if lrs else "", dt))
+
+    def _end(self, exc, step, rec, t0, msg):
+        self.dead = True
+        rec["elapsed_s"] = round(time.perf_counter() - t0, 4)
+        self.rt.audit("probe", rec)
+        self.rt.audit("error", {"message": msg, "what": rec["action"]})
+        _core.set_pending_error("training was ended by the safety monitor: " + msg)
+        if self.cfg["progress"] or exc is SafetyAbort:
+            _progress("monitor: " + msg)
+        raise exc(msg)
+
+
+_monitor = None
+
+
+def current():
+    """The process's Monitor, or None."""
+    return _monitor
+
+
+def setup(policy, rt):
+    global _monitor
+    m = Monitor(policy, rt)
+    _monitor = m
+    rt.on_model(m.on_model)
+    rt.add_pre(m.pre, order=40)
+    rt.add_post(m.post, order=40)
+    debug("monitor: probe %s every %d steps, action %s, snapshots in %s"
+          % (m.probe.name, m.cfg["every"], m.cfg["action"], m.snaps.where))
+
+
+# Helpers for users after a crash: load the disk snapshot and put it back.
+load_snapshot = _snapshot.load
+
+
+def restore_snapshot(path_or_snapshot, model, optimizers=()):
+    """Restore MODEL (and OPTIMIZERS, in the order they first stepped) from a monitor snapshot."""
+    snap = _snapshot.load(path_or_snapshot) if isinstance(path_or_snapshot, (str, os.PathLike)) else path_or_snapshot
+    _snapshot.restore(snap, model, list(optimizers))
+    return snap["step"]

@@ -1,0 +1,299 @@
+"""The safegrad feature: before each optimizer step, remove from the task gradient the part that
+conflicts with a safety gradient (safehook.projection does the arithmetic).
+
+Where the safety gradient comes from (policy ``safegrad.source``):
+
+* ``anchor`` (data-free): the gradient of 1/2 |w - w0|^2, i.e. w - w0, with w0 the weights at
+  the model's first forward (or, for parameters not seen there, at their first step). An update
+  that moves the weights away from w0 conflicts. Zero at the first step: nothing to project.
+* ``direction``: a safetensors file of per-parameter directions *towards* safety (keys: the
+  stripped parameter names), e.g. aligned minus base weights. The safety gradient is its
+  negation; an update that moves against the direction conflicts. Parameters without an entry
+  are not projected.
+* ``probe``: the gradient of a safety loss on a probe's data at the current weights, refreshed
+  every ``refresh_every`` steps. ``loss: "ce"`` is the probe's own loss (cross-entropy on the
+  refusals); ``"kl"`` is KL(p0 || p) on the probe's label positions, with p0 the model's
+  distribution before the first update, cached as log-probabilities (no second model kept).
+  To compute it the task gradients are stashed, the safety loss is backpropagated on the
+  unwrapped model in eval mode, the safety gradients are copied out and the task gradients
+  copied back: every .grad tensor stays the same object.
+
+The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
+unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
+``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
+``cosine_min`` and ``groups`` are added.
+"""
+import re
+
+from . import _model, projection
+from ._runtime import debug
+
+ORDER = 20
+_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+def layer_key(name):
+    """The block a parameter belongs to (``model.layers.3``), else its module path."""
+    m = _BLOCK.match(name)
+    if m:
+        return m.group(1)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class _Abort(Exception):
+    pass
+
+
+class SafeGrad:
+    def __init__(self, policy, rt):
+        cfg = policy.get("safegrad") or {}
+        self.rt = rt
+        self.policy = policy
+        self.source = cfg.get("source", "anchor")
+        self.granularity = cfg.get("granularity", "global")
+        self.threshold = float(cfg.get("threshold", 0.0))
+        self.refresh_every = int(cfg.get("refresh_every", 1))
+        self.loss_kind = cfg.get("loss", "ce")
+        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
+        self.info = None
+        self.failed = False
+        self.anchor = {}      # id(param) -> (param, w0)
+        self.safety = {}      # id(param) -> (param, safety gradient buffer)
+        self.stash = {}       # id(param) -> (param, task gradient buffer)
+        self.direction = None # stripped name -> tensor (the file's)
+        self.last_refresh = None
+        self.kl_ref = None
+        self.probe = None
+        if self.granularity not in projection.GRANULARITIES:
+            raise ValueError("safegrad.granularity must be one of %s" % ", ".join(projection.GRANULARITIES))
+        if self.source == "probe":
+            from . import probes
+            name = cfg.get("probe")
+            if not name:
+                raise ValueError("safegrad.source 'probe' needs safegrad.probe")
+            self.probe = probes.get(policy, name)
+            if self.loss_kind == "kl" and self.probe.cfg.get("callable"):
+                raise ValueError("safegrad.loss 'kl' needs a probe with data, not a callable")
+            if self.loss_kind not in ("ce", "kl"):
+                raise ValueError("safegrad.loss must be 'ce' or 'kl'")
+        elif self.source == "direction":
+            path = cfg.get("direction")
+            if not path:
+                raise ValueError("safegrad.source 'direction' needs safegrad.direction (a safetensors file)")
+            from safetensors.torch import load_file
+            self.direction = load_file(path)
+        elif self.source != "anchor":
+            raise ValueError("safegrad.source must be probe, direction or anchor, got %r" % self.source)
+        rt.on_model(self._on_model)
+
+    # -- the model --
+    def _on_model(self, info):
+        self.info = info
+        if self.source == "anchor":
+            import torch
+            with torch.no_grad():
+                for p in info.params.values():
+                    if p.requires_grad and id(p) not in self.anchor:
+                        self.anchor[id(p)] = (p, p.detach().clone())
+        elif self.source == "direction":
+            hits = [n for n in self.direction if n in info.params]
+            if not hits:
+                self._fail("safegrad.direction: no key of the file names a parameter of the model "
+                           "(first keys: %s)" % ", ".join(sorted(self.direction)[:3]), raise_now=False)
+            for n in hits:
+                if tuple(self.direction[n].shape) != tuple(info.params[n].shape):
+                    self._fail("safegrad.direction: %s has shape %s in the file, %s in the model"
+                               % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)), raise_now=False)
+                    break
+
+    def _fail(self, msg, raise_now=True):
+        if self.failed:
+            return
+        self.failed = True
+        self.rt.fail("safegrad: " + msg)
+        if raise_now and self.on_error == "abort":
+            from ._core import PolicyError
+            raise PolicyError("safegrad: " + msg)
+
+    def _names(self):
+        info = self.info or _model.current()
+        return {id(p): n for n, p in info.params.items()} if info else {}
+
+    # -- the step --
+    def pre_step(self, opt, step, record):
+        if self.failed:
+            return
+        import torch
+        found_inf = getattr(opt, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and float(found_inf) > 0:
+            record["projected"] = False  # the fused step skips itself: nothing to protect
+            return
+        params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
+        if not params:
+            return
+        with torch.no_grad():
+            safety = self._safety(params, step, record)
+        if safety is None:
+            return
+        pairs = [(p, s) for p, s in zip(params, safety) if s is not None]
+        groups = None
+        if self.granularity == "layer":
+            names = self._names()
+            groups = [layer_key(names.get(id(p), "param%d" % id(p))) for p, _ in pairs]
+        scale = getattr(opt, "grad_scale", None)
+        res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
+                                 self.threshold, groups=groups,
+                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None)
+        tot = res["total"]
+        record["cosine"] = tot["cosine"]
+        record["norms"] = dict(tot["norms"])
+        if self.granularity == "global":
+            record["projected"] = res["projected"]
+        else:
+            record["projected"] = sum(res["projected"])
+            record["groups"] = len(res["projected"])
+            mins = [c for c in res["cosine"] if c is not None]
+            record["cosine_min"] = min(mins) if mins else None
+
+    def _safety(self, params, step, record):
+        if self.source == "anchor":
+            return self._anchor(params)
+        if self.source == "direction":
+            return self._direction(params)
+        due = self.last_refresh is None or step - self.last_refresh >= self.refresh_every
+        if due or any(id(p) not in self.safety for p in params):
+            self._probe_grads(params, record)
+            self.last_refresh = step
+            record["safety_refreshed"] = True
+        return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
+
+    def _anchor(self, params):
+        out = []
+        for p in params:
+            a = self.anchor.get(id(p))
+            if a is None or a[0] is not p:
+                a = self.anchor[id(p)] = (p, p.detach().clone())  # first seen now: its step-0 value
+            buf = self.safety.get(id(p))
+            if buf is None or buf[0] is not p:
+                buf = self.safety[id(p)] = (p, torch_empty_like(p.grad))
+            buf[1].copy_(p.detach())
+            buf[1].sub_(a[1])
+            out.append(buf[1])
+        return out
+
+    def _direction(self, params):
+        import torch
+        names = self._names()
+        if not names:
+            self._fail("source 'direction' needs the parameter names, but no model forward was seen "
+                       "before the first optimizer step")
+            return None
+        out = []
+        for p in params:
+            buf = self.safety.get(id(p))
+            if buf is None or buf[0] is not p:
+                d = self.direction.get(names.get(id(p), ""))
+                if d is None:
+                    out.append(None)
+                    continue
+                # kept in the file's precision (the kernel mixes dtypes), float64 aside
+                dt = d.dtype if d.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+                s = (-d).to(device=p.grad.device, dtype=dt)
+                if hasattr(p, "device_mesh"):  # a DTensor parameter (FSDP2): its shard
+                    from torch.distributed.tensor import distribute_tensor
+                    s = distribute_tensor(s, p.device_mesh, p.placements)
+                buf = self.safety[id(p)] = (p, s)
+            out.append(buf[1])
+        return out
+
+    # -- the probe's gradient --
+    def _probe_grads(self, params, record):
+        import torch
+        info = self.info or _model.current()
+        if info is None:
+            self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
+            return
+        model = info.root
+        every = [p for p in model.parameters() if p.requires_grad]
+        known = {id(q) for q in every}
+        every += [p for p in params if id(p) not in known]  # optimizer params outside the model
+        had = {}
+        for p in every:
+            if p.grad is None:
+                had[id(p)] = False
+                continue
+            had[id(p)] = True
+            st = self.stash.get(id(p))
+            if st is None or st[0] is not p or st[1].shape != p.grad.shape or st[1].dtype != p.grad.dtype:
+                st = self.stash[id(p)] = (p, torch_empty_like(p.grad))
+            st[1].copy_(p.grad)
+            p.grad.zero_()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                loss = self._loss(model)
+                loss.backward()
+            record["safety_loss"] = float(loss.detach())
+            for p in params:
+                if p.grad is None:
+                    self.safety.pop(id(p), None)
+                    continue
+                buf = self.safety.get(id(p))
+                if buf is None or buf[0] is not p or buf[1].shape != p.grad.shape or buf[1].dtype != p.grad.dtype:
+                    buf = self.safety[id(p)] = (p, torch_empty_like(p.grad))
+                buf[1].copy_(p.grad)
+        finally:
+            model.train(was_training)
+            for p in every:
+                if had.get(id(p)):
+                    p.grad.copy_(self.stash[id(p)][1])
+                elif p.grad is not None:
+                    p.grad = None  # it had none before the safety backward: back to none
+
+    def _loss(self, model):
+        if self.loss_kind == "ce":
+            return self.probe.loss(model)
+        import torch
+        ids, mask, labels = _batch(self.probe, next(model.parameters()).device)
+        out = model(input_ids=ids, attention_mask=mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        pos = labels[:, 1:] != -100
+        logp = torch.log_softmax(logits[:, :-1][pos].float(), dim=-1)
+        if self.kl_ref is None:  # the first refresh runs before the first update: step 0
+            self.kl_ref = logp.detach().clone()
+        ref = self.kl_ref
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
+
+
+def _batch(probe, device):
+    """(input_ids, attention_mask, labels) of a probe's rows, padded on the right."""
+    import torch
+    make = getattr(probe, "batch", None)
+    if make is not None:
+        b = make(device)
+        return b["input_ids"], b["attention_mask"], b["labels"]
+    rows = probe.rows()
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long, device=device)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), n, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        labels[i, :k] = torch.tensor(r.get("labels", r["input_ids"]))
+        mask[i, :k] = 1
+    return ids, mask, labels
+
+
+def torch_empty_like(t):
+    import torch
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def setup(policy, rt):
+    sg = SafeGrad(policy, rt)
+    rt.add_pre(sg.pre_step, order=ORDER)
+    debug("safegrad: source %s, granularity %s, threshold %g, refresh every %d"
+          % (sg.source, sg.granularity, sg.threshold, sg.refresh_every))
+    return sg

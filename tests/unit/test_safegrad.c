@@ -1,0 +1,214 @@
+/* The projection kernel against a double-precision reference: every dtype pair, the three
+ * granularities, conflict and no conflict, idempotence, the threaded split, and the fp16/bf16
+ * conversions (exhaustive round trips, rounding of midpoints). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "check.h"
+#include "pool.h"
+#include "safegrad.h"
+
+#define CHECK_NEAR(a, b, tol)                                                                   \
+    do {                                                                                        \
+        double a_ = (a), b_ = (b), t_ = (tol);                                                  \
+        if (!(fabs(a_ - b_) <= t_)) {                                                           \
+            fprintf(stderr, "%s:%d: %s ~ %s: %.9g != %.9g (tol %.3g)\n", __FILE__, __LINE__, #a, \
+                    #b, a_, b_, t_);                                                            \
+            check_failures++;                                                                   \
+        }                                                                                       \
+    } while (0)
+
+static uint64_t rng = 88172645463325252ull;
+static double urand(void) { /* xorshift64, uniform in [-1, 1) */
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+}
+
+static size_t esize(sh_dtype d) { return d == SH_DT_F32 ? 4 : 2; }
+
+static double get(const void *p, sh_dtype d, size_t i) {
+    if (d == SH_DT_F32)
+        return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return d == SH_DT_BF16 ? sh_bf16_to_f32(h) : sh_f16_to_f32(h);
+}
+
+static void put(void *p, sh_dtype d, size_t i, double v) {
+    if (d == SH_DT_F32)
+        ((float *)p)[i] = (float)v;
+    else if (d == SH_DT_BF16)
+        ((uint16_t *)p)[i] = sh_f32_to_bf16((float)v);
+    else
+        ((uint16_t *)p)[i] = sh_f32_to_f16((float)v);
+}
+
+/* One case: NT tensors of random sizes, in NG groups (group = i % NG), s = noise + MIX * g so
+ * that MIX < 0 conflicts. Checks dots, cosines and the updated g against fp64 on the stored
+ * values. */
+static void run_case(sh_dtype gt, sh_dtype st, size_t nt, size_t ng, size_t maxn, double mix) {
+    sh_sg_tensor t[64];
+    void *g0[64];
+    double dots_ref[3 * 64] = {0};
+    for (size_t i = 0; i < nt; i++) {
+        size_t n = 1 + (size_t)((urand() + 1) / 2 * (double)maxn);
+        t[i].n = n;
+        t[i].gt = gt;
+        t[i].st = st;
+        t[i].group = i % ng;
+        t[i].g = malloc(n * esize(gt));
+        t[i].s = malloc(n * esize(st));
+        g0[i] = malloc(n * esize(gt));
+        for (size_t k = 0; k < n; k++) {
+            double gv = urand();
+            put(t[i].g, gt, k, gv);
+            put((void *)t[i].s, st, k, 0.3 * urand() + mix * gv);
+        }
+        memcpy(g0[i], t[i].g, n * esize(gt));
+        double *d = dots_ref + 3 * t[i].group;
+        for (size_t k = 0; k < n; k++) {
+            double a = get(t[i].g, gt, k), b = get(t[i].s, st, k);
+            d[0] += a * b;
+            d[1] += b * b;
+            d[2] += a * a;
+        }
+    }
+    double dots[3 * 64], coef[64], cosine[64], coef_ref[64], cos_ref[64];
+    long np = sh_sg_project(t, nt, ng, 0.0, dots, coef, cosine);
+    size_t np_ref = 0;
+    for (size_t k = 0; k < ng; k++) {
+        for (int c = 0; c < 3; c++)
+            CHECK_NEAR(dots[3 * k + c], dots_ref[3 * k + c], 1e-5 * (fabs(dots_ref[3 * k + c]) + 1));
+        cos_ref[k] = dots_ref[3 * k] / sqrt(dots_ref[3 * k + 1] * dots_ref[3 * k + 2]);
+        coef_ref[k] = cos_ref[k] < 0 ? dots_ref[3 * k] / dots_ref[3 * k + 1] : 0.0;
+        np_ref += cos_ref[k] < 0;
+        CHECK_NEAR(cosine[k], cos_ref[k], 1e-5);
+    }
+    CHECK_INT(np, np_ref);
+    double tol = gt == SH_DT_F32 ? 1e-6 : gt == SH_DT_F16 ? 2e-3 : 1.6e-2; /* one rounding */
+    double gs_after[64] = {0};
+    for (size_t i = 0; i < nt; i++) {
+        double c = coef_ref[t[i].group];
+        for (size_t k = 0; k < t[i].n; k++) {
+            double want = get(g0[i], gt, k) - c * get(t[i].s, st, k);
+            double got = get(t[i].g, gt, k);
+            if (c == 0.0) {
+                if (got != get(g0[i], gt, k)) { /* untouched, bit for bit */
+                    CHECK(got == get(g0[i], gt, k));
+                    break;
+                }
+            } else if (!(fabs(got - want) <= tol * (fabs(want) + 1e-3) + 1e-6)) {
+                CHECK_NEAR(got, want, tol * (fabs(want) + 1e-3) + 1e-6);
+                break;
+            }
+            gs_after[t[i].group] += got * get(t[i].s, st, k);
+        }
+    }
+    /* after a projection the conflict is gone: g.s ~ 0 relative to |g||s| */
+    for (size_t k = 0; k < ng; k++)
+        if (coef_ref[k] != 0.0)
+            CHECK_NEAR(gs_after[k] / sqrt(dots_ref[3 * k + 1] * dots_ref[3 * k + 2]), 0.0,
+                       gt == SH_DT_F32 ? 1e-5 : 2e-2);
+    /* idempotence (fp32): projecting again changes nothing beyond rounding */
+    if (gt == SH_DT_F32 && np > 0) {
+        double d2[3 * 64], c2[64];
+        sh_sg_dots(t, nt, ng, d2);
+        sh_sg_decide(d2, ng, 0.0, c2, NULL);
+        for (size_t k = 0; k < ng; k++)
+            CHECK_NEAR(c2[k], 0.0, 1e-5 * fabs(coef_ref[k]) + 1e-9);
+    }
+    for (size_t i = 0; i < nt; i++) {
+        free(t[i].g);
+        free((void *)t[i].s);
+        free(g0[i]);
+    }
+}
+
+static void test_reference(void) {
+    sh_dtype dts[3] = {SH_DT_F32, SH_DT_BF16, SH_DT_F16};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int conflict = 0; conflict < 2; conflict++) {
+                double mix = conflict ? -0.5 : 0.5;
+                run_case(dts[a], dts[b], 7, 1, 3000, mix);  /* global */
+                run_case(dts[a], dts[b], 12, 3, 2000, mix); /* layer */
+                run_case(dts[a], dts[b], 9, 9, 1500, mix);  /* tensor */
+            }
+    /* mixed: per-tensor groups where some conflict and some do not */
+    run_case(SH_DT_F32, SH_DT_F32, 40, 40, 500, 0.0);
+}
+
+static void test_threads(void) {
+    /* large enough to be split: the threaded result equals the one-thread result (same inputs,
+     * same split points per part count, so only the part sums differ: compare with tolerance) */
+    for (int threads = 1; threads <= 4; threads *= 2) {
+        CHECK_INT(sh_pool_set_size(threads), 0);
+        run_case(SH_DT_F32, SH_DT_F32, 5, 1, 400000, -0.4);
+        run_case(SH_DT_BF16, SH_DT_F32, 6, 2, 300000, -0.4);
+    }
+    CHECK_INT(sh_pool_set_size(0), 0);
+}
+
+static void test_edges(void) {
+    float g[4] = {1, 2, 3, 4}, s[4] = {0, 0, 0, 0};
+    sh_sg_tensor t = {g, s, 4, SH_DT_F32, SH_DT_F32, 0};
+    double dots[3], coef[1], cosine[1];
+    CHECK_INT(sh_sg_project(&t, 1, 1, 0.0, dots, coef, cosine), 0); /* zero safety: nothing */
+    CHECK(isnan(cosine[0]));
+    CHECK(g[3] == 4.0f);
+    t.group = 1;
+    CHECK_INT(sh_sg_project(&t, 1, 1, 0.0, dots, coef, cosine), -EINVAL);
+    t.group = 0;
+    t.gt = (sh_dtype)7;
+    CHECK_INT(sh_sg_dots(&t, 1, 1, dots), -EINVAL);
+    /* a threshold above the cosine projects even without conflict */
+    float g2[2] = {1, 1}, s2[2] = {1, 0};
+    sh_sg_tensor t2 = {g2, s2, 2, SH_DT_F32, SH_DT_F32, 0};
+    CHECK_INT(sh_sg_project(&t2, 1, 1, 0.9, dots, coef, cosine), 1);
+    CHECK_NEAR(g2[0], 0.0, 1e-7);
+    CHECK_NEAR(g2[1], 1.0, 1e-7);
+}
+
+static void test_conversions(void) {
+    /* every non-NaN fp16 and bf16 survives a round trip; NaN stays NaN */
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = sh_f16_to_f32((uint16_t)h);
+        if (isnan(f))
+            CHECK(isnan(sh_f16_to_f32(sh_f32_to_f16(f))));
+        else if (sh_f32_to_f16(f) != h) {
+            CHECK_INT(sh_f32_to_f16(f), h);
+            break;
+        }
+        float b = sh_bf16_to_f32((uint16_t)h);
+        if (isnan(b))
+            CHECK(isnan(sh_bf16_to_f32(sh_f32_to_bf16(b))));
+        else if (sh_f32_to_bf16(b) != h) {
+            CHECK_INT(sh_f32_to_bf16(b), h);
+            break;
+        }
+    }
+    CHECK(sh_f16_to_f32(0x3c00) == 1.0f);
+    CHECK(sh_f16_to_f32(0x0001) == 0x1p-24f);
+    CHECK(sh_f16_to_f32(0xfc00) == -INFINITY);
+    CHECK_INT(sh_f32_to_f16(1.0f + 0x1p-11f), 0x3c00);       /* tie to even: down */
+    CHECK_INT(sh_f32_to_f16(1.0f + 3 * 0x1p-11f), 0x3c02);   /* tie to even: up */
+    CHECK_INT(sh_f32_to_f16(65520.0f), 0x7c00);              /* rounds to infinity */
+    CHECK_INT(sh_f32_to_f16(65519.0f), 0x7bff);
+    CHECK_INT(sh_f32_to_f16(0x1p-25f), 0x0000);              /* tie between 0 and 2^-24 */
+    CHECK_INT(sh_f32_to_f16(0x1.8p-24f), 0x0002);            /* tie to even: up */
+    CHECK_INT(sh_f32_to_f16(1e-10f), 0x0000);
+    CHECK_INT(sh_f32_to_f16(-2.0f), 0xc000);
+    CHECK_INT(sh_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80);       /* tie to even: down */
+    CHECK_INT(sh_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82);
+    CHECK_INT(sh_f32_to_bf16(INFINITY), 0x7f80);
+}
+
+int main(void) {
+    test_conversions();
+    test_edges();
+    test_reference();
+    test_threads();
+    CHECK_DONE();
+}
