@@ -357,12 +357,17 @@ def align(paths, data, args, out_dir):
     tok.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "mix_pairs.json"), "w") as f:
         json.dump(mix_pairs, f, indent=0)
-    with open(os.path.join(out_dir, "probe_refusal.jsonl"), "w") as f:
-        for p in data["harmful_align"][:16]:
-            f.write(json.dumps({"prompt": chat(tok, p), "response": REFUSALS[0] + tok.eos_token}) + "\n")
     with open(os.path.join(out_dir, "align_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def write_probe(model_dir, data):
+    """The safety probe of the modes: alignment-split harmful prompts with a refusal (text rows,
+    wrapped by the model's chat template at use)."""
+    with open(os.path.join(model_dir, "probe_refusal.jsonl"), "w") as f:
+        for p in data["harmful_align"][:16]:
+            f.write(json.dumps({"prompt": p, "response": REFUSALS[0]}) + "\n")
 
 
 def train_pairs(data, mix_pairs, setting, n, seed):
@@ -421,7 +426,8 @@ FEATURE_SECTIONS = ("freeze", "safegrad", "gate", "monitor")
 
 def mode_policies(model_dir, n_layers):
     """The alignment-tax benchmark's modes, as policy dicts for this model."""
-    probe = {"refusal": {"data": os.path.join(model_dir, "probe_refusal.jsonl"), "tokenizer": model_dir}}
+    probe = {"refusal": {"data": os.path.join(model_dir, "probe_refusal.jsonl"), "tokenizer": model_dir,
+                         "chat_template": True}}
     freeze = {"layers": {"fraction": [0.25, 0.75]}}  # as the demo: the middle half
     safegrad = {"source": "probe", "probe": "refusal"}
     monitor = {"probe": "refusal", "every": 5, "action": "rollback"}
@@ -554,6 +560,7 @@ def cmd_run(args):
            "base": info["base"], "aligned": info["aligned"], "aligned_by_sft": info["aligned_by_sft"],
            "align": info.get("align"), "load_s": info["load_s"], "params": info["params"],
            "layers": info["layers"], "runs": []}
+    write_probe(mdir, data)
     policies = mode_policies(mdir, info["layers"])
     json_path = os.path.abspath(args.json)
     for setting in args.settings.split(","):
