@@ -448,7 +448,7 @@ FEATURE_SECTIONS = ("freeze", "safegrad", "gate", "monitor")
 def mode_policies(model_dir, n_layers):
     """The alignment-tax benchmark's modes, as policy dicts for this model."""
     probe = {"refusal": {"data": os.path.join(model_dir, "probe_refusal.jsonl"), "tokenizer": model_dir,
-                         "chat_template": True}}
+                         "chat_template": True, "limit": 4}}  # 4 rows: a probe pass per step on 2 cores
     freeze = {"layers": {"fraction": [0.25, 0.75]}}  # as the demo: the middle half
     safegrad = {"source": "probe", "probe": "refusal"}
     monitor = {"probe": "refusal", "every": 5, "action": "rollback"}
