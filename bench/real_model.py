@@ -480,6 +480,25 @@ def audit_steps(path):
     return n
 
 
+def interventions(path):
+    """What safehook did in a run, from its audit log: projected steps, rollbacks, gate skips."""
+    out = {"projected": 0, "rollback": 0, "gate": 0, "frozen_numel": 0}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                ev = r.get("event")
+                out["projected"] += bool(ev == "step" and r.get("projected"))
+                out["rollback"] += ev == "rollback"
+                out["gate"] += ev == "gate"
+                if ev == "freeze":
+                    out["frozen_numel"] = r.get("numel", 0)
+    return out
+
+
 def run_mode(mode, policy, setting, model_dir, args, out_dir):
     """One fine-tuning run of the user's script under LD_PRELOAD with POLICY."""
     tag = "%s-%s" % (setting, mode.replace("+", "_"))
@@ -506,22 +525,28 @@ def run_mode(mode, policy, setting, model_dir, args, out_dir):
 
 
 def table(res):
-    lines = ["| setting | mode | ASR (keyword) | ASR (exact) | over-refusal | task acc | step s | step ratio | audit steps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | mode | ASR (keyword) | ASR (exact) | over-refusal | task acc | step s | step ratio | audit steps | interventions |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("base", "aligned"):
         e = res.get(name)
         if e:
-            lines.append("| - | %s (no fine-tuning) | %.1f%% | %.1f%% | %.1f%% | %.1f%% | - | - | - |" % (
+            lines.append("| - | %s (no fine-tuning) | %.1f%% | %.1f%% | %.1f%% | %.1f%% | - | - | - | - |" % (
                 name, 100 * e["asr"], 100 * e["asr_exact"], 100 * e["over_refusal"], 100 * e["task_acc"]))
     for r in res.get("runs", []):
         if "skipped" in r or "asr" not in r:
-            lines.append("| %s | %s | %s | | | | | | |" % (r["setting"], r["mode"], r.get("skipped") or "failed rc=%s" % r.get("rc")))
+            lines.append("| %s | %s | %s | | | | | | | |" % (r["setting"], r["mode"], r.get("skipped") or "failed rc=%s" % r.get("rc")))
             continue
         plain = next((p for p in res["runs"] if p["setting"] == r["setting"] and p["mode"] == "plain" and "step_s_mean" in p), None)
         ratio = "%.2f" % (r["step_s_mean"] / plain["step_s_mean"]) if plain else "-"
-        lines.append("| %s | %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.2f | %s | %d |" % (
+        iv = interventions(r["audit"])
+        what = ", ".join(x for x in (
+            "%.1fM params frozen" % (iv["frozen_numel"] / 1e6) if iv["frozen_numel"] else "",
+            "%d/%d steps projected" % (iv["projected"], r["audit_steps"]) if "safegrad" in r["mode"] else "",
+            "%d rollbacks" % iv["rollback"] if "monitor" in r["mode"] else "",
+            "%d gate events" % iv["gate"] if iv["gate"] else "") if x) or "-"
+        lines.append("| %s | %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.2f | %s | %d | %s |" % (
             r["setting"], r["mode"], 100 * r["asr"], 100 * r["asr_exact"], 100 * r["over_refusal"], 100 * r["task_acc"],
-            r["step_s_mean"], ratio, r["audit_steps"]))
+            r["step_s_mean"], ratio, r["audit_steps"], what))
     return "\n".join(lines)
 
 
