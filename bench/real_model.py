@@ -547,6 +547,12 @@ def table(res):
         lines.append("| %s | %s | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.2f | %s | %d | %s |" % (
             r["setting"], r["mode"], 100 * r["asr"], 100 * r["asr_exact"], 100 * r["over_refusal"], 100 * r["task_acc"],
             r["step_s_mean"], ratio, r["audit_steps"], what))
+    lines.append("")
+    lines.append("%d fine-tuning steps per mode (batch %d, lr %g); ASR on %d held-out harmful prompts, "
+                 "over-refusal on %d benign prompts, task accuracy on %d additions; greedy, %d new tokens. "
+                 "Step times are wall times on the machine as it was (shared CPUs make ratios noisy)." % (
+                     res["args"]["steps"], res["args"]["batch"], res["args"]["lr"], res["args"]["n_eval"],
+                     res["args"]["n_benign"], res["args"]["n_task"], res["args"]["max_new_tokens"]))
     return "\n".join(lines)
 
 
