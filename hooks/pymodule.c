@@ -203,8 +203,18 @@ static PyObject *core_set_features(PyObject *m, PyObject *args) {
 
 /* ---- the step hooks ---- */
 
-/* The "optimizer" record of a newly seen optimizer, written after the "start" record. */
-static json_t *pending_optimizer_record;
+/* The "optimizer" record of a newly seen optimizer: which one the step records' "opt" numbers. */
+static json_t *optimizer_record(PyObject *opt, Py_ssize_t index) {
+    json_t *f = json_object();
+    json_object_set_new(f, "index", json_integer(index));
+    json_object_set_new(f, "class", json_string(Py_TYPE(opt)->tp_name));
+    PyObject *groups = PyObject_GetAttrString(opt, "param_groups");
+    Py_ssize_t ngroups = groups ? PyObject_Length(groups) : -1;
+    Py_XDECREF(groups);
+    PyErr_Clear();
+    json_object_set_new(f, "param_groups", json_integer(ngroups));
+    return f;
+}
 
 /* Index and step count of OPT, creating its entry on first sight. A dict keyed by id() with a
  * weakref beside it: optimizers are not kept alive, and a reused id is noticed. */
@@ -234,18 +244,6 @@ static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
         Py_XDECREF(entry);
         Py_DECREF(key);
         return NULL;
-    }
-    if (sh_audit_active()) {
-        /* which optimizer the step records' "opt" numbers: class and parameter count */
-        json_t *f = json_object();
-        json_object_set_new(f, "index", json_integer(index));
-        json_object_set_new(f, "class", json_string(Py_TYPE(opt)->tp_name));
-        PyObject *groups = PyObject_GetAttrString(opt, "param_groups");
-        Py_ssize_t ngroups = groups ? PyObject_Length(groups) : -1;
-        Py_XDECREF(groups);
-        PyErr_Clear();
-        json_object_set_new(f, "param_groups", json_integer(ngroups));
-        pending_optimizer_record = f;
     }
     Py_DECREF(key);
     Py_DECREF(entry); /* the dict holds it */
@@ -329,10 +327,8 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         json_object_set_new(f, "versions", versions_json());
         emit("start", -1, f);
     }
-    if (pending_optimizer_record) {
-        emit("optimizer", count, pending_optimizer_record);
-        pending_optimizer_record = NULL;
-    }
+    if (count == 1 && sh_audit_active())
+        emit("optimizer", count, optimizer_record(opt, index));
 
     PyObject *record = NULL;
     if (st->pre_features && PyList_GET_SIZE(st->pre_features) > 0) {
@@ -456,29 +452,6 @@ static PyObject *core_native_stack(PyObject *m, PyObject *args) {
     return r;
 }
 
-PyDoc_STRVAR(check_file_doc,
-"check_file(path)\n--\n\n"
-"Validate the policy file PATH. Returns None when valid, else the error line\n"
-"('FILE:LINE:COLUMN: message' or 'FILE: /pointer: message').");
-
-static PyObject *core_check_file(PyObject *m, PyObject *arg) {
-    (void)m;
-    PyObject *bytes = NULL;
-    if (!PyUnicode_FSConverter(arg, &bytes))
-        return NULL;
-    sh_policy *p = NULL;
-    sh_policy_error err = {0};
-    int r = sh_policy_load_file(PyBytes_AS_STRING(bytes), &p, &err);
-    Py_DECREF(bytes);
-    if (r == 0) {
-        sh_policy_free(p);
-        Py_RETURN_NONE;
-    }
-    char msg[1400];
-    sh_policy_error_format(&err, msg, sizeof msg);
-    return PyUnicode_DecodeFSDefault(msg); /* the file name may not be UTF-8 */
-}
-
 PyDoc_STRVAR(system_policy_path_doc, "system_policy_path()\n--\n\nThe compiled-in path of the system policy.");
 
 static PyObject *core_system_policy_path(PyObject *m, PyObject *unused) {
@@ -497,7 +470,6 @@ static PyMethodDef core_methods[] = {
     {"finish", (PyCFunction)(void (*)(void))core_finish, METH_FASTCALL, finish_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
     {"native_stack", core_native_stack, METH_VARARGS, native_stack_doc},
-    {"check_file", core_check_file, METH_O, check_file_doc},
     {"system_policy_path", core_system_policy_path, METH_NOARGS, system_policy_path_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -7,15 +7,17 @@ def _run(args):
     from . import _core
     bad = 0
     for f in args.files:
-        msg = _core.check_file(f)
-        if msg is not None:
-            print(msg)
+        try:
+            normalized = _core.explain_file(f)  # parsed and validated once, in C
+        except _core.PolicyError as e:
+            print(e)
             bad += 1
-        elif args.explain:
+            continue
+        if args.explain:
             if len(args.files) > 1:
                 print("# %s" % f)
             # Python prints reals in their shortest exact form (0.1, not 0.10000000000000001)
-            print(json.dumps(json.loads(_core.explain_file(f)), indent=2, ensure_ascii=False))
+            print(json.dumps(json.loads(normalized), indent=2, ensure_ascii=False))
     sys.stdout.flush()
     return 2 if bad else 0
 

@@ -89,7 +89,6 @@ def test_forked_workers_do_nothing_and_spawned_children_are_protected(preload_ru
 
 
 def test_torchrun_workers_are_each_protected_once(preload_run):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or shutil.which("torchrun")
     argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(SCRIPTS, "train_ddp.py")]
     _, recs = preload_run(argv, timeout=240)
@@ -99,7 +98,6 @@ def test_torchrun_workers_are_each_protected_once(preload_run):
     for pid in pids:
         assert [r["step"] for r in steps_of(recs, pid)] == [1, 2, 3]
     assert len(events(recs, "start")) == 2  # the launcher never steps, so writes nothing
-    del torchrun
 
 
 def test_disable_leaves_the_process_alone(preload_run):
