@@ -218,6 +218,14 @@ GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'mode
                   "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _to(batch, model):
+    return {k: v.to(_device(model)) for k, v in batch.items()}
+
+
 def load_gguf(gguf, dtype=None):
     """(model, tokenizer) from the GGUF file, dequantized to float32, offline."""
     import torch
@@ -253,7 +261,7 @@ def generate(model, tok, prompts, max_new_tokens, batch_size=32):
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             enc = tok([chat(tok, p) for p in prompts[i:i + batch_size]], return_tensors="pt",
-                      padding=True, add_special_tokens=False)
+                      padding=True, add_special_tokens=False).to(_device(model))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -378,9 +386,9 @@ def prompt_features(model, tok, prompts, prefix_ids, batch_size=16):
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             texts = [chat(tok, p) for p in prompts[i:i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
             n = enc["input_ids"].shape[1]
-            pre = torch.tensor(prefix_ids).repeat(len(texts), 1)
+            pre = torch.tensor(prefix_ids, device=_device(model)).repeat(len(texts), 1)
             ids = torch.cat([enc["input_ids"], pre], 1)
             mask = torch.cat([enc["attention_mask"], torch.ones_like(pre)], 1)
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -403,10 +411,10 @@ def guard_eval(model, tok, data, mix_pairs):
     t0 = time.time()
     prefix_ids = tok(REFUSALS[0], add_special_tokens=False)["input_ids"][:4]
     sg = [p for p, _ in data["benign_train"]]
-    fit_h = data["harmful_align"][:120]
-    fit_b = sg[:120]
+    fit_h = data["harmful_align"][:60]
+    fit_b = sg[:60]
     pos = [p for p, _ in mix_pairs] or data["harmful_mix"]
-    neg = {"task": [q for q, _, _ in data["task_train"][:100]], "sharegpt+hardneg": sg[120:220] + data["hardneg_train"]}
+    neg = {"task": [q for q, _, _ in data["task_train"][:40]], "sharegpt+hardneg": sg[60:120] + data["hardneg_train"]}
     allp = fit_h + fit_b + pos + neg["task"] + neg["sharegpt+hardneg"]
     H, first, seq = prompt_features(model, tok, allp, prefix_ids)
     idx, o = {}, 0
@@ -451,7 +459,7 @@ def sft_steps(model, tok, pairs, steps, batch, lr, max_len, seed, every=0, on_ev
     for s in range(steps):
         idx = [order[(s * batch + k) % len(order)] for k in range(batch)]
         t = time.perf_counter()
-        loss = model(**sft_batch(tok, [pairs[i] for i in idx], max_len)).loss
+        loss = model(**_to(sft_batch(tok, [pairs[i] for i in idx], max_len), model)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -473,6 +481,7 @@ def align(paths, data, args, out_dir):
     _torch_setup(args.threads, args.seed)
     t0 = time.time()
     model, tok = load_gguf(paths["gguf"])
+    model.to(args.device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     info = {"load_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
@@ -585,6 +594,7 @@ def cmd_train(args):
     data = rmd.make_data(paths, args)
     t0 = time.time()
     model, tok = load_dir(args.model)
+    model.to(args.device)
     with open(os.path.join(args.model, "mix_pairs.json")) as f:
         mix_pairs = json.load(f)
     pairs = train_pairs(data, mix_pairs, args.setting, args.steps * args.batch, args.seed)
@@ -595,7 +605,7 @@ def cmd_train(args):
     times = []
     for s in range(args.steps):
         t = time.perf_counter()
-        loss = model(**sft_batch(tok, pairs[s * args.batch:(s + 1) * args.batch], args.max_len)).loss
+        loss = model(**_to(sft_batch(tok, pairs[s * args.batch:(s + 1) * args.batch], args.max_len), model)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -849,6 +859,8 @@ def common_argv(args):
            "--max-new-tokens", str(args.max_new_tokens), "--n-val-harmful", str(args.n_val_harmful),
            "--n-mix", str(args.n_mix), "--n-benign", str(args.n_benign), "--n-val-benign", str(args.n_val_benign),
            "--n-benign-train", str(args.n_benign_train), "--n-task", str(args.n_task), "--model", args.model]
+    if args.device != "cpu":
+        out += ["--device", args.device]
     if args.eval_prompts:
         out += ["--eval-prompts", os.path.abspath(args.eval_prompts)]
         if args.eval_column:
@@ -994,6 +1006,7 @@ def build_parser():
         s.add_argument("--n-task", type=int, default=32)
         s.add_argument("--eval-prompts", help="CSV or JSONL of red-team prompts to evaluate instead of HarmBench test")
         s.add_argument("--eval-column", help="column (CSV) or key (JSONL) of --eval-prompts")
+        s.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     sub.add_parser("report", help="judge the kept responses of a results JSON again; "
                    "rewrite it, its table and its chart").add_argument("--json", default="results/real_model.json")
     s = sub.choices["run"]
