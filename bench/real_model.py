@@ -477,19 +477,33 @@ def align(paths, data, args, out_dir):
     prompts (the user's harmful data); align it by SFT on refusals + ShareGPT instruction pairs +
     hard negatives, selecting the checkpoint on the validation split; measure it and the guards.
     Saves an HF model dir with the tokenizer and what it made."""
-    import torch
     _torch_setup(args.threads, args.seed)
     t0 = time.time()
-    model, tok = load_gguf(paths["gguf"])
+    # The GGUF's tokenizer conversion takes minutes: the dequantized model is kept as an HF
+    # dir beside the GGUF's hash, and so is the base evaluation (per evaluation set).
+    hf = os.path.join(CACHE, "hf-%s-%s" % (args.model, sha256(paths["gguf"])[:12]))
+    if os.path.exists(os.path.join(hf, "config.json")):
+        model, tok = load_dir(hf)
+    else:
+        model, tok = load_gguf(paths["gguf"])
+        save_hf(model, tok, hf)
     model.to(args.device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     info = {"load_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
             "layers": model.config.num_hidden_layers}
-    _log("loaded GGUF in %.1fs" % info["load_s"])
+    _log("loaded the base model in %.1fs" % info["load_s"])
     t0 = time.time()
-    info["base"] = evaluate(model, tok, eval_sets(data), args.max_new_tokens)
-    info["base"]["eval_s"] = round(time.time() - t0, 1)
+    key = hashlib.sha256(json.dumps([eval_sets(data), args.max_new_tokens]).encode()).hexdigest()[:12]
+    base_json = os.path.join(hf, "base_eval-%s.json" % key)
+    if os.path.exists(base_json):
+        with open(base_json) as f:
+            info["base"] = json.load(f)
+    else:
+        info["base"] = evaluate(model, tok, eval_sets(data), args.max_new_tokens)
+        info["base"]["eval_s"] = round(time.time() - t0, 1)
+        with open(base_json, "w") as f:
+            json.dump(info["base"], f)
     _log("base: %s (%.0fs)" % (_short(info["base"]), time.time() - t0))
     # The user's harmful data: the base model's own compliant answers (by every judge).
     mix = generate(model, tok, data["harmful_mix"], args.max_new_tokens)
@@ -545,6 +559,16 @@ def align(paths, data, args, out_dir):
         _log("guards: %s" % json.dumps(info["guards"]["guards"]))
     except Exception as e:  # a measurement for issue 15; the benchmark goes on without it
         info["guards"] = {"error": "%s: %s" % (type(e).__name__, e)}
+    save_hf(model, tok, out_dir)
+    with open(os.path.join(out_dir, "mix_pairs.json"), "w") as f:
+        json.dump(mix_pairs, f, indent=0)
+    with open(os.path.join(out_dir, "align_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    del model
+    return info
+
+
+def save_hf(model, tok, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     # GGUF loading leaves a (non-serializable) quantizer attached though the weights are float.
     model.hf_quantizer = None
@@ -552,12 +576,6 @@ def align(paths, data, args, out_dir):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "mix_pairs.json"), "w") as f:
-        json.dump(mix_pairs, f, indent=0)
-    with open(os.path.join(out_dir, "align_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    del model
-    return info
 
 
 def write_probe(model_dir, data, n=16):
