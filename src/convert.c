@@ -7,6 +7,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SH_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -150,7 +151,10 @@ static int cpu_has(sh_cvt_path p) {
     __builtin_cpu_init();
     if (p == SH_CVT_AVX2)
         return __builtin_cpu_supports("avx2");
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    /* F16C from CPUID itself (clang's __builtin_cpu_supports does not know it); AVX2's check
+     * above covers the OS saving the YMM registers */
+    unsigned a, b, c, d;
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 #else
 static int cpu_has(sh_cvt_path p) { return p == SH_CVT_SCALAR; }
