@@ -182,6 +182,7 @@ def scenario_fork():
 
 
 if __name__ == "__main__":
+    print("core", _core.__file__, flush=True)
     for name in sys.argv[1:]:
         globals()["scenario_" + name]()
         print("ok", name, flush=True)
