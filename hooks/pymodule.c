@@ -42,9 +42,8 @@ static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule
  * two outer steps, each with its own nesting and step number. The module is loaded once per
  * process (multiple interpreters are declared unsupported), so a C thread-local is its state. */
 static _Thread_local struct {
-    int depth;          /* step calls in progress: 1 the outer one, more when nested */
-    const void *outer;  /* identity only (never dereferenced) of the outer step's optimizer */
-    long long current;  /* the outer step's number */
+    int depth;         /* step calls in progress: 1 the outer one, more when nested */
+    long long current; /* the outer step's number */
 } step_tls;
 
 /* PyWeakref_GetRef (3.13) where this Python lacks it. */
@@ -364,7 +363,6 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         Py_RETURN_NONE;
     }
     step_tls.depth = 1;
-    step_tls.outer = opt;
 
     PyObject *entry = optimizer_entry(st, opt);
     if (!entry)
@@ -411,7 +409,6 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 error:
     step_tls.depth = 0;
-    step_tls.outer = NULL;
     return NULL;
 }
 
@@ -427,7 +424,6 @@ static PyObject *core_post_step(PyObject *m, PyObject *const *args, Py_ssize_t n
     }
     long long step = step_tls.depth == 1 ? step_tls.current : st->current;
     step_tls.depth = 0;
-    step_tls.outer = NULL;
     if (st->post_features && PyList_GET_SIZE(st->post_features) > 0) {
         PyObject *record = PyDict_New();
         if (!record)
