@@ -12,6 +12,8 @@
 
 #include <stddef.h>
 
+#include "convert.h" /* the conversions the kernel uses */
+
 typedef enum { SH_DT_F32 = 0, SH_DT_BF16 = 1, SH_DT_F16 = 2 } sh_dtype;
 
 typedef struct {
@@ -44,12 +46,5 @@ int sh_sg_update(const sh_sg_tensor *t, size_t nt, size_t ngroups, const double 
  * Returns the number of groups projected, or a negative errno (nothing changed). */
 long sh_sg_project(const sh_sg_tensor *t, size_t nt, size_t ngroups, double threshold, double *dots,
                    double *coef, double *cosine);
-
-/* Elementwise conversions used by the kernel (exposed for tests): round to nearest even, NaN
- * stays NaN, overflow in fp16 gives infinity. */
-float sh_bf16_to_f32(unsigned short h);
-unsigned short sh_f32_to_bf16(float f);
-float sh_f16_to_f32(unsigned short h);
-unsigned short sh_f32_to_f16(float f);
 
 #endif
