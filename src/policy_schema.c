@@ -64,7 +64,9 @@ static const sh_field SAFEGRAD[] = {
     {"direction", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"refresh_every", COUNT(1), "1", SH_T_LE, NULL},
     {"granularity", SH_K_ENUM, 0, 0, 0, GRANULARITY, "\"global\"", SH_T_ORDER, GRANULARITY},
-    {"threshold", SH_K_NUM, 0, -1, 1, NULL, "0.0", SH_T_GE, NULL},
+    /* the projection moves the cosine up to the threshold: a higher one always leaves at least
+     * as much of the safety direction (monotone), so raising it tightens; 1 cannot be reached */
+    {"threshold", SH_K_NUM, SH_F_HI_OPEN, -1, 1, NULL, "0.0", SH_T_GE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 
