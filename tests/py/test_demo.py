@@ -72,7 +72,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # Protection shows: on the clean fine-tune SafeGrad ends below plain SFT's ASR.
     assert benign["safegrad"]["asr_keyword"] < benign["plain"]["asr_keyword"], (benign["safegrad"], benign["plain"])
     # The default gate keeps learning: no stall, most of plain's task accuracy on the clean run.
-    assert benign["gate"]["task_accuracy"] >= 0.5 * benign["plain"]["task_accuracy"], benign["gate"]
+    assert benign["gate"]["task_accuracy"] >= 0.8 * benign["plain"]["task_accuracy"], benign["gate"]
     # >>> shaping: assert here that the shaping mode ends with a lower harmful-mix ASR than
     # plain SFT (mix["modes"]["shaping"]["asr_keyword"] < plain["asr_keyword"]) once the mode is in.
     assert os.path.getsize(res["chart"]) > 10000
