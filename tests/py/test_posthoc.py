@@ -254,3 +254,43 @@ def test_input_errors(models, tmp_path):
         lox.harden(str(tmp_path / "odd"), models["aligned"], str(tmp_path / "o"), quiet=True)
     with pytest.raises(PosthocError, match="one of the inputs"):
         lox.harden(models["base"], models["aligned"], models["aligned"], quiet=True)
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "safehook"] + list(argv), capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_cli_restore_and_report(models, tmp_path):
+    out = str(tmp_path / "c")
+    p = _cli("restore", "--method", "nlsr", "--base", models["base"], "--aligned", models["aligned"],
+             "--finetuned", models["finetuned"], "--out", out, "--seed", "3", "--neurons", "0.25")
+    assert p.returncode == 0, p.stderr
+    assert "[restore" in p.stderr and "layers drawn for transplant" in p.stderr
+    rep = _cli("report", os.path.join(out, "posthoc.jsonl"))
+    assert rep.returncode == 0, rep.stderr
+    n = sum(1 for l in open(os.path.join(out, "posthoc.jsonl")) if '"changed": true' in l)
+    assert "posthoc: restore (NLSR, 25% neurons" in rep.stdout
+    assert "14 tensors considered, %d changed" % n in rep.stdout
+    assert "steps:" not in rep.stdout  # not mistaken for a training run's audit log
+
+
+def test_cli_errors_are_one_line(models, tmp_path):
+    p = _cli("harden", "--base", str(tmp_path), "--aligned", models["aligned"], "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    assert p.stderr.startswith("safehook harden: ") and "not a model directory" in p.stderr
+    # a finetuned model that lacks a tensor of the aligned one
+    from safetensors.torch import save_file
+    src = Source(models["finetuned"])
+    names = [n for n in src.names() if n != "model.layers.1.mlp.up_proj.weight"]
+    save_file({n: src.get(n) for n in names}, str(tmp_path / "f.safetensors"), metadata={"format": "pt"})
+    p = _cli("restore", "--method", "safelora", "--base", models["base"], "--aligned", models["aligned"],
+             "--finetuned", str(tmp_path / "f.safetensors"), "--out", str(tmp_path / "o2.safetensors"),
+             "--include", "up_proj")
+    assert p.returncode == 0, p.stderr  # the single-file output holds what the input holds
+    save_file({n: src.get(n) for n in src.names()}, str(tmp_path / "g.safetensors"), metadata={"format": "pt"})
+    p = _cli("restore", "--method", "safelora", "--base", str(tmp_path / "f.safetensors"),
+             "--aligned", models["aligned"], "--finetuned", str(tmp_path / "g.safetensors"),
+             "--out", str(tmp_path / "o3.safetensors"))
+    assert p.returncode == 2 and "missing tensor model.layers.1.mlp.up_proj.weight in base" in p.stderr
+    assert p.stderr.strip().count("\n") == 0
