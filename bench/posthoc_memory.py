@@ -8,7 +8,7 @@ saved as safetensors), "aligned" (base + a rank-8 perturbation of every 2-D weig
 for an alignment update: the memory does not depend on what the update means) and "finetuned"
 (aligned + a small dense perturbation). Then runs LoX, Safe LoRA and NLSR each in a fresh
 process, which reports its resident set after importing torch and safehook.posthoc and running
-one small SVD (the baseline), and its peak (ru_maxrss) at the end. Prints the peak above the
+one small SVD (the baseline), and its peak (VmHWM) at the end. Prints the peak above the
 baseline as a multiple of the largest tensor and of the whole model, and the issue's bound:
 3 x the largest tensor + the SVD workspace of the largest matrix LoX decomposes (a float32
 copy of it, U and V^T: 2mn + n^2 floats for m x n, m >= n).
@@ -16,7 +16,6 @@ copy of it, U and V^T: 2mn + n^2 floats for m x n, m >= n).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,10 +23,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def rss_now():
+def status(key):
+    """A byte count from /proc/self/status: VmRSS (now) or VmHWM (the peak of this process's
+    address space; ru_maxrss would carry over the parent's peak across fork + exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -75,7 +76,7 @@ def child(method, work):
     from safehook.posthoc import lox, nlsr, safelora
     torch.set_num_threads(1)
     torch.linalg.svd(torch.randn(64, 32))
-    before = rss_now()
+    before = status("VmRSS")
     b, a, f = (os.path.join(work, k) for k in ("base", "aligned", "finetuned"))
     out = os.path.join(work, "out-" + method)
     t0 = time.time()
@@ -85,7 +86,7 @@ def child(method, work):
         safelora.restore(b, a, f, out, quiet=True)
     else:
         nlsr.restore(b, a, f, out, quiet=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     print(json.dumps({"method": method, "baseline": before, "peak": peak,
                       "seconds": round(time.time() - t0, 1)}))
 
@@ -93,6 +94,7 @@ def child(method, work):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "safehook", "posthoc-mem"))
+    ap.add_argument("--methods", default="lox,safelora,nlsr", help="comma-separated (default: all three)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -115,7 +117,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     print("%-9s %10s %10s %10s %9s %9s %8s %6s" % ("method", "baseline", "peak", "above", "x largest",
                                                  "x model", "x bound", "s"))
-    for method in ("lox", "safelora", "nlsr"):
+    for method in args.methods.split(","):
         p = subprocess.run([sys.executable, __file__, "--work", args.work, "--child", method],
                            env=env, capture_output=True, text=True)
         if p.returncode != 0:

@@ -12,13 +12,16 @@ from .tensors import PosthocError, Source, check_distinct, write_like
 
 
 def extrapolate(w_aligned, w_base, k, alpha):
-    """(W_aligned + alpha * rank-k part of (W_aligned - W_base), info). Computed in float32 (or
+    """(W_aligned + alpha * rank-k part of (W_aligned - W_base), info); W_BASE (and W_ALIGNED,
+    whose storage holds the result) may be overwritten: pass tensors you own. Computed in float32 (or
     float64 for float64 inputs); the result has that dtype. info: norm of dW, effective rank
     kept, share of dW's energy in the kept part, norm of the added term, top singular values."""
     import torch
     wd = C.work_dtype(w_aligned)
     a = w_aligned.to(wd)
-    dw = a - w_base.to(wd)
+    # dW in W_base's own storage when it already has the working dtype: one tensor less at
+    # the SVD's peak (the caller hands over W_base; it is overwritten)
+    dw = w_base.to(wd).neg_().add_(a)
     info = {"norm_delta": C.fnorm(dw), "norm_aligned": C.fnorm(a)}
     full = min(dw.shape)
     if k <= 0 or k >= full:
