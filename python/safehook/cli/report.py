@@ -72,8 +72,62 @@ def series(recs):
     return out
 
 
-def summary(recs, bad=0):
+def posthoc_summary(recs):
+    """Lines for the records of `safehook harden` / `safehook restore` (posthoc_* events)."""
     lines = []
+    for i, r in enumerate(recs):
+        if r["event"] != "posthoc_start":
+            continue
+        run = []
+        for x in recs[i + 1:]:
+            if x["event"] == "posthoc_start":
+                break
+            run.append(x)
+        m, p = r.get("method"), r.get("params") or {}
+        ts = [x for x in run if x["event"] == "posthoc_tensor"]
+        ch = [x for x in ts if x.get("changed")]
+        end = next((x for x in run if x["event"] == "posthoc_end"), None)
+        what = {"lox": "harden (LoX, rank %s, alpha %s)" % (p.get("rank") or "full", p.get("alpha")),
+                "safelora": "restore (Safe LoRA, %s)" % ("%s least similar layers" % p["layers"]
+                                                          if p.get("layers") else
+                                                          "threshold %s" % p.get("threshold")),
+                "nlsr": "restore (NLSR, %s%% neurons, p in [%s, %s], seed %s, %s direction)" % (
+                    round(100 * (p.get("neuron_fraction") or 0)), _num(p, "rate", -1, "epsilon"),
+                    _num(p, "rate", 1, "epsilon"), p.get("seed"), p.get("direction"))}.get(m, m)
+        lines.append("posthoc: %s -> %s" % (what, p.get("out")))
+        lines.append("  %d tensors considered, %d changed%s" % (
+            len(ts), len(ch), "" if end else " (no end record: interrupted)"))
+        if end and end.get("status") not in (None, "ok"):
+            lines.append("  status: %s" % end.get("status"))
+        sims = [x["similarity"] for x in ts if isinstance(x.get("similarity"), (int, float))]
+        if sims:
+            lines.append("  similarity: min %.3f, mean %.3f, max %.3f" % (
+                min(sims), sum(sims) / len(sims), max(sims)))
+        if m == "lox" and ch:
+            ek = [x["energy_kept"] for x in ch if isinstance(x.get("energy_kept"), (int, float))]
+            lines.append("  added norm / delta norm: mean %.3f; energy of dW kept: mean %.3f" % (
+                sum(x.get("norm_added", 0) / x["norm_delta"] for x in ch if x.get("norm_delta"))
+                / len(ch), sum(ek) / len(ek) if ek else float("nan")))
+        for x in ch[:12] if m != "lox" else []:
+            lines.append("  %-48s similarity %s%s" % (
+                x.get("name"), "%.3f" % x["similarity"] if isinstance(x.get("similarity"), (int, float)) else "-",
+                ", %d neurons" % x["neurons"] if "neurons" in x else ""))
+        if m != "lox" and len(ch) > 12:
+            lines.append("  ... and %d more" % (len(ch) - 12))
+    return lines
+
+
+def _num(p, a, sign, b):
+    try:
+        return round(p[a] + sign * p[b], 6)
+    except (KeyError, TypeError):
+        return None
+
+
+def summary(recs, bad=0):
+    lines = posthoc_summary(recs)
+    if lines and not any(r["event"] in ("start", "step", "end") for r in recs):
+        return lines + (["(%d unreadable lines skipped)" % bad] if bad else [])
     starts = [r for r in recs if r["event"] == "start"]
     ends = [r for r in recs if r["event"] == "end"]
     steps = [r for r in recs if r["event"] == "step"]

@@ -16,6 +16,11 @@ MODES = [
     ("monitor", "monitor+rollback", ("monitor", "probes")),
     ("freeze_safegrad", "freeze+SafeGrad", ("freeze", "safegrad", "probes")),
     ("all", "all together", ("freeze", "safegrad", "gate", "monitor", "probes")),
+    # Post-hoc rows (demo/posthoc.py): no preload; LoX hardens the base before plain SFT, the
+    # restore rows edit plain SFT's model afterwards.
+    ("lox_plain", "LoX + plain SFT", ()),
+    ("plain_safelora", "plain SFT + Safe LoRA", ()),
+    ("plain_nlsr", "plain SFT + NLSR", ()),
 ]
 LABELS = {name: label for name, label, _ in MODES}
 PROBE = "refusals"
