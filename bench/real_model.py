@@ -653,7 +653,7 @@ PROBE = "refusal"
 # or a policy file path. "@probe" stands for the refusal probe made by write_probe.
 _FREEZE = {"layers": {"fraction": [0.25, 0.75]}}  # as the demo: the middle half
 _SAFEGRAD = {"source": "probe", "probe": PROBE}
-_GATE = {"probe": PROBE, "action": "scale", "tolerance": 0.01}
+_GATE = {"probe": PROBE}  # the gate's defaults (action shrink)
 _MONITOR = {"probe": PROBE, "every": 10, "action": "rollback", "max_rollbacks": 10}
 MODES = {
     "plain": {},
@@ -730,7 +730,7 @@ def read_audit(path):
 
 def interventions(path):
     """What safehook did in a run, from its audit log."""
-    out = {"steps": 0, "projected": 0, "rollback": 0, "gate_skip": 0, "gate_scale": 0, "frozen_numel": 0,
+    out = {"steps": 0, "projected": 0, "rollback": 0, "frozen_numel": 0,
            "probe_evals": 0, "errors": 0}
     for r in read_audit(path):
         ev = r.get("event")
@@ -740,7 +740,8 @@ def interventions(path):
         elif ev == "rollback":
             out["rollback"] += 1
         elif ev == "gate":
-            out["gate_" + r.get("action", "skip")] = out.get("gate_" + r.get("action", "skip"), 0) + 1
+            k = "gate_" + str(r.get("action", "?"))
+            out[k] = out.get(k, 0) + 1
         elif ev == "freeze" and r.get("numel"):
             out["frozen_numel"] = r["numel"]
         elif ev == "probe":
@@ -757,7 +758,8 @@ def describe(iv, policy):
     if "safegrad" in policy:
         parts.append("%d/%d steps projected" % (iv["projected"], iv["steps"]))
     if "gate" in policy:
-        parts.append("gate: %d scaled, %d skipped" % (iv.get("gate_scale", 0), iv.get("gate_skip", 0)))
+        acts = sorted((k[5:], n) for k, n in iv.items() if k.startswith("gate_"))
+        parts.append("gate: %s" % (", ".join("%d %s" % (n, a) for a, n in acts) or "no update touched"))
     if "monitor" in policy:
         parts.append("%d probe evals, %d rollbacks" % (iv["probe_evals"], iv["rollback"]))
     for s in ("shaping",):
