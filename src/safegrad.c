@@ -251,9 +251,16 @@ size_t sh_sg_decide(const double *dots, size_t ngroups, double threshold, double
         double cs = (ss > 0 && gg > 0) ? gs / sqrt(gg * ss) : NAN;
         coef[k] = 0.0;
         /* NaN (nothing to compare) never projects; nor does a cosine within rounding of the
-         * threshold, so that a projected gradient (cosine ~1e-7 off 0) is left alone */
+         * threshold, so that a projected gradient (cosine ~1e-7 off it) is left alone */
         if (cs == cs && cs < threshold - SH_SG_COS_EPS) {
-            coef[k] = gs / ss;
+            /* g = (gs/ss) s + r with r orthogonal to s; the result x s + r has cosine t when
+             * x = t |r| / (|s| sqrt(1 - t^2)). t = 0 gives x = 0: the plain projection. */
+            double x = 0.0;
+            if (threshold != 0.0) {
+                double rr = gg - gs * gs / ss;
+                x = threshold * sqrt(rr > 0 ? rr : 0) / sqrt(ss * (1 - threshold * threshold));
+            }
+            coef[k] = gs / ss - x;
             projected++;
         }
         if (cosine)

@@ -145,8 +145,8 @@ static void test_defaults_only_in_present_sections(void) {
 
 static void test_numbers_normalize(void) {
     /* an integer where a number is expected becomes a real: 1 and 1.0 give one digest */
-    sh_policy *a = parse_ok("{\"version\":1,\"safegrad\":{\"threshold\":1}}");
-    sh_policy *b = parse_ok("{\"version\":1,\"safegrad\":{\"threshold\":1.0}}");
+    sh_policy *a = parse_ok("{\"version\":1,\"safegrad\":{\"threshold\":-1}}");
+    sh_policy *b = parse_ok("{\"version\":1,\"safegrad\":{\"threshold\":-1.0}}");
     sh_policy *c = parse_ok("{\"safegrad\":{\"threshold\":0.5},\"version\":1}");
     if (!a || !b || !c)
         return;

@@ -207,12 +207,54 @@ static void test_edges(void) {
     t.group = 0;
     t.gt = (sh_dtype)7;
     CHECK_INT(sh_sg_dots(&t, 1, 1, dots), -EINVAL);
-    /* a threshold above the cosine projects even without conflict */
+    /* a threshold above a helpful cosine (0.707 < 0.9) adds safety, never takes it away:
+     * g becomes (x, 1) with x / sqrt(x^2 + 1) = 0.9, x = 0.9 / sqrt(0.19) */
     float g2[2] = {1, 1}, s2[2] = {1, 0};
     sh_sg_tensor t2 = {g2, s2, 2, SH_DT_F32, SH_DT_F32, 0};
     CHECK_INT(sh_sg_project(&t2, 1, 1, 0.9, dots, coef, cosine), 1);
-    CHECK_NEAR(g2[0], 0.0, 1e-7);
+    CHECK_NEAR(g2[0], 0.9 / sqrt(0.19), 1e-6);
     CHECK_NEAR(g2[1], 1.0, 1e-7);
+}
+
+/* The threshold moves the cosine to exactly t (double reference), keeps the part of g
+ * orthogonal to s, and is monotone: a higher t leaves at least as much of s in g. */
+static void test_threshold(void) {
+    static const double ts[] = {-0.6, -0.2, 0.0, 0.2, 0.5, 0.95};
+    double prev_along = -INFINITY;
+    for (size_t k = 0; k < sizeof ts / sizeof ts[0]; k++) {
+        enum { N = 3000 };
+        static float g[N], s[N];
+        double g0[N];
+        rng = 4242;
+        for (size_t i = 0; i < N; i++) {
+            s[i] = (float)urand();
+            g[i] = (float)(urand() - 0.8 * s[i]); /* conflicting: cosine about -0.8 */
+            g0[i] = g[i];
+        }
+        sh_sg_tensor t = {g, s, N, SH_DT_F32, SH_DT_F32, 0};
+        double dots[3], coef[1], cosine[1];
+        CHECK_INT(sh_sg_project(&t, 1, 1, ts[k], dots, coef, cosine), 1);
+        double gs = 0, ss = 0, gg = 0, r_err = 0, along = 0;
+        for (size_t i = 0; i < N; i++) {
+            gs += (double)g[i] * s[i];
+            ss += (double)s[i] * s[i];
+            gg += (double)g[i] * g[i];
+        }
+        along = gs / ss;
+        /* the orthogonal part is untouched: g - g0 is a multiple of s */
+        double d = (g[0] - g0[0]) / s[0];
+        for (size_t i = 0; i < N; i++)
+            r_err = fmax(r_err, fabs((g[i] - g0[i]) - d * s[i]));
+        CHECK_NEAR(gs / sqrt(gg * ss), ts[k], 2e-6);
+        CHECK(r_err < 1e-5);
+        CHECK(along >= prev_along);
+        prev_along = along;
+        /* projecting again changes nothing */
+        float again[N];
+        memcpy(again, g, sizeof again);
+        CHECK_INT(sh_sg_project(&t, 1, 1, ts[k], dots, coef, cosine), 0);
+        CHECK(memcmp(again, g, sizeof again) == 0);
+    }
 }
 
 static void test_conversions(void) {
@@ -313,6 +355,7 @@ int main(void) {
     test_conversions();
     test_paths_same_bits();
     test_edges();
+    test_threshold();
     test_reference();
     test_threads();
     CHECK_DONE();

@@ -8,6 +8,7 @@ import random
 import shutil
 import time
 
+from ..probes.batch import pad_batch
 from . import world as W
 
 # Bump when the world, the model or its training change in a way the key does not capture.
@@ -38,21 +39,13 @@ def model_config(tok, m):
 
 def collate(rows, pad_id):
     """Right-padded input_ids, attention_mask and labels (-100 on padding) of encoded rows."""
-    import torch
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        ids[i, :k] = torch.tensor(r["input_ids"])
-        labels[i, :k] = torch.tensor(r["labels"])
-        mask[i, :k] = 1
-    return ids, mask, labels
+    return pad_batch(rows, pad_id)
 
 
-def train_base(cfg, out_dir, log):
-    """Train the aligned model of CFG into OUT_DIR (model, tokenizer, info.json)."""
+def train_base(cfg, out_dir, log, rows=None, what="base model"):
+    """Train the aligned model of CFG into OUT_DIR (model, tokenizer, info.json). ROWS replaces
+    the training set (same initialization, schedule and batch draws: demo/posthoc.py's
+    unaligned twin)."""
     import torch
     from transformers import LlamaForCausalLM
     b = cfg["base"]
@@ -63,9 +56,9 @@ def train_base(cfg, out_dir, log):
     torch.manual_seed(cfg["seed"])
     model = LlamaForCausalLM(model_config(tok, cfg["model"]))
     nparams = sum(p.numel() for p in model.parameters())
-    log("base model: Llama, %d blocks, hidden %d, %.2fM parameters; training %d steps"
+    log(what + ": Llama, %d blocks, hidden %d, %.2fM parameters; training %d steps"
         % (cfg["model"]["layers"], cfg["model"]["hidden"], nparams / 1e6, b["steps"]))
-    data = [W.encode(tok, r) for r in world.alignment_data(b["examples"])]
+    data = [W.encode(tok, r) for r in (rows or world.alignment_data(b["examples"]))]
     opt = torch.optim.AdamW(model.parameters(), lr=b["lr"], weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, b["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -83,7 +76,7 @@ def train_base(cfg, out_dir, log):
         sched.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, b["steps"] // 5) == 0:
-            log("  base step %d/%d loss %.3f (%.0fs)" % (step + 1, b["steps"], loss.item(),
+            log("  %s step %d/%d loss %.3f (%.0fs)" % (what.split()[0], step + 1, b["steps"], loss.item(),
                                                         time.time() - t0))
     model.save_pretrained(tmp)
     info = {"key": base_key(cfg), "seed": cfg["seed"], "model": cfg["model"], "base": b,
