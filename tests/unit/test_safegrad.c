@@ -291,8 +291,69 @@ static void test_conversions(void) {
     CHECK_INT(sh_f32_to_bf16(INFINITY), 0x7f80);
 }
 
+/* Every conversion path gives the same bits: the dots and the updated gradient of a projection
+ * over bf16 and fp16 data (g and s each in either dtype, lengths that leave vector tails). */
+static void test_paths_same_bits(void) {
+    sh_dtype dts[2] = {SH_DT_BF16, SH_DT_F16};
+    enum { NT = 3 };
+    size_t len[NT] = {5000, 1023, 77};
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 2; b++) {
+            uint16_t *g0[NT], *s[NT], *g[NT], *ref[NT];
+            sh_sg_tensor t[NT];
+            for (int i = 0; i < NT; i++) {
+                g0[i] = malloc(len[i] * 2);
+                s[i] = malloc(len[i] * 2);
+                g[i] = malloc(len[i] * 2);
+                ref[i] = malloc(len[i] * 2);
+                for (size_t k = 0; k < len[i]; k++) {
+                    double gv = urand();
+                    put(g0[i], dts[a], k, gv * 1e-3); /* fp16 subnormals among them */
+                    put(s[i], dts[b], k, (0.3 * urand() - 0.6 * gv) * 1e-3);
+                }
+                t[i] = (sh_sg_tensor){g[i], s[i], len[i], dts[a], dts[b], (size_t)i % 2};
+            }
+            double dref[6], cref[2], d[6], c[2];
+            int first = 1;
+            for (int p = SH_CVT_SCALAR; p <= SH_CVT_AVX2_F16C; p++) {
+                if (sh_cvt_set_path((sh_cvt_path)p) != 0)
+                    continue;
+                for (int i = 0; i < NT; i++)
+                    memcpy(g[i], g0[i], len[i] * 2);
+                CHECK_INT(sh_sg_project(t, NT, 2, 0.0, d, c, NULL), 2);
+                if (first) {
+                    memcpy(dref, d, sizeof d);
+                    memcpy(cref, c, sizeof c);
+                    for (int i = 0; i < NT; i++)
+                        memcpy(ref[i], g[i], len[i] * 2);
+                    first = 0;
+                    continue;
+                }
+                if (memcmp(d, dref, sizeof d) != 0 || memcmp(c, cref, sizeof c) != 0) {
+                    fprintf(stderr, "path %s: dots differ from scalar (dtypes %d/%d)\n",
+                            sh_cvt_path_name((sh_cvt_path)p), dts[a], dts[b]);
+                    CHECK(0);
+                }
+                for (int i = 0; i < NT; i++)
+                    if (memcmp(g[i], ref[i], len[i] * 2) != 0) {
+                        fprintf(stderr, "path %s: updated g differs from scalar (dtypes %d/%d)\n",
+                                sh_cvt_path_name((sh_cvt_path)p), dts[a], dts[b]);
+                        CHECK(0);
+                    }
+            }
+            for (int i = 0; i < NT; i++) {
+                free(g0[i]);
+                free(s[i]);
+                free(g[i]);
+                free(ref[i]);
+            }
+        }
+    CHECK_INT(sh_cvt_set_path(SH_CVT_BEST), 0);
+}
+
 int main(void) {
     test_conversions();
+    test_paths_same_bits();
     test_edges();
     test_threshold();
     test_reference();
