@@ -285,7 +285,7 @@ def chart(results, path):
     first = ax.legend(handles=mode_h + [Line2D([], [], marker="*", ls="", color="k", label="base (aligned)")],
                       fontsize=8, loc="upper left", title="mode")
     ax.add_artist(first)
-    ax.legend(handles=set_h, fontsize=8, loc="upper center", title="setting")
+    ax.legend(handles=set_h, fontsize=8, loc="center right", title="setting")
     ax.set_xlabel("task accuracy (%)")
     ax.set_ylabel("ASR, keyword judge (%) - lower is safer")
     ax.set_xlim(-3, 103)
