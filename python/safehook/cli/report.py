@@ -45,9 +45,10 @@ def _find(rec, key):
 def series(recs):
     """The data the report draws: {"score": [(step, score)], "baseline": float or None,
     "limit": float or None, "cosine": [(step, cos)], "projected": [step], "rollbacks":
-    [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step]}."""
+    [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step],
+    "gate_shrinks": [step]}."""
     out = {"score": [], "baseline": None, "limit": None, "cosine": [], "projected": [], "rollbacks": [],
-           "ends": [], "gate_skips": [], "gate_scales": []}
+           "ends": [], "gate_skips": [], "gate_scales": [], "gate_shrinks": []}
     for r in recs:
         ev, step = r["event"], r.get("step")
         if ev == "probe" and isinstance(r.get("score"), (int, float)):
@@ -66,7 +67,8 @@ def series(recs):
         elif ev == "rollback":
             out["rollbacks"].append((step, r.get("to_step")))
         elif ev == "gate":
-            out["gate_skips" if r.get("action") == "skip" else "gate_scales"].append(step)
+            key = {"skip": "gate_skips", "shrink": "gate_shrinks"}.get(r.get("action"), "gate_scales")
+            out[key].append(step)
     return out
 
 
@@ -142,17 +144,19 @@ def summary(recs, bad=0):
         lines.append("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected; cosine min %.3f, mean %.3f"
                      % (len(cs), sum(c < 0 for c in cs), len(s["projected"]), min(cs), sum(cs) / len(cs)))
     gated = [r for r in steps if isinstance(r.get("gate"), dict)]
-    if gated or s["gate_skips"] or s["gate_scales"]:
-        lines.append("gate: %d steps checked: %d allowed, %d skipped, %d scaled"
-                     % (len(gated), sum(1 for r in gated if r["gate"].get("action") == "allow"),
-                        len(s["gate_skips"]), len(s["gate_scales"])))
+    if gated or s["gate_skips"] or s["gate_scales"] or s["gate_shrinks"]:
+        inf = sum(1 for r in gated if r["gate"].get("found_inf"))
+        lines.append("gate: %d steps checked: %d allowed, %d shrunk, %d scaled, %d skipped%s"
+                     % (len(gated) - inf, sum(1 for r in gated if r["gate"].get("action") == "allow"),
+                        len(s["gate_shrinks"]), len(s["gate_scales"]), len(s["gate_skips"]),
+                        "; %d steps with inf/NaN gradients left to the optimizer (GradScaler)" % inf if inf else ""))
         streaks = [r for r in recs if r["event"] == "gate" and isinstance(r.get("streak"), int)]
         if streaks:
             top = max(streaks, key=lambda r: r["streak"])
             lines.append("  longest run of skipped updates: %d (to step %s)%s"
                          % (top["streak"], top.get("step"),
                             "; training stood still: the optimizer's momentum points against the probe "
-                            "(try gate.action 'scale' or a tolerance)" if any(r.get("stalled") for r in streaks) else ""))
+                            "(try gate.action 'shrink', the default)" if any(r.get("stalled") for r in streaks) else ""))
     probes = [r for r in recs if r["event"] == "probe"]
     if probes:
         base = next((r for r in probes if r.get("action") == "baseline"), None)
