@@ -51,8 +51,10 @@ class Context:
         self._publish()
 
     def _publish(self):
-        _core.set_features([f for _, _, f in sorted(self._pre, key=lambda t: t[:2])],
-                           [f for _, _, f in sorted(self._post, key=lambda t: t[:2])])
+        from . import closure
+        pre = [f for _, _, f in sorted(self._pre, key=lambda t: t[:2])]
+        _core.set_features(pre, [f for _, _, f in sorted(self._post, key=lambda t: t[:2])],
+                           closure.wrap if pre else None)
 
     def on_finish(self, cb):
         """Call cb(fields) at exit, before the 'end' record; cb may add keys to fields."""
