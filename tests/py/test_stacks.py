@@ -73,3 +73,29 @@ def test_lbfgs_closure_evaluated_many_times_gets_one_step_record(lib, tmp_path):
     check_frozen(res["final"], res["init"])
     assert [r["step"] for r in steps_of(recs)] == list(range(1, steps + 1))
     assert all("cosine" in r for r in steps_of(recs)[1:])
+
+
+@pytest.mark.parametrize("order", ["opt_first", "forward_first"])
+def test_two_models_each_frozen_reference_model_not_bound(lib, tmp_path, order):
+    """Two models with an optimizer each both get the freeze; a reference model run forward
+    first (no optimizer trains it) is not bound; no global module hook is left."""
+    argv = [sys.executable, os.path.join(STACKS, "two_models.py"), order]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json"), safegrad=False))
+    res = torch.load(str(tmp_path / "result.pt"))
+    for k in ("a", "b"):
+        check_frozen(res["final"][k], res["init"][k])
+    assert all(torch.equal(res["final"]["ref"][n], w) for n, w in res["init"]["ref"].items())
+    assert res["ref_requires_grad"], "the reference model was frozen"
+    assert res["global_hooks"] == 0
+    fr = [r for r in events(recs, "freeze") if not r.get("late")]
+    assert len(fr) == 2 and all(r["frozen_blocks"] == [1, 2] for r in fr), fr
+    assert sorted(r["opt"] for r in steps_of(recs)) == [0, 0, 0, 1, 1, 1]
+    assert events(recs, "end")[0]["freeze"]["models"] == 2
+
+
+def test_uninstall_and_reinstall_undo_freeze_and_hooks(tmp_path):
+    """uninstall() gives back requires_grad and removes the model hooks; a second install()
+    replaces the first policy's freeze (before: both stayed)."""
+    env = base_env(PYTHONPATH=STACKS, SAFEHOOK_AUDIT=str(tmp_path / "a.jsonl"))
+    p = run([sys.executable, os.path.join(STACKS, "reinstall.py")], env, cwd=str(tmp_path))
+    assert p.stdout.strip().endswith("ok")

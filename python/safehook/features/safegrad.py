@@ -56,7 +56,8 @@ class SafeGrad:
         self.refresh_every = int(cfg.get("refresh_every", 1))
         self.loss_kind = cfg.get("loss", "ce")
         self.on_error = rt.on_error
-        self.info = None
+        self.info = None      # the first model bound
+        self.names = {}       # id(param) -> stripped name, over every model bound
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
@@ -89,7 +90,9 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
-        self.info = info
+        if self.info is None:
+            self.info = info
+        self.names.update({id(p): n for n, p in info.params.items()})
         if self.source == "anchor":
             import torch
             with torch.no_grad():
@@ -117,8 +120,10 @@ class SafeGrad:
             raise PolicyError("safegrad: " + msg)
 
     def _names(self):
-        info = self.info or current_model()
-        return {id(p): n for n, p in info.params.items()} if info else {}
+        if not self.names:
+            info = current_model()
+            return {id(p): n for n, p in info.params.items()} if info else {}
+        return self.names
 
     # -- the step --
     def pre_step(self, opt, step, record):
@@ -173,7 +178,7 @@ class SafeGrad:
         last = self.last_refresh.get(id(opt))
         due = last is None or step - last >= self.refresh_every
         if due or any(id(p) not in self.safety for p in params):
-            self._probe_grads(params, record)
+            self._probe_grads(opt, params, record)
             self.last_refresh[id(opt)] = step
             record["safety_refreshed"] = True
         return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
@@ -218,9 +223,9 @@ class SafeGrad:
         return out
 
     # -- the probe's gradient --
-    def _probe_grads(self, params, record):
+    def _probe_grads(self, opt, params, record):
         import torch
-        info = self.info or current_model()
+        info = self.rt.model_for(opt) or self.info or current_model()
         if info is None:
             self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
             return

@@ -4,7 +4,7 @@ A feature is a module safehook.features.<name> with ``setup(policy, rt)``, calle
 activation when its policy section is present; ``rt`` is a Context. It registers step callables and model listeners on ``rt``:
 
     def setup(policy, rt):
-        rt.on_model(lambda info: ...)          # at the model's first forward
+        rt.on_model(lambda info: ...)          # once per model bound (see model.py)
         rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
         rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
 
@@ -29,6 +29,9 @@ class Context:
         self._pre = []
         self._post = []
         self._finish = []
+        self._binding = False
+        self._close = []
+        self._closed = False
 
     @property
     def on_error(self):
@@ -38,7 +41,10 @@ class Context:
         return (p.get("_meta") or {}).get("on_error", p.get("on_error", "abort"))
 
     def active(self):
-        """True while the optimizer hooks are registered (False after uninstall())."""
+        """True while these features are in force (False after uninstall() or once a new
+        policy replaced them)."""
+        if self._closed:
+            return False
         return self._active() if self._active is not None else True
 
     # -- step callables --
@@ -56,15 +62,53 @@ class Context:
         _core.set_features(pre, [f for _, _, f in sorted(self._post, key=lambda t: t[:2])],
                            closure.wrap if pre else None)
 
+    def on_close(self, cb):
+        """Call cb() when these features are removed: uninstall(), or install() of a new
+        policy. A feature undoes what it did to the user's objects there (freeze: requires_grad)."""
+        self._close.append(cb)
+
+    def close(self):
+        """Remove these features: the step callables, the model listeners and hooks, and run
+        the on_close callbacks (errors are logged, never raised)."""
+        from . import model
+        self._closed = True
+        model.reset()
+        for cb in reversed(self._close):
+            try:
+                cb()
+            except Exception as e:
+                debug("close callback failed: %r" % (e,))
+        self._close = []
+
     def on_finish(self, cb):
         """Call cb(fields) at exit, before the 'end' record; cb may add keys to fields."""
         self._finish.append(cb)
 
     # -- the model --
     def on_model(self, cb):
-        """Call cb(ModelInfo) at the first forward of the training model (now, if already seen)."""
+        """Call cb(ModelInfo) once for each model bound (the root module that owns an
+        optimizer's parameters; see model.py), now for those already bound. Several models may
+        be bound in one process."""
         from . import model
+        if not self._binding:
+            self._binding = True
+            self.add_pre(self._bind_step, order=0)
         model.on_model(cb)
+
+    @staticmethod
+    def _bind_step(optimizer, step, record):
+        from . import model
+        model.bind_step(optimizer)
+
+    def model_for(self, optimizer):
+        """The ModelInfo of the model OPTIMIZER trains, or None."""
+        from . import model
+        return model.for_optimizer(optimizer)
+
+    def models(self):
+        """Every ModelInfo bound so far, in binding order."""
+        from . import model
+        return model.models()
 
     # -- records --
     def audit(self, event, fields=None, step=None):
