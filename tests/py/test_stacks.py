@@ -99,3 +99,26 @@ def test_uninstall_and_reinstall_undo_freeze_and_hooks(tmp_path):
     env = base_env(PYTHONPATH=STACKS, SAFEHOOK_AUDIT=str(tmp_path / "a.jsonl"))
     p = run([sys.executable, os.path.join(STACKS, "reinstall.py")], env, cwd=str(tmp_path))
     assert p.stdout.strip().endswith("ok")
+
+
+def torchrun(nproc=2, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=%d" % nproc] + list(extra)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_freeze_and_safegrad(lib, tmp_path, mode):
+    """DDP and FSDP2 (fully_shard, DTensor parameters): frozen blocks bit-identical on every
+    shard, replicas identical across ranks, the projected update equal to the single-process
+    reference (FSDP2 before: the freeze checksum mixed DTensor and Tensor and stopped both ranks)."""
+    steps = 3
+    argv = torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "dist_train.py"), mode, str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")), timeout=400)
+    r0, r1 = (torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1))
+    for n in r0["final"]:
+        assert torch.equal(r0["final"][n], r1["final"][n]), "ranks differ on %s" % n
+    check_frozen(r0["final"], r0["init"])
+    assert close(r0["final"], r0["ref"], tol=5e-6), max(float((r0["final"][n] - r0["ref"][n]).abs().max()) for n in r0["ref"])
+    st = steps_of(recs)
+    assert len(st) == 2 * steps and sorted(r["step"] for r in st) == sorted(list(range(1, steps + 1)) * 2)
+    assert any(r.get("projected") for r in st)
+    assert not events(recs, "error") and not events(recs, "violation")

@@ -141,10 +141,19 @@ def _torch_checksum(t):
     return h
 
 
+def local(t):
+    """A DTensor's (FSDP2) shard on this rank, else T: checksums, snapshots and restores work on
+    what this rank holds."""
+    if hasattr(t, "_local_tensor") and hasattr(t, "device_mesh"):
+        return t._local_tensor
+    return t
+
+
 def checksums(tensors):
-    """64-bit checksums of TENSORS' values: the C kernel over the raw bytes of CPU tensors (a
-    contiguous copy first for the rare non-contiguous one), torch ops on their device for the
-    rest (GPU), so that no frozen weight crosses to the host for a check."""
+    """64-bit checksums of TENSORS' values (this rank's shard of a DTensor): the C kernel over
+    the raw bytes of CPU tensors (a contiguous copy first for the rare non-contiguous one), torch
+    ops on their device for the rest (GPU), so that no frozen weight crosses to the host."""
+    tensors = [local(t) for t in tensors]
     sums = _core.freeze_checksums(tensors)
     out = []
     for s, t in zip(sums, tensors):
@@ -251,7 +260,7 @@ class Freezer:
                 p.grad = None
         self.sums = checksums(self.params)
         if self.restore:
-            self.snaps = [p.detach().to("cpu", copy=True) for p in self.params]
+            self.snaps = [local(p).detach().to("cpu", copy=True) for p in self.params]
         lora = [n for n in self.names if ".lora_" in n]
         rec.update(frozen_blocks=ids, tensors=len(self.params), numel=sum(p.numel() for p in self.params),
                    were_trainable=trainable, adapters=len(lora), glob_matches=matched, mode=self.mode)
@@ -284,7 +293,7 @@ class Freezer:
         ps = [p for _, p in new]
         self.sums.extend(checksums(ps))
         if self.restore:
-            self.snaps.extend(p.detach().to("cpu", copy=True) for p in ps)
+            self.snaps.extend(local(p).detach().to("cpu", copy=True) for p in ps)
         names = [n for n, _ in new]
         self.rt.audit("freeze", {"late": True, "step": step, "added": names[:MAX_NAMES], "tensors": len(new),
                                  "adapters": sum(1 for n in names if ".lora_" in n), "mode": self.mode})
@@ -330,7 +339,7 @@ class Freezer:
         if self.restore and self.snaps:
             with torch.no_grad():
                 for i in bad:
-                    p = self.params[i]
+                    p = local(self.params[i])
                     if p.shape != self.snaps[i].shape or p.dtype != self.snaps[i].dtype:
                         p.data = self.snaps[i].to(p.device, copy=True)  # a rebinding p.data = other
                     else:

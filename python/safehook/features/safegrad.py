@@ -18,6 +18,9 @@ Where the safety gradient comes from (policy ``safegrad.source``):
   unwrapped model in eval mode, the safety gradients are copied out and the task gradients
   copied back: every .grad tensor stays the same object.
 
+Several ranks: one decision for all. DDP replicas average their dot products over the world
+(one all_reduce), FSDP2 shards sum theirs over the mesh; FSDP (v1) flat parameters are refused.
+
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
 ``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
@@ -27,7 +30,7 @@ import re
 
 from .. import probes
 from . import projection
-from ..runtime.context import current_model, debug
+from ..runtime.context import current_model, debug, world
 
 ORDER = 20
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -146,6 +149,11 @@ class SafeGrad:
         params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
         if not params:
             return
+        flat = [p for p in params if getattr(p, "_is_flat_param", False)]
+        if flat:
+            self._fail("FSDP (v1) flat parameters hold several tensors each, sharded across ranks: a "
+                       "per-tensor safety gradient cannot be matched to them; use FSDP2 (fully_shard) or DDP")
+            return
         with torch.no_grad():
             safety = self._safety(opt, params, step, record)
         if safety is None:
@@ -156,9 +164,15 @@ class SafeGrad:
             names = self._names()
             groups = [layer_key(names.get(id(p), "param%d" % id(p))) for p, _ in pairs]
         scale = getattr(opt, "grad_scale", None)
+        # Several ranks (DDP replicas): the dot products are averaged over the world, so that
+        # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
+        # summed over their mesh inside project().
+        dist, _ = world()
+        replicated = dist is not None and not any(hasattr(p.grad, "device_mesh") for p, _ in pairs)
         res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
                                  self.threshold, groups=groups,
-                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None)
+                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
+                                 process_group=dist.group.WORLD if replicated else None, replicated=replicated)
         tot = res["total"]
         record["cosine"] = tot["cosine"]
         record["norms"] = dict(tot["norms"])

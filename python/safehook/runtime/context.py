@@ -110,6 +110,17 @@ class Context:
         from . import model
         return model.models()
 
+    # -- ranks --
+    def agree(self, value, op="max", group=None):
+        """One decision for every rank: VALUE (a number or bool, or a list of them) reduced
+        over the ranks of GROUP (default: the world) with OP ("max", "min", "sum", "mean",
+        "any", "all"), so that every rank takes the same decision; VALUE itself when
+        torch.distributed is not initialized or the world is one rank. One all_reduce (float64;
+        on the current CUDA device under nccl). Every rank must call it at the same point, as any
+        collective: call it on every step where the decision is made, not only where it is true.
+        Booleans come back as booleans ("any": True when any rank says True)."""
+        return agree(value, op, group)
+
     # -- records --
     def audit(self, event, fields=None, step=None):
         return _core.audit(event, fields, step)
@@ -133,6 +144,41 @@ class Context:
             warn(msg)
             if self.on_error == "abort":
                 _core.set_pending_error(msg)
+
+
+_OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
+
+
+def world(group=None):
+    """(torch.distributed module, world size) when a process group is initialized, else (None, 1)."""
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None, 1
+    n = dist.get_world_size(group)
+    return (dist, n) if n > 1 else (None, 1)
+
+
+def agree(value, op="max", group=None):
+    """See Context.agree."""
+    if op not in _OPS:
+        raise ValueError("agree: op must be one of %s" % ", ".join(sorted(_OPS)))
+    dist, n = world(group)
+    if dist is None:
+        return value
+    import torch
+    many = isinstance(value, (list, tuple))
+    vals = list(value) if many else [value]
+    boolean = [isinstance(v, bool) for v in vals]
+    dev = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([float(v) for v in vals], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
+    if op == "mean":
+        t /= n
+    out = [bool(x) if b else x for x, b in zip(t.cpu().tolist(), boolean)]
+    return out if many else out[0]
 
 
 Runtime = Context  # the name features and tests used before the move

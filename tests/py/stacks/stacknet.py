@@ -86,3 +86,8 @@ def policy(path, safegrad=True, layers="1-2", **extra):
     with open(path, "w") as f:
         json.dump(p, f)
     return path
+
+
+def strip(name):
+    """A parameter name without wrapper prefixes (DDP's module.)."""
+    return name[len("module."):] if name.startswith("module.") else name
