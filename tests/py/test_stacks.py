@@ -122,3 +122,12 @@ def test_two_gloo_ranks_freeze_and_safegrad(lib, tmp_path, mode):
     assert len(st) == 2 * steps and sorted(r["step"] for r in st) == sorted(list(range(1, steps + 1)) * 2)
     assert any(r.get("projected") for r in st)
     assert not events(recs, "error") and not events(recs, "violation")
+
+
+def test_ranks_agree_on_every_decision(tmp_path):
+    """rt.agree reduces over the ranks; replicated gradients that differ in their last bits
+    get one projection decision (before: each rank decided on its own numbers)."""
+    env = base_env(PYTHONPATH=STACKS)
+    p = run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "agree_ranks.py")], env,
+            cwd=str(tmp_path), timeout=300)
+    assert "ok" in p.stdout

@@ -33,7 +33,7 @@ consecutive skips, then at 64, 128...), and ``safehook report`` shows the longes
 import torch
 
 from .. import _core, probes
-from ..runtime.context import debug
+from ..runtime.context import agree, debug
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "action": "skip", "every": 1}
 STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
@@ -237,6 +237,7 @@ class Gate:
             if self.on_error == "abort":
                 raise _core.PolicyError("safehook: " + msg) from e
             return
+        delta = agree(delta, "max")  # one decision for all ranks: the largest rise
         tol = self.cfg["tolerance"]
         decision = "allow"
         info = {"delta": delta, "loss": loss, "mode": self.cfg["mode"], "estimate": est}
