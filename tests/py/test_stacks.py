@@ -131,3 +131,25 @@ def test_ranks_agree_on_every_decision(tmp_path):
     p = run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "agree_ranks.py")], env,
             cwd=str(tmp_path), timeout=300)
     assert "ok" in p.stdout
+
+
+def _have(mod):
+    try:
+        __import__(mod)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _have("lightning"), reason="lightning not installed (tests/requirements.txt)")
+@pytest.mark.parametrize("mode", ["automatic", "manual"])
+def test_lightning(lib, tmp_path, mode):
+    """Lightning's automatic optimization steps with a closure; manual optimization with a no-op
+    one: either way the projection acts on the gradients the optimizer uses."""
+    steps = 4
+    argv = [sys.executable, os.path.join(STACKS, "lightning_train.py"), mode, str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert close(res["final"], res["ref"]), max(float((res["final"][n] - res["ref"][n]).abs().max()) for n in res["ref"])
+    assert [r["step"] for r in steps_of(recs)] == list(range(1, steps + 1))
