@@ -142,10 +142,13 @@ def _torch_checksum(t):
 
 
 def local(t):
-    """A DTensor's (FSDP2) shard on this rank, else T: checksums, snapshots and restores work on
-    what this rank holds."""
+    """What this rank holds of T: a DTensor's (FSDP2) shard, a DeepSpeed ZeRO-3 parameter's
+    partition (ds_tensor), else T: checksums, snapshots and restores work on it."""
     if hasattr(t, "_local_tensor") and hasattr(t, "device_mesh"):
         return t._local_tensor
+    ds = getattr(t, "ds_tensor", None)
+    if ds is not None:
+        return ds
     return t
 
 

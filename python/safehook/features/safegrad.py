@@ -48,6 +48,10 @@ class _Abort(Exception):
     pass
 
 
+class _Partitions(Exception):
+    pass
+
+
 class SafeGrad:
     def __init__(self, policy, rt):
         cfg = policy.get("safegrad") or {}
@@ -154,6 +158,7 @@ class SafeGrad:
             self._fail("FSDP (v1) flat parameters hold several tensors each, sharded across ranks: a "
                        "per-tensor safety gradient cannot be matched to them; use FSDP2 (fully_shard) or DDP")
             return
+        zero = self.partitions(params)
         with torch.no_grad():
             safety = self._safety(opt, params, step, record)
         if safety is None:
@@ -166,13 +171,16 @@ class SafeGrad:
         scale = getattr(opt, "grad_scale", None)
         # Several ranks (DDP replicas): the dot products are averaged over the world, so that
         # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
-        # summed over their mesh inside project().
+        # summed over their mesh inside project(), ZeRO partitions over the world.
         dist, _ = world()
         replicated = dist is not None and not any(hasattr(p.grad, "device_mesh") for p, _ in pairs)
+        if replicated and zero:
+            replicated = False  # ZeRO's disjoint partitions: their dot products are summed
         res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
                                  self.threshold, groups=groups,
                                  grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
-                                 process_group=dist.group.WORLD if replicated else None, replicated=replicated)
+                                 process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
+                                 replicated=replicated)
         tot = res["total"]
         record["cosine"] = tot["cosine"]
         record["norms"] = dict(tot["norms"])
@@ -183,6 +191,20 @@ class SafeGrad:
             record["groups"] = len(res["projected"])
             mins = [c for c in res["cosine"] if c is not None]
             record["cosine_min"] = min(mins) if mins else None
+
+    def partitions(self, params):
+        """True when PARAMS are DeepSpeed ZeRO's flat fp32 partitions (no model holds them, each
+        rank steps its own slice of the flattened parameters). Only the anchor source with
+        global granularity has a meaning there (w - w0 is computed slice by slice, dot products
+        summed over the ranks); the rest is refused (no parameter names, no per-layer groups)."""
+        import sys
+        if "deepspeed" not in sys.modules or not self.names or any(id(p) in self.names for p in params):
+            return False
+        if self.source != "anchor" or self.granularity != "global":
+            raise _Partitions("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
+                              "names: source %r with granularity %r cannot be applied (use source 'anchor' with "
+                              "granularity 'global', or DDP/FSDP2)" % (self.source, self.granularity))
+        return True
 
     def _safety(self, opt, params, step, record):
         if self.source == "anchor":

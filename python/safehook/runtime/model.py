@@ -4,9 +4,10 @@ no optimizer trains (a reference model evaluated first, a teacher, a decoy) is n
 
 How an optimizer gets its model, earliest first:
 
-* at its construction (torch.optim.Optimizer.__init__ is wrapped while safehook is active), when
-  a module already called holds all its parameters (the model ran a forward before the
-  optimizer existed);
+* at its construction (torch.optim.Optimizer.__init__ is wrapped while safehook is active): a
+  module already called that holds all its parameters, else the root module holding them all
+  (find_root: one gc scan). So the freeze happens before the first forward and backward, before
+  DeepSpeed flattens the parameters, before FSDP2's lazy initialization;
 * at the next forward of a module that holds all its parameters: a global forward pre-hook is
   registered only while some known optimizer has no model (a global module hook slows every
   module call and makes torch.compile warn), checked once per module, and removed as soon as
@@ -162,6 +163,10 @@ def _new_optimizer(opt):
         if m is not None and _owns(m, ids):
             _bind(opt, m, "optimizer_init")
             return
+    root = find_root(ids)
+    if root is not None:
+        _bind(opt, root, "optimizer_init")
+        return
     _hook()
 
 
@@ -203,6 +208,34 @@ def on_model(cb):
         _hook()
 
 
+def find_root(ids):
+    """The root module holding every parameter of IDS (ids of tensors): among the live modules
+    holding them all (one gc scan), those inside no other such module; the smallest of those
+    (a container holding the model and another one is not the model). None when no module
+    holds them (bare tensors, DeepSpeed's flat partitions)."""
+    if not ids:
+        return None
+    import torch.nn
+    hold = []
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.nn.Module):  # type(), not isinstance: no __class__ property runs
+            try:
+                have = [id(p) for p in o.parameters()]
+            except Exception:
+                continue
+            if len(have) >= len(ids) and ids <= set(have):
+                hold.append((len(have), o))
+    if not hold:
+        return None
+    inner = set()
+    for _, o in hold:
+        for sub in o.modules():
+            if sub is not o:
+                inner.add(id(sub))
+    roots = [(k, o) for k, o in hold if id(o) not in inner] or hold
+    return min(roots, key=lambda t: t[0])[1]
+
+
 def bind_step(opt):
     """At a step of OPT: its ModelInfo, binding it now if nothing did before (None when no
     module holds its parameters)."""
@@ -219,17 +252,8 @@ def bind_step(opt):
         if m is not None and _owns(m, ids):
             found = m
             break
-    if found is None and ids:
-        import torch.nn
-        best = None
-        for o in gc.get_objects():
-            if issubclass(type(o), torch.nn.Module):
-                have = [id(p) for p in o.parameters()]
-                if len(have) >= len(ids) and ids <= set(have):
-                    key = (len(have), type(o).__name__ in _WRAPPERS)
-                    if best is None or key < best[0]:
-                        best = (key, o)
-        found = best[1] if best else None
+    if found is None:
+        found = find_root(ids)
     if found is None:
         by[id(opt)] = None
         debug("model: no module holds the parameters of %s" % type(opt).__name__)
