@@ -8,8 +8,16 @@ activation when its policy section is present; ``rt`` is a Context. It registers
         rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
         rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
 
-``record`` is a dict merged into the step's audit record. Orders: freeze 10, safegrad 20,
-gate 30, monitor 40 (lower runs first).
+``record`` is a dict merged into the step's audit record. Orders: model binding 0, freeze 10,
+safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure, the pre-step
+callables run inside it, after its backward (runtime/closure.py): they always see the gradients
+the optimizer will use.
+
+Several ranks: a decision that changes the update (skip, scale, project or not, roll back, flag
+an example) must be the same on every rank. Reduce it first with ``rt.agree(value, op)`` (or the
+module function ``agree``): one all_reduce when torch.distributed is initialized, the value
+itself otherwise; every rank calls it at the same point. E.g. ``skip = rt.agree(skip, "any")``,
+``score = rt.agree(score, "min")``.
 """
 import traceback
 
