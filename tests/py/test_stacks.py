@@ -153,3 +153,16 @@ def test_lightning(lib, tmp_path, mode):
     check_frozen(res["final"], res["init"])
     assert close(res["final"], res["ref"]), max(float((res["final"][n] - res["ref"][n]).abs().max()) for n in res["ref"])
     assert [r["step"] for r in steps_of(recs)] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("order", ["opt_first", "compile_first"])
+def test_torch_compile_no_global_hook_warning(lib, tmp_path, order):
+    """torch.compile under the preload: frozen blocks hold, and no global module hook is there to
+    make torch.compile warn (before: the model-finding hook lived until the first forward)."""
+    argv = [sys.executable, os.path.join(STACKS, "compile_train.py"), order]
+    p, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json"), safegrad=False))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert "global hooks" not in p.stderr, p.stderr[-2000:]
+    assert res["global_hooks"] == 0
+    assert len(steps_of(recs)) == 3

@@ -11,8 +11,8 @@ How an optimizer gets its model, earliest first:
 * at the next forward of a module that holds all its parameters: a global forward pre-hook is
   registered only while some known optimizer has no model (a global module hook slows every
   module call and makes torch.compile warn), checked once per module, and removed as soon as
-  every known optimizer is bound. With no optimizer known yet, the first module called is
-  remembered and the hook removed at once;
+  every known optimizer is bound;
+* at install(), for optimizers that already exist (find_root);
 * at its first step (the features' first pre-step callable, see bind_step), when none of the
   above saw it (an optimizer created before install(), Lightning calling training_step instead
   of the module): the smallest live module holding all its parameters (one gc scan).
@@ -68,8 +68,8 @@ def unwrap(mod):
 
 
 class ModelInfo:
-    """A bound model: ``root`` (unwrapped), ``called`` (the module that was called, maybe a
-    wrapper), ``params``: {stripped name: parameter}, ``when`` ("optimizer_init",
+    """A bound model: ``root`` (unwrapped), ``called`` (the module found, maybe a wrapper),
+    ``params``: {stripped name: parameter}, ``when`` ("optimizer_init", "install",
     "first_forward", "first_step") and ``optimizers`` (weak references)."""
 
     def __init__(self, called, when="first_forward"):
@@ -106,6 +106,8 @@ def _bind(opt, module, when):
     _state["by_opt"][id(opt)] = info
     weakref.finalize(opt, _state["by_opt"].pop, id(opt), None)
     _state["optimizers"].add(opt)
+    if not _unbound():
+        _unhook()  # every known optimizer has its model: no global module hook left
     if new:
         debug("model bound (%s): %s (%d parameter tensors) for %s" % (
             when, type(info.root).__name__, len(info.params), type(opt).__name__))
@@ -204,7 +206,11 @@ def on_model(cb):
     _watch_optimizer_init()
     for info in list(_state["infos"]):
         cb(info)
-    if not _state["infos"] or _unbound():
+    for opt in _unbound():  # optimizers built before install(): their models now
+        root = find_root(_opt_ids(opt))
+        if root is not None:
+            _bind(opt, root, "install")
+    if _unbound():
         _hook()
 
 
