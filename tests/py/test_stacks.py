@@ -166,3 +166,29 @@ def test_torch_compile_no_global_hook_warning(lib, tmp_path, order):
     assert "global hooks" not in p.stderr, p.stderr[-2000:]
     assert res["global_hooks"] == 0
     assert len(steps_of(recs)) == 3
+
+
+def test_torchrun_two_nodes_c10d_rendezvous(lib, tmp_path):
+    """Two torchrun 'nodes' on localhost meeting through a c10d rendezvous, one DDP rank each:
+    both protected, replicas identical, the update equal to the single-process reference."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    audit = tmp_path / "audit.jsonl"
+    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit), SAFEHOOK_POLICY=stacknet.policy(str(tmp_path / "p.json")),
+                   STACK_OUT=str(tmp_path), PYTHONPATH=STACKS)
+    argv = torchrun(1, ["--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:%d" % port,
+                        "--rdzv_id=stacks"]) + [os.path.join(STACKS, "dist_train.py"), "ddp", "3"]
+    procs = [subprocess.Popen(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    recs = read_audit(str(audit))
+    r0, r1 = (torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1))
+    for n in r0["final"]:
+        assert torch.equal(r0["final"][n], r1["final"][n])
+    check_frozen(r0["final"], r0["init"])
+    assert close(r0["final"], r0["ref"], tol=5e-6)
+    assert len(steps_of(recs)) == 6 and len({r["pid"] for r in events(recs, "freeze")}) == 2
