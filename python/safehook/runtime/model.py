@@ -239,7 +239,21 @@ def find_root(ids):
             if sub is not o:
                 inner.add(id(sub))
     roots = [(k, o) for k, o in hold if id(o) not in inner] or hold
-    return min(roots, key=lambda t: t[0])[1]
+    root = min(roots, key=lambda t: t[0])[1]
+    # a container without a forward of its own (a LightningModule that only has training_step)
+    # is not what a probe can call: its one child holding every parameter is the model
+    while _no_forward(root):
+        kids = [c for c in root.children() if _owns(c, ids)]
+        if len(kids) != 1:
+            break
+        root = kids[0]
+    return root
+
+
+def _no_forward(m):
+    import torch.nn
+    f = type(m).forward
+    return f is torch.nn.Module.forward or getattr(f, "__qualname__", "") == "LightningModule.forward"
 
 
 def bind_step(opt):
