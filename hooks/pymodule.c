@@ -27,6 +27,7 @@ typedef struct {
     PyObject *optimizers;  /* {id(opt): [weakref, index, steps]} */
     PyObject *pre_features;  /* list of callables f(opt, step, record) */
     PyObject *post_features; /* list of callables f(opt, step, record) */
+    PyObject *closure_wrap;  /* f(opt, step, index, args, kwargs) -> (args, kwargs), or NULL */
     PyObject *pending;     /* str: a policy error that stops training at its first step */
     sh_policy *policy;
     long long steps;       /* outermost optimizer steps, all optimizers */
@@ -205,15 +206,19 @@ static PyObject *core_set_pending_error(PyObject *m, PyObject *msg) {
 }
 
 PyDoc_STRVAR(set_features_doc,
-"set_features(pre, post)\n--\n\n"
+"set_features(pre, post, closure_wrap=None)\n--\n\n"
 "Set the lists of callables f(optimizer, step, record) run in the pre- and post-step hooks.\n"
-"A callable may add keys to record (a dict merged into the step's audit record).");
+"A callable may add keys to record (a dict merged into the step's audit record). When a step\n"
+"gets a closure and closure_wrap is set, the pre hook returns closure_wrap(optimizer, step,\n"
+"index, args, kwargs) (new args and kwargs for step()) instead of running the pre features:\n"
+"the wrapped closure runs them with step_features() once its backward is done.");
 
 static PyObject *core_set_features(PyObject *m, PyObject *args) {
-    PyObject *pre, *post;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &pre, &PyList_Type, &post))
+    PyObject *pre, *post, *wrap = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!|O", &PyList_Type, &pre, &PyList_Type, &post, &wrap))
         return NULL;
     core_state *st = get_state(m);
+    Py_XSETREF(st->closure_wrap, wrap == Py_None ? NULL : Py_NewRef(wrap));
     Py_XSETREF(st->pre_features, PyList_GetSlice(pre, 0, PY_SSIZE_T_MAX));
     Py_XSETREF(st->post_features, PyList_GetSlice(post, 0, PY_SSIZE_T_MAX));
     if (!st->pre_features || !st->post_features)
@@ -339,6 +344,53 @@ static int inside_another_step(void) {
     return found;
 }
 
+/* Run the pre-step features of step COUNT of optimizer OPT (number INDEX) and write the step's
+ * audit record. Returns 0, or -1 with a Python exception set. */
+static int features_and_record(core_state *st, PyObject *opt, Py_ssize_t count, Py_ssize_t index) {
+    PyObject *record = NULL;
+    if (st->pre_features && PyList_GET_SIZE(st->pre_features) > 0) {
+        record = PyDict_New();
+        if (!record || run_features(st->pre_features, opt, count, record) < 0) {
+            Py_XDECREF(record);
+            return -1;
+        }
+    }
+    if (sh_audit_active() && st->sample_every > 0 && (count % st->sample_every == 0 || count == 1)) {
+        json_t *f = record ? to_json(record, 0) : json_object();
+        json_object_set_new(f, "opt", json_integer(index));
+        emit("step", count, f);
+    }
+    Py_XDECREF(record);
+    return 0;
+}
+
+/* Whether step() was called with a closure: args is (optimizer, closure?, ...), kwargs may
+ * hold "closure". Borrowed pointers; no exception set. */
+static int step_closure(PyObject *args, PyObject *kwargs) {
+    if (PyTuple_Check(args) && PyTuple_GET_SIZE(args) >= 2 && PyTuple_GET_ITEM(args, 1) != Py_None)
+        return 1;
+    if (kwargs && PyDict_Check(kwargs)) {
+        PyObject *c = PyDict_GetItemString(kwargs, "closure"); /* borrowed */
+        return c && c != Py_None;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(step_features_doc,
+"step_features(optimizer, step, index)\n--\n\n"
+"Run the pre-step features and write the step record, as the pre hook does for a step without a\n"
+"closure; called by the wrapped closure once the gradients the optimizer will use exist.");
+
+static PyObject *core_step_features(PyObject *m, PyObject *args) {
+    PyObject *opt;
+    Py_ssize_t count, index;
+    if (!PyArg_ParseTuple(args, "Onn", &opt, &count, &index))
+        return NULL;
+    if (features_and_record(get_state(m), opt, count, index) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(pre_step_doc,
 "pre_step(optimizer, args, kwargs)\n--\n\n"
 "The global optimizer step pre-hook. Counts the step, runs the pre-step features and writes the\n"
@@ -391,21 +443,10 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
     if (count == 1 && sh_audit_active())
         emit("optimizer", count, optimizer_record(opt, index));
 
-    PyObject *record = NULL;
-    if (st->pre_features && PyList_GET_SIZE(st->pre_features) > 0) {
-        record = PyDict_New();
-        if (!record || run_features(st->pre_features, opt, count, record) < 0) {
-            Py_XDECREF(record);
-            goto error;
-        }
-    }
-    if (sh_audit_active() && st->sample_every > 0 &&
-        (count % st->sample_every == 0 || count == 1)) {
-        json_t *f = record ? to_json(record, 0) : json_object();
-        json_object_set_new(f, "opt", json_integer(index));
-        emit("step", count, f);
-    }
-    Py_XDECREF(record);
+    if (st->closure_wrap && nargs >= 3 && step_closure(args[1], args[2]))
+        return PyObject_CallFunction(st->closure_wrap, "OnnOO", opt, count, index, args[1], args[2]);
+    if (features_and_record(st, opt, count, index) < 0)
+        goto error;
     Py_RETURN_NONE;
 error:
     step_tls.depth = 0;
@@ -526,6 +567,7 @@ static PyMethodDef core_methods[] = {
     {"set_features", core_set_features, METH_VARARGS, set_features_doc},
     {"pre_step", (PyCFunction)(void (*)(void))core_pre_step, METH_FASTCALL, pre_step_doc},
     {"post_step", (PyCFunction)(void (*)(void))core_post_step, METH_FASTCALL, post_step_doc},
+    {"step_features", core_step_features, METH_VARARGS, step_features_doc},
     {"audit", (PyCFunction)(void (*)(void))core_audit, METH_VARARGS | METH_KEYWORDS, audit_doc},
     {"finish", (PyCFunction)(void (*)(void))core_finish, METH_FASTCALL, finish_doc},
     {"stats", core_stats, METH_NOARGS, stats_doc},
@@ -566,6 +608,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->optimizers);
     Py_VISIT(st->pre_features);
     Py_VISIT(st->post_features);
+    Py_VISIT(st->closure_wrap);
     Py_VISIT(st->pending);
     return 0;
 }
@@ -577,6 +620,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->optimizers);
     Py_CLEAR(st->pre_features);
     Py_CLEAR(st->post_features);
+    Py_CLEAR(st->closure_wrap);
     Py_CLEAR(st->pending);
     return 0;
 }

@@ -1,9 +1,12 @@
 """The freeze feature: the policy's safety blocks get requires_grad=False before the first
 backward, and stay frozen.
 
-When:   at the model's first forward (rt.on_model), or earlier when the model is handed to
-        DistributedDataParallel (its __init__ is watched, so the reducer never sees the frozen
-        parameters).
+When:   when a model is bound (rt.on_model: the root module owning an optimizer's parameters,
+        at the optimizer's construction, at the model's first forward, or at the first step
+        (then that step's gradients of the frozen parameters are dropped)), or earlier when the
+        model is handed to DistributedDataParallel (its __init__ is watched, so the reducer never
+        sees the frozen parameters). Each model trained in the process gets its own freeze.
+Undone: uninstall() or a new policy gives requires_grad back to what was frozen.
 What:   the transformer blocks selected by freeze.layers (found by find_blocks), every parameter
         inside them (LoRA adapters included), plus the parameters matched by freeze.params.
 Holds:  a pre-step feature (order 10) drops any gradient a frozen parameter carries (someone set
@@ -21,7 +24,6 @@ Cases it cannot handle (documented, detected where possible):
 - Writes made after the last optimizer step and after the exit check (or in a process killed
   before exit) are not seen.
 """
-import atexit
 import fnmatch
 import functools
 import math
@@ -139,10 +141,22 @@ def _torch_checksum(t):
     return h
 
 
+def local(t):
+    """What this rank holds of T: a DTensor's (FSDP2) shard, a DeepSpeed ZeRO-3 parameter's
+    partition (ds_tensor), else T: checksums, snapshots and restores work on it."""
+    if hasattr(t, "_local_tensor") and hasattr(t, "device_mesh"):
+        return t._local_tensor
+    ds = getattr(t, "ds_tensor", None)
+    if ds is not None:
+        return ds
+    return t
+
+
 def checksums(tensors):
-    """64-bit checksums of TENSORS' values: the C kernel over the raw bytes of CPU tensors (a
-    contiguous copy first for the rare non-contiguous one), torch ops on their device for the
-    rest (GPU), so that no frozen weight crosses to the host for a check."""
+    """64-bit checksums of TENSORS' values (this rank's shard of a DTensor): the C kernel over
+    the raw bytes of CPU tensors (a contiguous copy first for the rare non-contiguous one), torch
+    ops on their device for the rest (GPU), so that no frozen weight crosses to the host."""
+    tensors = [local(t) for t in tensors]
     sums = _core.freeze_checksums(tensors)
     out = []
     for s, t in zip(sums, tensors):
@@ -160,8 +174,8 @@ def _wrapper_name(mod):
 
 
 class Freezer:
-    """The freeze state of this process: one model, its frozen parameters, their reference
-    checksums and snapshots."""
+    """The freeze state of one model: its frozen parameters, their reference checksums and
+    snapshots."""
 
     def __init__(self, policy, rt):
         self.rt = rt
@@ -177,6 +191,7 @@ class Freezer:
         self.names, self.params, self.sums, self.snaps = [], [], [], []
         self.last_check = None
         self.rescanned = False
+        self.unfreeze = []        # parameters this freezer set requires_grad=False on
         self.counts = {"violations": 0, "dropped_grads": 0, "changed": 0, "restored": 0, "checks": 0}
 
     # -- freezing --
@@ -243,9 +258,12 @@ class Freezer:
                 trainable += 1
                 if self.mode == "requires_grad":
                     p.requires_grad_(False)
+                    self.unfreeze.append(p)
+            if when == "first_step":  # bound at its first step: this step's gradients exist
+                p.grad = None
         self.sums = checksums(self.params)
         if self.restore:
-            self.snaps = [p.detach().to("cpu", copy=True) for p in self.params]
+            self.snaps = [local(p).detach().to("cpu", copy=True) for p in self.params]
         lora = [n for n in self.names if ".lora_" in n]
         rec.update(frozen_blocks=ids, tensors=len(self.params), numel=sum(p.numel() for p in self.params),
                    were_trainable=trainable, adapters=len(lora), glob_matches=matched, mode=self.mode)
@@ -269,25 +287,20 @@ class Freezer:
         if not new:
             return
         for n, p in new:
-            if self.mode == "requires_grad":
+            if self.mode == "requires_grad" and p.requires_grad:
                 p.requires_grad_(False)
+                self.unfreeze.append(p)
             p.grad = None
             self.names.append(n)
             self.params.append(p)
         ps = [p for _, p in new]
         self.sums.extend(checksums(ps))
         if self.restore:
-            self.snaps.extend(p.detach().to("cpu", copy=True) for p in ps)
+            self.snaps.extend(local(p).detach().to("cpu", copy=True) for p in ps)
         names = [n for n, _ in new]
         self.rt.audit("freeze", {"late": True, "step": step, "added": names[:MAX_NAMES], "tensors": len(new),
                                  "adapters": sum(1 for n in names if ".lora_" in n), "mode": self.mode})
         debug("freeze: %d parameters appeared in frozen blocks and were frozen" % len(new))
-
-    def on_model(self, info):
-        try:
-            self.apply(info.root, info.called, "first_forward")
-        except Exception as e:
-            self.rt.fail("freeze: cannot freeze the model: %s: %s" % (type(e).__name__, e))
 
     # -- enforcement --
     def pre_step(self, optimizer, step, record):
@@ -329,7 +342,7 @@ class Freezer:
         if self.restore and self.snaps:
             with torch.no_grad():
                 for i in bad:
-                    p = self.params[i]
+                    p = local(self.params[i])
                     if p.shape != self.snaps[i].shape or p.dtype != self.snaps[i].dtype:
                         p.data = self.snaps[i].to(p.device, copy=True)  # a rebinding p.data = other
                     else:
@@ -347,12 +360,63 @@ class Freezer:
                                 "restored": restored}, **({"at_exit": True} if step is None else {})),
                           skip=3)
 
-    def finish(self, fields):
-        """At exit: a last integrity check, and the counters for the 'end' record."""
+    def finish(self):
+        """At exit: a last integrity check; returns the counters for the 'end' record."""
         if self.params:
             rec = {}
             self.check(None, rec)
-        fields["freeze"] = dict(self.counts, tensors=len(self.params), blocks=self.block_ids)
+        return dict(self.counts, tensors=len(self.params), blocks=self.block_ids)
+
+    def undo(self):
+        """Give back requires_grad to what this freezer froze (uninstall, a new policy)."""
+        for p in self.unfreeze:
+            p.requires_grad_(True)
+        self.unfreeze = []
+
+
+class Freeze:
+    """The freeze feature of this process: a Freezer per model bound (several models may be
+    trained in one process, each gets the policy's freeze)."""
+
+    def __init__(self, policy, rt):
+        self.policy, self.rt = policy, rt
+        self.freezers = []
+
+    def apply(self, root, called, when):
+        for f in self.freezers:
+            if f.model is root:
+                return f
+        f = Freezer(self.policy, self.rt)
+        self.freezers.append(f)
+        f.apply(root, called, when)
+        return f
+
+    def on_model(self, info):
+        try:
+            self.apply(info.root, info.called, getattr(info, "when", "first_forward"))
+        except Exception as e:
+            self.rt.fail("freeze: cannot freeze the model: %s: %s" % (type(e).__name__, e))
+
+    def pre_step(self, optimizer, step, record):
+        for f in self.freezers:
+            f.pre_step(optimizer, step, record)
+
+    def finish(self, fields):
+        parts = [f.finish() for f in self.freezers]
+        if not parts:
+            fields["freeze"] = {"tensors": 0, "blocks": [], "models": 0}
+            return
+        out = dict(parts[0])
+        for p in parts[1:]:
+            for k, v in p.items():
+                if k != "blocks":
+                    out[k] = out.get(k, 0) + v
+        out["models"] = len(parts)
+        fields["freeze"] = out
+
+    def close(self):
+        for f in self.freezers:
+            f.undo()
 
 
 def _watch_ddp(fr):
@@ -387,12 +451,10 @@ def _watch_ddp(fr):
 
 
 def setup(policy, rt):
-    fr = Freezer(policy, rt)
+    fr = Freeze(policy, rt)
     _watch_ddp(fr)
     rt.on_model(fr.on_model)
     rt.add_pre(fr.pre_step, order=10)
-    if hasattr(rt, "on_finish"):
-        rt.on_finish(fr.finish)
-    else:
-        atexit.register(lambda: fr.finish({}))
+    rt.on_finish(fr.finish)
+    rt.on_close(fr.close)
     return fr

@@ -52,7 +52,7 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import debug
+from ..runtime.context import agree, debug
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
@@ -317,7 +317,8 @@ class Gate:
                 raise _core.PolicyError("safehook: " + msg) from e
             return
         tol, ratio = self.cfg["tolerance"], self.cfg["ratio"]
-        delta, gain = m["delta"], m["gain"]
+        # One decision for all ranks: the largest rise against the smallest gain.
+        delta, gain = agree(m["delta"], "max"), agree(m["gain"], "min")
         limit = tol + ratio * max(gain, 0.0)
         decision = "allow"
         info = {"delta": delta, "gain": gain, "limit": limit, "loss": m["loss"], "mode": self.cfg["mode"],
@@ -329,6 +330,7 @@ class Gate:
             if decision == "shrink" and not m["ss"] > 0:
                 decision = "scale"  # no safety direction to take out (exact mode only)
             if decision == "shrink":
+                m["ss"] = agree(m["ss"], "mean")  # the same coefficient on every rank
                 c = (delta - limit) / m["ss"]
                 info["coef"] = c
                 info["norm_ratio"] = c * m["ss"] ** 0.5 / m["uu"] ** 0.5 if m["uu"] > 0 else None

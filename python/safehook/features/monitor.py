@@ -29,7 +29,7 @@ import time
 
 from .. import _core, probes
 from . import snapshot as _snapshot
-from ..runtime.context import debug
+from ..runtime.context import agree, debug
 
 
 class SafetyStop(_core.SafehookError):
@@ -302,10 +302,14 @@ class Monitor:
 
     def _evaluate(self):
         try:
-            return self.probe.evaluate(self.info.root)
+            res = self.probe.evaluate(self.info.root)
         except Exception as e:  # a probe that cannot run leaves training unmonitored: say so
             self._cannot("probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e))
             return None
+        # one decision for all ranks: the lowest score, so that every rank saves, rolls back
+        # or stops at the same step and replicas stay identical
+        res["score"] = agree(res["score"], "min")
+        return res
 
     # -- acting on a drop --
     def _act(self, step, score, rec, t0):

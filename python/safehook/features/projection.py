@@ -70,7 +70,7 @@ def _torch_dots(g, s, w):
 
 
 def project(task_grads, safety_grads, granularity="global", threshold=0.0, groups=None,
-            grad_scale=None, process_group=None):
+            grad_scale=None, process_group=None, replicated=False):
     """Project TASK_GRADS (a list of tensors, changed in place) against SAFETY_GRADS (same
     shapes) and return what was done:
 
@@ -82,7 +82,10 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
     "layer". ``grad_scale`` (GradScaler's scale, when the gradients are still scaled) only
     divides the reported task norm: the projection is linear, so scaled gradients project the
     same. ``process_group`` all-reduces the dot products (sharded gradients that are plain
-    tensors); DTensor gradients use their own mesh."""
+    tensors); DTensor gradients use their own mesh. ``replicated`` (with ``process_group``):
+    the gradients are replicas (DDP), so the dot products are averaged over the group instead:
+    every rank then takes the same decision with the same coefficients, even where the ranks'
+    numbers differ in their last bits."""
     if not -1.0 <= threshold < 1.0:
         raise ValueError("threshold must be in [-1, 1), got %r" % (threshold,))
     pairs = [(i, g, s) for i, (g, s) in enumerate(zip(task_grads, safety_grads))
@@ -110,11 +113,12 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
     if res is not None:
         dots, coefs, cosines, _ = res
     else:
-        dots, coefs, cosines = _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold)
+        dots, coefs, cosines = _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold,
+                                         replicated and process_group is not None and mesh is None)
     return _report(granularity, dots, coefs, cosines, ngroups, grad_scale)
 
 
-def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold):
+def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold, mean=False):
     """Dots from the kernel and torch, summed over ranks, then the update."""
     import torch
     kernel = [i for i, w in enumerate(weights) if w == 1.0]
@@ -140,6 +144,8 @@ def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold):
             t = total.to(dev)
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
             total = t.cpu()
+            if mean:
+                total /= dist.get_world_size(group)
         dots = total.tolist()
     coefs, cosines = [], []
     for k in range(ngroups):

@@ -19,6 +19,9 @@ Where the safety gradient comes from (policy ``safegrad.source``):
   batch by batch (the graph of one probe batch at a time), every .grad tensor kept the same
   object. ``safety_shared`` in the step record: another feature computed it at these weights.
 
+Several ranks: one decision for all. DDP replicas average their dot products over the world
+(one all_reduce), FSDP2 shards sum theirs over the mesh; FSDP (v1) flat parameters are refused.
+
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
 ``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
@@ -29,7 +32,7 @@ import re
 from .. import probes
 from ..probes import gradient
 from . import projection
-from ..runtime.context import current_model, debug
+from ..runtime.context import current_model, debug, world
 
 ORDER = 20
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -47,6 +50,10 @@ class _Abort(Exception):
     pass
 
 
+class _Partitions(Exception):
+    pass
+
+
 class SafeGrad:
     def __init__(self, policy, rt):
         cfg = policy.get("safegrad") or {}
@@ -58,7 +65,8 @@ class SafeGrad:
         self.refresh_every = int(cfg.get("refresh_every", 1))
         self.loss_kind = cfg.get("loss", "ce")
         self.on_error = rt.on_error
-        self.info = None
+        self.info = None      # the first model bound
+        self.names = {}       # id(param) -> stripped name, over every model bound
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
@@ -88,7 +96,9 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
-        self.info = info
+        if self.info is None:
+            self.info = info
+        self.names.update({id(p): n for n, p in info.params.items()})
         if self.source == "anchor":
             import torch
             with torch.no_grad():
@@ -116,8 +126,10 @@ class SafeGrad:
             raise PolicyError("safegrad: " + msg)
 
     def _names(self):
-        info = self.info or current_model()
-        return {id(p): n for n, p in info.params.items()} if info else {}
+        if not self.names:
+            info = current_model()
+            return {id(p): n for n, p in info.params.items()} if info else {}
+        return self.names
 
     # -- the step --
     def pre_step(self, opt, step, record):
@@ -140,6 +152,12 @@ class SafeGrad:
         params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
         if not params:
             return
+        flat = [p for p in params if getattr(p, "_is_flat_param", False)]
+        if flat:
+            self._fail("FSDP (v1) flat parameters hold several tensors each, sharded across ranks: a "
+                       "per-tensor safety gradient cannot be matched to them; use FSDP2 (fully_shard) or DDP")
+            return
+        zero = self.partitions(params)
         with torch.no_grad():
             safety = self._safety(opt, params, step, record)
         if safety is None:
@@ -150,9 +168,18 @@ class SafeGrad:
             names = self._names()
             groups = [layer_key(names.get(id(p), "param%d" % id(p))) for p, _ in pairs]
         scale = getattr(opt, "grad_scale", None)
+        # Several ranks (DDP replicas): the dot products are averaged over the world, so that
+        # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
+        # summed over their mesh inside project(), ZeRO partitions over the world.
+        dist, _ = world()
+        replicated = dist is not None and not any(hasattr(p.grad, "device_mesh") for p, _ in pairs)
+        if replicated and zero:
+            replicated = False  # ZeRO's disjoint partitions: their dot products are summed
         res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
                                  self.threshold, groups=groups,
-                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None)
+                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
+                                 process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
+                                 replicated=replicated)
         tot = res["total"]
         record["cosine"] = tot["cosine"]
         record["norms"] = dict(tot["norms"])
@@ -164,6 +191,20 @@ class SafeGrad:
             mins = [c for c in res["cosine"] if c is not None]
             record["cosine_min"] = min(mins) if mins else None
 
+    def partitions(self, params):
+        """True when PARAMS are DeepSpeed ZeRO's flat fp32 partitions (no model holds them, each
+        rank steps its own slice of the flattened parameters). Only the anchor source with
+        global granularity has a meaning there (w - w0 is computed slice by slice, dot products
+        summed over the ranks); the rest is refused (no parameter names, no per-layer groups)."""
+        import sys
+        if "deepspeed" not in sys.modules or not self.names or any(id(p) in self.names for p in params):
+            return False
+        if self.source != "anchor" or self.granularity != "global":
+            raise _Partitions("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
+                              "names: source %r with granularity %r cannot be applied (use source 'anchor' with "
+                              "granularity 'global', or DDP/FSDP2)" % (self.source, self.granularity))
+        return True
+
     def _safety(self, opt, params, step, record):
         if self.source == "anchor":
             return self._anchor(params)
@@ -172,7 +213,7 @@ class SafeGrad:
         last = self.last_refresh.get(id(opt))
         due = last is None or step - last >= self.refresh_every
         if due or any(id(p) not in self.safety for p in params):
-            self._probe_grads(params, step, record)
+            self._probe_grads(opt, params, step, record)
             self.last_refresh[id(opt)] = step
             record["safety_refreshed"] = True
         return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
@@ -217,8 +258,8 @@ class SafeGrad:
         return out
 
     # -- the probe's gradient --
-    def _probe_grads(self, params, step, record):
-        info = self.info or current_model()
+    def _probe_grads(self, opt, params, step, record):
+        info = self.rt.model_for(opt) or self.info or current_model()
         if info is None:
             self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
             return

@@ -50,7 +50,7 @@ def _setup_features():
     from .context import Context
     import importlib
     policy = _state["policy"]
-    _core.set_features([], [])  # a new policy replaces the features of the one before
+    _close_features()  # a new policy replaces the features of the one before
     if policy is None:
         return
     rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
@@ -67,6 +67,13 @@ def _setup_features():
             mod.setup(policy, rt)
         except Exception as e:
             _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+
+
+def _close_features():
+    _core.set_features([], [])
+    rt, _state["runtime"] = _state["runtime"], None
+    if rt is not None:
+        rt.close()
 
 
 def _register(optmod):
@@ -236,3 +243,4 @@ def uninstall():
     _state["handles"] = []
     _state["active"] = False
     _unwatch()
+    _close_features()

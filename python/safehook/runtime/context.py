@@ -4,12 +4,20 @@ A feature is a module safehook.features.<name> with ``setup(policy, rt)``, calle
 activation when its policy section is present; ``rt`` is a Context. It registers step callables and model listeners on ``rt``:
 
     def setup(policy, rt):
-        rt.on_model(lambda info: ...)          # at the model's first forward
+        rt.on_model(lambda info: ...)          # once per model bound (see model.py)
         rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
         rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
 
-``record`` is a dict merged into the step's audit record. Orders: freeze 10, safegrad 20,
-gate 30, monitor 40 (lower runs first).
+``record`` is a dict merged into the step's audit record. Orders: model binding 0, freeze 10,
+safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure, the pre-step
+callables run inside it, after its backward (runtime/closure.py): they always see the gradients
+the optimizer will use.
+
+Several ranks: a decision that changes the update (skip, scale, project or not, roll back, flag
+an example) must be the same on every rank. Reduce it first with ``rt.agree(value, op)`` (or the
+module function ``agree``): one all_reduce when torch.distributed is initialized, the value
+itself otherwise; every rank calls it at the same point. E.g. ``skip = rt.agree(skip, "any")``,
+``score = rt.agree(score, "min")``.
 """
 import traceback
 
@@ -29,6 +37,9 @@ class Context:
         self._pre = []
         self._post = []
         self._finish = []
+        self._binding = False
+        self._close = []
+        self._closed = False
 
     @property
     def on_error(self):
@@ -38,7 +49,10 @@ class Context:
         return (p.get("_meta") or {}).get("on_error", p.get("on_error", "abort"))
 
     def active(self):
-        """True while the optimizer hooks are registered (False after uninstall())."""
+        """True while these features are in force (False after uninstall() or once a new
+        policy replaced them)."""
+        if self._closed:
+            return False
         return self._active() if self._active is not None else True
 
     # -- step callables --
@@ -51,8 +65,28 @@ class Context:
         self._publish()
 
     def _publish(self):
-        _core.set_features([f for _, _, f in sorted(self._pre, key=lambda t: t[:2])],
-                           [f for _, _, f in sorted(self._post, key=lambda t: t[:2])])
+        from . import closure
+        pre = [f for _, _, f in sorted(self._pre, key=lambda t: t[:2])]
+        _core.set_features(pre, [f for _, _, f in sorted(self._post, key=lambda t: t[:2])],
+                           closure.wrap if pre else None)
+
+    def on_close(self, cb):
+        """Call cb() when these features are removed: uninstall(), or install() of a new
+        policy. A feature undoes what it did to the user's objects there (freeze: requires_grad)."""
+        self._close.append(cb)
+
+    def close(self):
+        """Remove these features: the step callables, the model listeners and hooks, and run
+        the on_close callbacks (errors are logged, never raised)."""
+        from . import model
+        self._closed = True
+        model.reset()
+        for cb in reversed(self._close):
+            try:
+                cb()
+            except Exception as e:
+                debug("close callback failed: %r" % (e,))
+        self._close = []
 
     def on_finish(self, cb):
         """Call cb(fields) at exit, before the 'end' record; cb may add keys to fields."""
@@ -60,9 +94,40 @@ class Context:
 
     # -- the model --
     def on_model(self, cb):
-        """Call cb(ModelInfo) at the first forward of the training model (now, if already seen)."""
+        """Call cb(ModelInfo) once for each model bound (the root module that owns an
+        optimizer's parameters; see model.py), now for those already bound. Several models may
+        be bound in one process."""
         from . import model
+        if not self._binding:
+            self._binding = True
+            self.add_pre(self._bind_step, order=0)
         model.on_model(cb)
+
+    @staticmethod
+    def _bind_step(optimizer, step, record):
+        from . import model
+        model.bind_step(optimizer)
+
+    def model_for(self, optimizer):
+        """The ModelInfo of the model OPTIMIZER trains, or None."""
+        from . import model
+        return model.for_optimizer(optimizer)
+
+    def models(self):
+        """Every ModelInfo bound so far, in binding order."""
+        from . import model
+        return model.models()
+
+    # -- ranks --
+    def agree(self, value, op="max", group=None):
+        """One decision for every rank: VALUE (a number or bool, or a list of them) reduced
+        over the ranks of GROUP (default: the world) with OP ("max", "min", "sum", "mean",
+        "any", "all"), so that every rank takes the same decision; VALUE itself when
+        torch.distributed is not initialized or the world is one rank. One all_reduce (float64;
+        on the current CUDA device under nccl). Every rank must call it at the same point, as any
+        collective: call it on every step where the decision is made, not only where it is true.
+        Booleans come back as booleans ("any": True when any rank says True)."""
+        return agree(value, op, group)
 
     # -- records --
     def audit(self, event, fields=None, step=None):
@@ -87,6 +152,41 @@ class Context:
             warn(msg)
             if self.on_error == "abort":
                 _core.set_pending_error(msg)
+
+
+_OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
+
+
+def world(group=None):
+    """(torch.distributed module, world size) when a process group is initialized, else (None, 1)."""
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None, 1
+    n = dist.get_world_size(group)
+    return (dist, n) if n > 1 else (None, 1)
+
+
+def agree(value, op="max", group=None):
+    """See Context.agree."""
+    if op not in _OPS:
+        raise ValueError("agree: op must be one of %s" % ", ".join(sorted(_OPS)))
+    dist, n = world(group)
+    if dist is None:
+        return value
+    import torch
+    many = isinstance(value, (list, tuple))
+    vals = list(value) if many else [value]
+    boolean = [isinstance(v, bool) for v in vals]
+    dev = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([float(v) for v in vals], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
+    if op == "mean":
+        t /= n
+    out = [bool(x) if b else x for x, b in zip(t.cpu().tolist(), boolean)]
+    return out if many else out[0]
 
 
 Runtime = Context  # the name features and tests used before the move

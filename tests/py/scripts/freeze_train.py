@@ -75,7 +75,7 @@ else:
         import peft
         if stack == "peft_late":
             with torch.no_grad():
-                model(data[0])  # the first forward (safehook freezes here), then the LoRA wrap
+                model(data[0])  # a first forward (no optimizer yet: binds nothing), then the LoRA wrap
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
                                                            if arch in ("llama", "qwen2") else None))
         initial = [{n: p.detach().clone() for n, p in b.named_parameters()} for b in blocks]
@@ -88,7 +88,7 @@ else:
             dist.init_process_group("gloo")
         if stack == "ddp":
             with torch.no_grad():
-                model(data[0])  # a first forward before DDP wraps: freezing happens here
+                model(data[0])  # a first forward before DDP wraps (no optimizer yet: binds nothing)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         if stack == "ddp_then_install":  # a notebook user: safehook arrives after DDP was built
             import safehook

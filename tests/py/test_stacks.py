@@ -1,0 +1,194 @@
+"""The training stacks users run, each under the preload with freeze "1-2" of 4 blocks (and
+SafeGrad with an anchor where it applies): frozen blocks bit-identical, the other blocks
+changed, the projected update equal to a float64 single-process reference, one step record per
+optimizer step. Scripts in stacks/; helpers in stacks/stacknet.py."""
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import base_env, events, read_audit, run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STACKS = os.path.join(HERE, "stacks")
+sys.path.insert(0, STACKS)
+import stacknet  # noqa: E402
+
+
+def stack_run(lib, tmp_path, argv, policy=None, env_extra=None, timeout=300, check=True, name="audit.jsonl"):
+    audit = tmp_path / name
+    if audit.exists():
+        audit.unlink()
+    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit), SAFEHOOK_POLICY=policy, STACK_OUT=str(tmp_path),
+                   PYTHONPATH=STACKS, **(env_extra or {}))
+    p = run(argv, env, cwd=str(tmp_path), timeout=timeout, check=check)
+    return p, read_audit(str(audit))
+
+
+def check_frozen(final, init, frozen=stacknet.is_frozen):
+    """Frozen blocks bit-identical, every other tensor changed."""
+    for n, w in final.items():
+        if frozen(n):
+            assert torch.equal(w, init[n]), "frozen %s moved" % n
+        else:
+            assert not torch.equal(w, init[n]), "trainable %s did not move" % n
+
+
+def close(a, b, tol=2e-6):
+    return all(torch.allclose(a[n], b[n], rtol=0, atol=tol) for n in a)
+
+
+def steps_of(recs, opt=None):
+    return [r for r in events(recs, "step") if opt is None or r.get("opt") == opt]
+
+
+@pytest.mark.parametrize("mode", ["positional", "keyword"])
+def test_closure_gets_features_on_fresh_gradients(lib, tmp_path, mode):
+    """opt.step(closure): SafeGrad projects the gradients the closure computes (before: the
+    stale ones of the step before, and the result equalled a freeze-only run)."""
+    steps = 6
+    argv = [sys.executable, os.path.join(STACKS, "closure_train.py"), mode, str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert close(res["final"], res["ref"]), max(float((res["final"][n] - res["ref"][n]).abs().max()) for n in res["ref"])
+    st = steps_of(recs)
+    assert [r["step"] for r in st] == list(range(1, steps + 1))
+    assert sum(1 for r in st if r.get("projected")) >= 2, st
+    # the same run with freeze only ends elsewhere: the projection changed the update
+    _, recs2 = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "f.json"), safegrad=False),
+                         name="audit2.jsonl")
+    res2 = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res2["final"], res2["init"])
+    assert not close(res["final"], res2["final"], tol=1e-4)
+    assert len(steps_of(recs2)) == steps
+
+
+def test_lbfgs_closure_evaluated_many_times_gets_one_step_record(lib, tmp_path):
+    steps = 3
+    argv = [sys.executable, os.path.join(STACKS, "closure_train.py"), "lbfgs", str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert [r["step"] for r in steps_of(recs)] == list(range(1, steps + 1))
+    assert all("cosine" in r for r in steps_of(recs)[1:])
+
+
+@pytest.mark.parametrize("order", ["opt_first", "forward_first"])
+def test_two_models_each_frozen_reference_model_not_bound(lib, tmp_path, order):
+    """Two models with an optimizer each both get the freeze; a reference model run forward
+    first (no optimizer trains it) is not bound; no global module hook is left."""
+    argv = [sys.executable, os.path.join(STACKS, "two_models.py"), order]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json"), safegrad=False))
+    res = torch.load(str(tmp_path / "result.pt"))
+    for k in ("a", "b"):
+        check_frozen(res["final"][k], res["init"][k])
+    assert all(torch.equal(res["final"]["ref"][n], w) for n, w in res["init"]["ref"].items())
+    assert res["ref_requires_grad"], "the reference model was frozen"
+    assert res["global_hooks"] == 0
+    fr = [r for r in events(recs, "freeze") if not r.get("late")]
+    assert len(fr) == 2 and all(r["frozen_blocks"] == [1, 2] for r in fr), fr
+    assert sorted(r["opt"] for r in steps_of(recs)) == [0, 0, 0, 1, 1, 1]
+    assert events(recs, "end")[0]["freeze"]["models"] == 2
+
+
+def test_uninstall_and_reinstall_undo_freeze_and_hooks(tmp_path):
+    """uninstall() gives back requires_grad and removes the model hooks; a second install()
+    replaces the first policy's freeze (before: both stayed)."""
+    env = base_env(PYTHONPATH=STACKS, SAFEHOOK_AUDIT=str(tmp_path / "a.jsonl"))
+    p = run([sys.executable, os.path.join(STACKS, "reinstall.py")], env, cwd=str(tmp_path))
+    assert p.stdout.strip().endswith("ok")
+
+
+def torchrun(nproc=2, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=%d" % nproc] + list(extra)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_freeze_and_safegrad(lib, tmp_path, mode):
+    """DDP and FSDP2 (fully_shard, DTensor parameters): frozen blocks bit-identical on every
+    shard, replicas identical across ranks, the projected update equal to the single-process
+    reference (FSDP2 before: the freeze checksum mixed DTensor and Tensor and stopped both ranks)."""
+    steps = 3
+    argv = torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "dist_train.py"), mode, str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")), timeout=400)
+    r0, r1 = (torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1))
+    for n in r0["final"]:
+        assert torch.equal(r0["final"][n], r1["final"][n]), "ranks differ on %s" % n
+    check_frozen(r0["final"], r0["init"])
+    assert close(r0["final"], r0["ref"], tol=5e-6), max(float((r0["final"][n] - r0["ref"][n]).abs().max()) for n in r0["ref"])
+    st = steps_of(recs)
+    assert len(st) == 2 * steps and sorted(r["step"] for r in st) == sorted(list(range(1, steps + 1)) * 2)
+    assert any(r.get("projected") for r in st)
+    assert not events(recs, "error") and not events(recs, "violation")
+
+
+def test_ranks_agree_on_every_decision(tmp_path):
+    """rt.agree reduces over the ranks; replicated gradients that differ in their last bits
+    get one projection decision (before: each rank decided on its own numbers)."""
+    env = base_env(PYTHONPATH=STACKS)
+    p = run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "agree_ranks.py")], env,
+            cwd=str(tmp_path), timeout=300)
+    assert "ok" in p.stdout
+
+
+def _have(mod):
+    try:
+        __import__(mod)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _have("lightning"), reason="lightning not installed (tests/requirements.txt)")
+@pytest.mark.parametrize("mode", ["automatic", "manual"])
+def test_lightning(lib, tmp_path, mode):
+    """Lightning's automatic optimization steps with a closure; manual optimization with a no-op
+    one: either way the projection acts on the gradients the optimizer uses."""
+    steps = 4
+    argv = [sys.executable, os.path.join(STACKS, "lightning_train.py"), mode, str(steps)]
+    _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert close(res["final"], res["ref"]), max(float((res["final"][n] - res["ref"][n]).abs().max()) for n in res["ref"])
+    assert [r["step"] for r in steps_of(recs)] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("order", ["opt_first", "compile_first"])
+def test_torch_compile_no_global_hook_warning(lib, tmp_path, order):
+    """torch.compile under the preload: frozen blocks hold, and no global module hook is there to
+    make torch.compile warn (before: the model-finding hook lived until the first forward)."""
+    argv = [sys.executable, os.path.join(STACKS, "compile_train.py"), order]
+    p, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json"), safegrad=False))
+    res = torch.load(str(tmp_path / "result.pt"))
+    check_frozen(res["final"], res["init"])
+    assert "global hooks" not in p.stderr, p.stderr[-2000:]
+    assert res["global_hooks"] == 0
+    assert len(steps_of(recs)) == 3
+
+
+def test_torchrun_two_nodes_c10d_rendezvous(lib, tmp_path):
+    """Two torchrun 'nodes' on localhost meeting through a c10d rendezvous, one DDP rank each:
+    both protected, replicas identical, the update equal to the single-process reference."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    audit = tmp_path / "audit.jsonl"
+    env = base_env(LD_PRELOAD=lib, SAFEHOOK_AUDIT=str(audit), SAFEHOOK_POLICY=stacknet.policy(str(tmp_path / "p.json")),
+                   STACK_OUT=str(tmp_path), PYTHONPATH=STACKS)
+    argv = torchrun(1, ["--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:%d" % port,
+                        "--rdzv_id=stacks"]) + [os.path.join(STACKS, "dist_train.py"), "ddp", "3"]
+    procs = [subprocess.Popen(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    recs = read_audit(str(audit))
+    r0, r1 = (torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1))
+    for n in r0["final"]:
+        assert torch.equal(r0["final"][n], r1["final"][n])
+    check_frozen(r0["final"], r0["init"])
+    assert close(r0["final"], r0["ref"], tol=5e-6)
+    assert len(steps_of(recs)) == 6 and len({r["pid"] for r in events(recs, "freeze")}) == 2
