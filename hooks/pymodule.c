@@ -114,10 +114,22 @@ static PyObject *json_to_py(json_t *j) {
     return r;
 }
 
-static void emit(const char *event, long long step, json_t *fields) {
+static int emit(const char *event, long long step, json_t *fields) {
     int r = sh_audit_emit(event, step, fields);
     if (r < 0 && r != -ENOENT)
         sh_debug("audit write failed: %s", strerror(-r));
+    return r;
+}
+
+/* An enforced job whose records safehookd did not take (disk full under disk_full=stop, the
+ * daemon gone) must not train on unaudited: raise from the step hook. Returns -1 with the error
+ * set, else 0. */
+static int require_audited(core_state *st, const char *event, int r) {
+    if (r >= 0 || r == -ENOENT || !sh_audit_daemon() || !st->policy || !st->policy->enforce)
+        return 0;
+    PyErr_Format(st->error, "the audit daemon did not take the '%s' record (%s); an enforced job stops here",
+                 event, r == -ENOSPC ? "its log is full" : strerror(-r));
+    return -1;
 }
 
 /* ---- runtime configuration ---- */
@@ -139,8 +151,26 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     int r = sh_policy_resolve(path, text, name, sys_path, &p, &err);
     if (r < 0)
         return r == -ENOMEM ? PyErr_NoMemory() : sh_py_policy_raise(st->policy_error, &err, sys_path, audit);
+    /* audit.sink "daemon": records go to safehookd and the job holds no log file; unreachable,
+     * configure fails (under enforcement the job then does not start). */
+    json_t *audit_sec = json_object_get(p->doc, "audit");
+    const char *sink = json_string_value(json_object_get(audit_sec, "sink"));
+    if (sink && !strcmp(sink, "daemon")) {
+        const char *sock = json_string_value(json_object_get(audit_sec, "socket"));
+        if (!sock)
+            sock = SH_AUDIT_SOCKET;
+        int ar = sh_audit_connect(sock);
+        if (ar < 0) {
+            PyErr_Format(st->error, "cannot reach the audit daemon safehookd at %s: %s", sock, strerror(-ar));
+            sh_policy_free(p);
+            return NULL;
+        }
+        audit = NULL;
+    }
     /* SAFEHOOK_AUDIT (AUDIT) overrides the policy's audit.path, unless an enforced system policy sets it */
-    const char *ap = (p->system_enforced && p->audit_path) ? p->audit_path : audit && *audit ? audit : p->audit_path;
+    const char *ap = sh_audit_daemon() && sink && !strcmp(sink, "daemon") ? NULL
+                     : (p->system_enforced && p->audit_path) ? p->audit_path
+                     : audit && *audit ? audit : p->audit_path;
     if (ap) {
         int ar = sh_audit_open(ap);
         if (ar < 0) {
@@ -151,7 +181,6 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     }
     sh_policy_free(st->policy);
     st->policy = p;
-    json_t *audit_sec = json_object_get(p->doc, "audit");
     const char *level = json_string_value(json_object_get(audit_sec, "level"));
     json_int_t every = json_integer_value(json_object_get(audit_sec, "sample_every"));
     st->sample_every = !level || !strcmp(level, "steps") ? 1 : !strcmp(level, "sample") ? (every > 0 ? (int)every : 10) : 0;
@@ -325,7 +354,8 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
             json_object_set_new(f, "enforce", json_boolean(st->policy->enforce));
         }
         json_object_set_new(f, "versions", versions_json());
-        emit("start", -1, f);
+        if (require_audited(st, "start", emit("start", -1, f)) < 0)
+            goto error;
     }
     if (count == 1 && sh_audit_active())
         emit("optimizer", count, optimizer_record(opt, index));
@@ -342,7 +372,10 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         (count % st->sample_every == 0 || count == 1)) {
         json_t *f = record ? to_json(record, 0) : json_object();
         json_object_set_new(f, "opt", json_integer(index));
-        emit("step", count, f);
+        if (require_audited(st, "step", emit("step", count, f)) < 0) {
+            Py_XDECREF(record);
+            goto error;
+        }
     }
     Py_XDECREF(record);
     Py_RETURN_NONE;
