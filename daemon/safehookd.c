@@ -265,7 +265,13 @@ static void enter_full(int err) {
 static char handle_record(const client *c, const char *buf, size_t len) {
     json_error_t jerr;
     json_t *rec = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!rec || !json_is_object(rec)) {
+    const char *event = json_string_value(json_object_get(rec, "event"));
+    /* The daemon's own events are its alone: a job cannot forge a daemon_stop or a marker. */
+    static const char *const own[] = {"daemon_start", "daemon_stop", "disk_full", "records_lost", "log_reopened"};
+    int forged = 0;
+    for (size_t i = 0; event && i < sizeof own / sizeof own[0]; i++)
+        forged |= !strcmp(event, own[i]);
+    if (!rec || !json_is_object(rec) || !event || forged) {
         json_decref(rec);
         return 'E';
     }
