@@ -73,7 +73,7 @@ def main():
     print("ratio frozen/full: %.3f" % (med["frozen"] / med["full"]))
 
     # the cost of one integrity check (every freeze.check_every steps, default 50)
-    from safehook.freeze import checksums
+    from safehook.features.freeze import checksums
     frozen = [p for i in frozen_blocks for p in models["frozen"].model.layers[i].parameters()]
     nbytes = sum(p.numel() * p.element_size() for p in frozen)
     checksums(frozen)

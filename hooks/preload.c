@@ -70,8 +70,8 @@ static const char boot_src[] =
     "            except BaseException:\n"
     "                del sys.modules['safehook']\n"
     "                raise\n"
-    "    import safehook._boot\n"
-    "    safehook._boot.from_preload(lib)\n"
+    "    import safehook.runtime.boot\n"
+    "    safehook.runtime.boot.from_preload(lib)\n"
     "_boot(LIB)\n";
 
 static void report_failure(void) {

@@ -24,17 +24,17 @@ def install(policy=None):
     """Protect every optimizer step of this process from now on, including optimizers that
     already exist. ``policy`` is a path, a dict, or None (SAFEHOOK_POLICY, else the embedded
     default). Returns the normalized policy in force. Raises PolicyError on a bad policy."""
-    from . import _boot
-    return _boot.install(policy)
+    from .runtime import boot
+    return boot.install(policy)
 
 
 def uninstall():
     """Remove the hooks, unless the policy in force is enforced (then raises SafehookError)."""
-    from . import _boot
-    _boot.uninstall()
+    from .runtime import boot
+    boot.uninstall()
 
 
 def project(task_grads, safety_grads, granularity="global", threshold=0.0, **kw):
-    """SafeGrad's projection, in place, exactly as the hook does it: see safehook.projection."""
-    from .projection import project as _project
+    """SafeGrad's projection, in place, exactly as the hook does it: see safehook.features.projection."""
+    from .features.projection import project as _project
     return _project(task_grads, safety_grads, granularity, threshold, **kw)

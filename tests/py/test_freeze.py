@@ -55,7 +55,7 @@ def assert_frozen_exactly(facts, frozen):
 # -- selection and discovery, in process --
 
 def test_select_blocks_ranges_lists_fractions():
-    from safehook.freeze import select_blocks
+    from safehook.features.freeze import select_blocks
     assert select_blocks("15-25", 40) == list(range(15, 26))
     assert select_blocks(["0-1", "15-17", "16"], 40) == [0, 1, 15, 16, 17]
     assert select_blocks("3", 4) == [3]
@@ -71,7 +71,7 @@ def test_select_blocks_ranges_lists_fractions():
 def test_find_blocks_known_families_and_generic():
     import torch
     import transformers as T
-    from safehook.freeze import find_blocks
+    from safehook.features.freeze import find_blocks
     torch.manual_seed(0)
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2)
@@ -105,7 +105,7 @@ def test_find_blocks_known_families_and_generic():
 def test_checksums_see_every_change_on_both_paths():
     import torch
     from safehook import _core
-    from safehook.freeze import _torch_checksum, checksums
+    from safehook.features.freeze import _torch_checksum, checksums
     t = torch.randn(64, 33)
     nc = torch.randn(33, 64).t()  # non-contiguous: hashed from a contiguous copy
     c0, n0 = checksums([t, nc])
@@ -250,7 +250,7 @@ def test_tampering_is_recorded_with_stacks_and_undone(tmp_path, lib):
 
 def test_cosine_gap_finds_where_harmful_prompts_split_off():
     import torch
-    from safehook.cli_locate import cosine_profile, gap_range
+    from safehook.cli.locate import cosine_profile, gap_range
     g = torch.Generator().manual_seed(0)
     base = torch.randn(16, generator=g)
     harm_dir = torch.randn(16, generator=g)
@@ -294,7 +294,7 @@ def test_locate_cli_on_a_model_built_in_a_script(tmp_path):
     assert sorted(res["sweep_upper"]) == [str(h) for h in range(res["gap_start"], 6)]  # JSON keys
     pol = json.loads(out.read_text())
     assert pol == res["policy"] and pol["freeze"]["layers"] in ("%d-%d" % (lo, hi), str(lo))
-    from safehook.freeze import select_blocks
+    from safehook.features.freeze import select_blocks
     assert select_blocks(pol["freeze"]["layers"], 6) == list(range(lo, hi + 1))
 
     # the same weights saved as a local HF directory (real fast tokenizer, chat template), loaded
@@ -314,8 +314,8 @@ def test_locate_cli_on_a_model_built_in_a_script(tmp_path):
 
 def test_locate_scaling_puts_the_exact_weights_back():
     import torch
-    from safehook.cli_locate import Scaled
-    from safehook.freeze import find_blocks
+    from safehook.cli.locate import Scaled
+    from safehook.features.freeze import find_blocks
     sys.path.insert(0, os.path.join(HERE, "scripts"))
     import locate_tiny
     model, _ = locate_tiny.build_untrained()

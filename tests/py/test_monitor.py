@@ -141,7 +141,7 @@ def test_stop_ends_training_after_the_step_and_refuses_more(tmp_path):
 def test_kill_during_disk_snapshot_write_leaves_last_good_snapshot(tmp_path):
     import torch
     import tiny
-    from safehook import monitor
+    from safehook.features import monitor
     snaps = tmp_path / "snaps"
     policy = _write_policy(tmp_path, monitor={"probe": "refusals", "every": 2, "threshold": 0.5,
                                               "snapshot": "disk", "snapshot_dir": str(snaps), "progress": False})
@@ -244,7 +244,7 @@ def test_report_summary_and_png(rollback_run, tmp_path):
 
 
 def test_report_counts_safegrad_and_gate_fields(tmp_path):
-    from safehook import cli_report
+    from safehook.cli import report as cli_report
     recs = [{"event": "start", "policy": "p", "digest": "x"}]
     for s in range(1, 11):
         recs.append({"event": "step", "step": s, "safegrad": {"cosine": -0.5 if s % 3 == 0 else 0.2,
@@ -263,7 +263,7 @@ def test_report_counts_safegrad_and_gate_fields(tmp_path):
 
 def test_update_formula_is_the_optimizers_own_step():
     import torch
-    from safehook import gate
+    from safehook.features import gate
     makers = {
         "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         "sgd-maximize": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, maximize=True),
@@ -421,7 +421,7 @@ def test_contrastive_loss_is_safe_minus_harmful(tmp_path):
 
 def test_fingerprint_ignores_padding():
     import torch
-    from safehook import monitor
+    from safehook.features import monitor
     a = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 5, 6, 7]])
@@ -433,7 +433,7 @@ def test_fingerprint_ignores_padding():
 
 
 class _Runtime:
-    """The part of safehook._runtime.Runtime a feature calls while it runs: records go to a list."""
+    """The part of safehook.runtime.context.Context a feature calls while it runs: records go to a list."""
 
     def __init__(self):
         self.records = []
@@ -448,7 +448,8 @@ class _Runtime:
 def test_gate_scale_shrinks_the_update_to_the_tolerance(tmp_path):
     import torch
     import tiny
-    from safehook import gate, _model
+    from safehook.features import gate
+    from safehook.runtime import model as _model
     probe = tmp_path / "p.jsonl"
     tiny.write_probe(str(probe), n=8)
     policy = {"probes": {"p": {"data": str(probe)}},
@@ -516,7 +517,9 @@ def test_callable_probes_and_judges(tmp_path, monkeypatch):
 
 def test_gate_reports_a_stall_when_momentum_keeps_every_update_out(tmp_path, monkeypatch):
     import torch
-    from safehook import gate, _model, cli_report
+    from safehook.features import gate
+    from safehook.runtime import model as _model
+    from safehook.cli import report as cli_report
     (tmp_path / "linprobe.py").write_text("def loss(model):\n    return model.weight.sum()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     policy = {"probes": {"lin": {"callable": "linprobe:loss"}}, "gate": {"probe": "lin", "action": "skip"}}

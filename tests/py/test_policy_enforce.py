@@ -2,7 +2,7 @@
 system policy applied, its audit.path beating SAFEHOOK_AUDIT, SAFEHOOK_DISABLE=1 refused.
 
 Nothing here writes /etc/safehook: each test runs a fresh interpreter that points
-safehook._boot._SYSTEM_PATH (or _core.configure(system_path=...)) at a file in tmp_path."""
+safehook.runtime.boot._SYSTEM_PATH (or _core.configure(system_path=...)) at a file in tmp_path."""
 import json
 import os
 import subprocess
@@ -95,7 +95,8 @@ def test_weakening_under_abort_stops_the_first_step_and_is_recorded(tmp_path):
     user = _write(tmp_path / "user.json", {"version": 1, "on_error": "warn"})
     r = _py("""
         import safehook
-        from safehook import _boot, _core
+        from safehook import _core
+        from safehook.runtime import boot as _boot
         _boot._SYSTEM_PATH = %r
         assert safehook.install(%r) is None
         import torch
@@ -124,7 +125,7 @@ def test_weakening_under_warn_trains_under_the_system_policy_alone(tmp_path):
     r = _py("""
         import json
         import safehook
-        from safehook import _boot
+        from safehook.runtime import boot as _boot
         _boot._SYSTEM_PATH = %r
         p = safehook.install(%r)
         print(json.dumps({"origin": p["_meta"]["origin"], "layers": p["freeze"]["layers"]}))
@@ -143,7 +144,7 @@ def test_disable_refused_under_an_enforced_system_policy(tmp_path):
     system = _system(tmp_path)
     r = _py("""
         import json
-        from safehook import _boot
+        from safehook.runtime import boot as _boot
         _boot._SYSTEM_PATH = %r
         _boot.from_preload(None)
         print(json.dumps({"via": _boot._state["via"], "origin": (_boot._state["policy"] or {}).get("_meta", {}).get("origin")}))
@@ -161,7 +162,7 @@ def test_disable_honoured_without_an_enforced_system_policy(tmp_path):
     advisory = _write(tmp_path / "advisory.json", {"version": 1})
     for path in (str(tmp_path / "missing.json"), advisory):
         r = _py("""
-            from safehook import _boot
+            from safehook.runtime import boot as _boot
             _boot._SYSTEM_PATH = %r
             _boot.from_preload(None)
             print(_boot._state["via"], _boot._state["active"])

@@ -161,7 +161,7 @@ def test_threads_split_matches_one_thread():
 
 
 def test_layer_key_groups_blocks():
-    from safehook.safegrad import layer_key
+    from safehook.features.safegrad import layer_key
     assert layer_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
     assert layer_key("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
     assert layer_key("layers.0.mix.weight") == "layers.0"

@@ -8,6 +8,7 @@ import random
 import shutil
 import time
 
+from ..probes.batch import pad_batch
 from . import world as W
 
 # Bump when the world, the model or its training change in a way the key does not capture.
@@ -38,17 +39,7 @@ def model_config(tok, m):
 
 def collate(rows, pad_id):
     """Right-padded input_ids, attention_mask and labels (-100 on padding) of encoded rows."""
-    import torch
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        ids[i, :k] = torch.tensor(r["input_ids"])
-        labels[i, :k] = torch.tensor(r["labels"])
-        mask[i, :k] = 1
-    return ids, mask, labels
+    return pad_batch(rows, pad_id)
 
 
 def train_base(cfg, out_dir, log):

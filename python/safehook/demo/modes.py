@@ -24,10 +24,10 @@ PROBE_RATE = "refusal_rate"
 
 def available(features):
     """(True, None) when this safehook has every feature module, else (False, reason)."""
-    missing = [f for f in features if importlib.util.find_spec("safehook." + f) is None]
+    mods = ["safehook.probes" if f == "probes" else "safehook.features." + f for f in features]
+    missing = [m for m in mods if importlib.util.find_spec(m) is None]
     if missing:
-        return False, "feature not in this safehook build: %s" % ", ".join(
-            "safehook.%s" % m for m in missing)
+        return False, "feature not in this safehook build: %s" % ", ".join(missing)
     return True, None
 
 

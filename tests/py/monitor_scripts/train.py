@@ -33,7 +33,7 @@ if cfg.get("block_fsync_at"):
     os.fsync = slow_fsync
 
 import safehook  # noqa: E402
-from safehook import monitor as shmon  # noqa: E402
+from safehook.features import monitor as shmon  # noqa: E402
 
 m = tiny.model()
 pre_loss = tiny.pretrain(m, steps=cfg.get("pretrain", 60))

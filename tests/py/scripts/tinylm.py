@@ -42,13 +42,9 @@ class TinyLM(nn.Module):
 
 def rows_batch(rows):
     """(input_ids, attention_mask, labels) of pre-tokenized rows, padded on the right."""
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        ids[i, :k] = torch.tensor(r["input_ids"])
-        labels[i, :k] = torch.tensor(r["labels"])
-        mask[i, :k] = 1
+    from torch.nn.utils.rnn import pad_sequence
+    seqs = [torch.tensor(r["input_ids"]) for r in rows]
+    ids = pad_sequence(seqs, batch_first=True, padding_value=0)
+    labels = pad_sequence([torch.tensor(r["labels"]) for r in rows], batch_first=True, padding_value=-100)
+    mask = pad_sequence([torch.ones_like(t) for t in seqs], batch_first=True, padding_value=0)
     return ids, mask, labels

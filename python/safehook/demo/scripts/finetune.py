@@ -28,6 +28,7 @@ def main():
     args = ap.parse_args()
 
     import torch
+    from torch.nn.utils.rnn import pad_sequence
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -44,15 +45,10 @@ def main():
 
     def batch():
         b = rng.sample(rows, args.batch)
-        n = max(len(r["input_ids"]) for r in b)
-        ids = torch.full((len(b), n), pad, dtype=torch.long)
-        labels = torch.full((len(b), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(b), n), dtype=torch.long)
-        for i, r in enumerate(b):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.tensor(r["input_ids"])
-            labels[i, :k] = torch.tensor(r["labels"])
-            mask[i, :k] = 1
+        seqs = [torch.tensor(r["input_ids"]) for r in b]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=pad)
+        labels = pad_sequence([torch.tensor(r["labels"]) for r in b], batch_first=True, padding_value=-100)
+        mask = pad_sequence([torch.ones_like(t) for t in seqs], batch_first=True, padding_value=0)
         return ids, mask, labels
 
     times, losses = [], []

@@ -1,7 +1,7 @@
-"""What a feature (freeze, safegrad, probes, gate, monitor) sees of the runtime.
+"""What a feature (freeze, safegrad, probes, gate, monitor) sees of the runtime: the Context.
 
-A feature is a module safehook.<name> with ``setup(policy, rt)``, called once at activation
-when its policy section is present. It registers step callables and model listeners on ``rt``:
+A feature is a module safehook.features.<name> with ``setup(policy, rt)``, called once at
+activation when its policy section is present; ``rt`` is a Context. It registers step callables and model listeners on ``rt``:
 
     def setup(policy, rt):
         rt.on_model(lambda info: ...)          # at the model's first forward
@@ -11,18 +11,35 @@ when its policy section is present. It registers step callables and model listen
 ``record`` is a dict merged into the step's audit record. Orders: freeze 10, safegrad 20,
 gate 30, monitor 40 (lower runs first).
 """
-import os
 import traceback
 
-from . import _core
+from .. import _core
+from .log import debug, warn  # noqa: F401  (re-exported for features)
+from .model import strip_name, unwrap, current as current_model  # noqa: F401
 
 
-class Runtime:
-    def __init__(self, policy):
+class Context:
+    """Handed to each feature's setup(). ``fail`` and ``active`` come from the activation code,
+    so that a feature never imports it."""
+
+    def __init__(self, policy, fail=None, active=None):
         self.policy = policy or {}
+        self._fail = fail
+        self._active = active
         self._pre = []
         self._post = []
         self._finish = []
+
+    @property
+    def on_error(self):
+        """'abort' (the default) or 'warn': what the policy says to do when protection cannot
+        be applied."""
+        p = self.policy
+        return (p.get("_meta") or {}).get("on_error", p.get("on_error", "abort"))
+
+    def active(self):
+        """True while the optimizer hooks are registered (False after uninstall())."""
+        return self._active() if self._active is not None else True
 
     # -- step callables --
     def add_pre(self, fn, order=50):
@@ -44,8 +61,8 @@ class Runtime:
     # -- the model --
     def on_model(self, cb):
         """Call cb(ModelInfo) at the first forward of the training model (now, if already seen)."""
-        from . import _model
-        _model.on_model(cb)
+        from . import model
+        model.on_model(cb)
 
     # -- records --
     def audit(self, event, fields=None, step=None):
@@ -62,11 +79,14 @@ class Runtime:
         debug("violation: %s" % what)
 
     def fail(self, msg):
-        """Protection that the policy asks for cannot be applied: see _boot._protection_failed."""
-        from . import _boot
-        _boot._protection_failed(msg)
+        """Protection that the policy asks for cannot be applied: say so once; under
+        on_error=abort the first optimizer step raises (see boot._protection_failed)."""
+        if self._fail is not None:
+            self._fail(msg)
+        else:
+            warn(msg)
+            if self.on_error == "abort":
+                _core.set_pending_error(msg)
 
 
-def debug(msg):
-    if os.environ.get("SAFEHOOK_LOG") == "debug":
-        os.write(2, ("safehook: " + msg + "\n").encode("utf-8", "replace"))
+Runtime = Context  # the name features and tests used before the move

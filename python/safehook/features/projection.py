@@ -13,7 +13,7 @@ through the C kernel (one pass for the dot products, one for the update, both co
 (FSDP2) have their partial dot products summed with one all_reduce over the shard group."""
 import math
 
-from . import _core
+from .. import _core
 
 GRANULARITIES = ("global", "layer", "tensor")
 COS_EPS = 1e-6  # as SH_SG_COS_EPS: a cosine this close to the threshold is not below it

@@ -255,7 +255,7 @@ def sweep(runner, prompts, start, alpha, say):
 
 def locate(args, say=print):
     import torch
-    from .freeze import find_blocks
+    from ..features.freeze import find_blocks
     torch.manual_seed(0)
     model, tok = load(args)
     blocks = find_blocks(model)

@@ -3,7 +3,7 @@ import sys
 
 
 def _cmd(args):
-    from .demo import bench
+    from ..demo import bench
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     if modes:
         known = [n for n, _, _ in bench.M.MODES]

@@ -32,8 +32,8 @@ consecutive skips, then at 64, 128...), and ``safehook report`` shows the longes
 """
 import torch
 
-from . import _core, probes
-from ._runtime import debug
+from .. import _core, probes
+from ..runtime.context import debug
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "action": "skip", "every": 1}
 STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
@@ -177,7 +177,7 @@ class Gate:
         self.counts = {"allow": 0, "skip": 0, "scale": 0}
         self.streak = 0       # consecutive skipped steps
         self.dead = False
-        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
+        self.on_error = rt.on_error
 
     def on_model(self, info):
         self.info = info

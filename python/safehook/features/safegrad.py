@@ -25,8 +25,9 @@ unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). W
 """
 import re
 
-from . import _model, projection
-from ._runtime import debug
+from .. import probes
+from . import projection
+from ..runtime.context import current_model, debug
 
 ORDER = 20
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -54,7 +55,7 @@ class SafeGrad:
         self.threshold = float(cfg.get("threshold", 0.0))
         self.refresh_every = int(cfg.get("refresh_every", 1))
         self.loss_kind = cfg.get("loss", "ce")
-        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
+        self.on_error = rt.on_error
         self.info = None
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
@@ -67,7 +68,7 @@ class SafeGrad:
         if self.granularity not in projection.GRANULARITIES:
             raise ValueError("safegrad.granularity must be one of %s" % ", ".join(projection.GRANULARITIES))
         if self.source == "probe":
-            from . import probes
+            from .. import probes
             name = cfg.get("probe")
             if not name:
                 raise ValueError("safegrad.source 'probe' needs safegrad.probe")
@@ -112,18 +113,18 @@ class SafeGrad:
         self.failed = True
         self.rt.fail("safegrad: " + msg)
         if raise_now and self.on_error == "abort":
-            from ._core import PolicyError
+            from .._core import PolicyError
             raise PolicyError("safegrad: " + msg)
 
     def _names(self):
-        info = self.info or _model.current()
+        info = self.info or current_model()
         return {id(p): n for n, p in info.params.items()} if info else {}
 
     # -- the step --
     def pre_step(self, opt, step, record):
         if self.failed:
             return
-        from ._core import PolicyError
+        from .._core import PolicyError
         try:
             self._step(opt, step, record)
         except PolicyError:
@@ -219,7 +220,7 @@ class SafeGrad:
     # -- the probe's gradient --
     def _probe_grads(self, params, record):
         import torch
-        info = self.info or _model.current()
+        info = self.info or current_model()
         if info is None:
             self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
             return
@@ -278,22 +279,11 @@ class SafeGrad:
 
 def _batch(probe, device):
     """(input_ids, attention_mask, labels) of a probe's rows, padded on the right."""
-    import torch
     make = getattr(probe, "batch", None)
     if make is not None:
         b = make(device)
         return b["input_ids"], b["attention_mask"], b["labels"]
-    rows = probe.rows()
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long, device=device)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), n, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        ids[i, :k] = torch.tensor(r["input_ids"])
-        labels[i, :k] = torch.tensor(r.get("labels", r["input_ids"]))
-        mask[i, :k] = 1
-    return ids, mask, labels
+    return probes.pad_batch(probe.rows(), 0, device)
 
 
 def torch_empty_like(t):

@@ -27,8 +27,9 @@ import hashlib
 import os
 import time
 
-from . import _core, probes, _snapshot
-from ._runtime import debug
+from .. import _core, probes
+from . import snapshot as _snapshot
+from ..runtime.context import debug
 
 
 class SafetyStop(_core.SafehookError):
@@ -197,7 +198,7 @@ class Monitor:
         if cfg["action"] not in ("rollback", "reduce_lr", "both", "stop"):
             raise ValueError("unknown monitor action %r" % cfg["action"])
         self.probe = probes.get(policy, cfg["probe"])
-        self.on_error = (policy.get("_meta") or {}).get("on_error", policy.get("on_error", "abort"))
+        self.on_error = rt.on_error
         self.snaps = (_snapshot.DiskSnapshots(cfg["snapshot_dir"]) if cfg["snapshot"] == "disk"
                       else _snapshot.MemorySnapshots())
         self.info = None

@@ -1,28 +1,28 @@
 """The safehook command. Each subcommand beyond lib/run/version lives in a module
-safehook.cli_<name> with register(subparsers); listing a name here is all it takes."""
+safehook.cli.<name> with register(subparsers); listing a name here is all it takes."""
 import argparse
 import importlib
 import os
 import sys
 
-# Subcommand modules: safehook.cli_<name>.register(sub) adds a parser with set_defaults(func=...).
+# Subcommand modules: safehook.cli.<name>.register(sub) adds a parser with set_defaults(func=...).
 EXTRA_COMMANDS = ("check", "locate", "report", "demo", "verify_log")
 
 
 def _cmd_lib(args):
-    from . import lib
+    from .. import lib
     print(lib())
     return 0
 
 
 def _cmd_version(args):
-    from . import __version__
+    from .. import __version__
     print("safehook", __version__)
     return 0
 
 
 def _cmd_run(args):
-    from . import lib
+    from .. import lib
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -67,9 +67,9 @@ def build_parser():
 
     for name in EXTRA_COMMANDS:
         try:
-            mod = importlib.import_module("safehook.cli_" + name)
+            mod = importlib.import_module("safehook.cli." + name)
         except ModuleNotFoundError as e:
-            if e.name != "safehook.cli_" + name:
+            if e.name != "safehook.cli." + name:
                 raise
             continue
         mod.register(sub)

@@ -28,9 +28,8 @@ import math
 import re
 import sys
 
-from . import _core
-from ._model import strip_name, unwrap
-from ._runtime import debug
+from .. import _core
+from ..runtime.context import debug, strip_name, unwrap
 
 # Paths (relative to the model root, matched as a suffix) of the block list of known families:
 # Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and
@@ -373,8 +372,7 @@ def _watch_ddp(fr):
 
     @functools.wraps(real)
     def __init__(self, *args, **kwargs):
-        from . import _boot
-        target = cell[0] if _boot._state["active"] else None  # uninstalled: leave DDP alone
+        target = cell[0] if cell[0].rt.active() else None  # uninstalled: leave DDP alone
         module = args[0] if args else kwargs.get("module")
         if target is not None and module is not None:
             try:

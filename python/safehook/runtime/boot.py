@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from . import _core
+from .. import _core
+from .log import debug as _debug, warn as _warn
 
 _OPT_MODULE = "torch.optim.optimizer"
 
@@ -16,18 +17,8 @@ _state = {
     "policy": None,    # normalized policy dict in force
     "handles": [],     # torch RemovableHandles
     "watcher": None,
-    "runtime": None,   # _runtime.Runtime of the features
+    "runtime": None,   # context.Context of the features
 }
-
-
-def _warn(msg):
-    # One line, one write: only used when protection could not be applied.
-    os.write(2, ("safehook: " + msg + "\n").encode("utf-8", "replace"))
-
-
-def _debug(msg):
-    if os.environ.get("SAFEHOOK_LOG") == "debug":
-        _warn(msg)
 
 
 # The system policy's path: None is the path compiled in (meson option system_policy). Never
@@ -48,25 +39,27 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
-# Features in the order their setup runs; each is safehook.<name>.setup(policy, rt), run when
-# the policy has a section of that name. See _runtime.py for what a feature can do.
-FEATURES = ("freeze", "safegrad", "probes", "gate", "monitor")
+# Features in the order their setup runs: (policy section, module). Each module has
+# setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
+FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
+            ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
+            ("monitor", "safehook.features.monitor"))
 
 
 def _setup_features():
-    from ._runtime import Runtime
+    from .context import Context
     import importlib
     policy = _state["policy"]
     _core.set_features([], [])  # a new policy replaces the features of the one before
     if policy is None:
         return
-    rt = Runtime(policy)
+    rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
     _state["runtime"] = rt
-    for name in FEATURES:
+    for name, modname in FEATURES:
         if not policy.get(name):
             continue
         try:
-            mod = importlib.import_module("safehook." + name)
+            mod = importlib.import_module(modname)
         except ImportError as e:
             _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
             continue

@@ -4,7 +4,7 @@ import sys
 
 
 def _run(args):
-    from . import _core
+    from .. import _core
     bad = 0
     for f in args.files:
         try:

@@ -1,7 +1,7 @@
 """Finding the model being trained: a global forward pre-hook that lives until the first
 forward call, takes the outermost module called as the model, and is removed at once (a global
 module hook slows every module call while it exists)."""
-from ._runtime import debug
+from .log import debug
 
 _WRAPPER_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
