@@ -493,7 +493,34 @@ static PyObject *core_system_policy_path(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sh_policy_system_path());
 }
 
+PyDoc_STRVAR(armed_doc,
+"armed()\n--\n\n"
+"True when a policy is in force or a pending error will stop the first step: activation ran.");
+
+static PyObject *core_armed(PyObject *m, PyObject *unused) {
+    (void)unused;
+    core_state *st = get_state(m);
+    return PyBool_FromLong(st->policy != NULL || st->pending != NULL);
+}
+
+PyDoc_STRVAR(secure_getenv_doc,
+"secure_getenv(name)\n--\n\n"
+"The environment variable NAME, or None; always None in a setuid/setgid (AT_SECURE) process.");
+
+static PyObject *core_secure_getenv(PyObject *m, PyObject *name) {
+    (void)m;
+    const char *n = PyUnicode_AsUTF8(name);
+    if (!n)
+        return NULL;
+    const char *v = secure_getenv(n);
+    if (!v)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeFSDefault(v);
+}
+
 static PyMethodDef core_methods[] = {
+    {"armed", core_armed, METH_NOARGS, armed_doc},
+    {"secure_getenv", core_secure_getenv, METH_O, secure_getenv_doc},
     {"configure", (PyCFunction)(void (*)(void))core_configure, METH_VARARGS | METH_KEYWORDS, configure_doc},
     {"set_pending_error", core_set_pending_error, METH_O, set_pending_doc},
     {"set_features", core_set_features, METH_VARARGS, set_features_doc},

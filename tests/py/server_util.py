@@ -80,3 +80,29 @@ class Daemon:
 def verify_log(path, *extra):
     return subprocess.run([sys.executable, "-m", "safehook", "verify-log", path] + list(extra),
                           capture_output=True, text=True, timeout=60)
+
+
+def enforced_build(tmp_factory, system_policy):
+    """libsafehook.so and safehook._core built with SYSTEM_POLICY compiled in as the system
+    policy's path, assembled with this tree's Python package into a folder of its own (nothing
+    under /etc is touched). Returns (site folder for PYTHONPATH, path of libsafehook.so)."""
+    import glob
+    key = ("enforced", system_policy)
+    if key in _built:
+        return _built[key]
+    d = str(tmp_factory.mktemp("enforced"))
+    b = os.path.join(d, "build")
+    subprocess.run(["meson", "setup", b, ROOT, "-Dsystem_policy=" + system_policy, "-Dinstall_cli=false",
+                    "-Dwerror=false", "-Ddaemon=disabled", "--buildtype=release"], check=True,
+                   capture_output=True, text=True)
+    subprocess.run(["meson", "compile", "-C", b], check=True, capture_output=True, text=True)
+    site = os.path.join(d, "site")
+    shutil.copytree(os.path.join(ROOT, "python", "safehook"), os.path.join(site, "safehook"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    ext = glob.glob(os.path.join(b, "hooks", "_core*.so"))
+    assert ext, os.listdir(os.path.join(b, "hooks"))
+    shutil.copy(ext[0], os.path.join(site, "safehook"))
+    lib = os.path.join(site, "safehook", "libsafehook.so")
+    shutil.copy(os.path.join(b, "hooks", "libsafehook.so"), lib)
+    _built[key] = (site, lib)
+    return _built[key]

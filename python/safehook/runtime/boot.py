@@ -21,6 +21,12 @@ _state = {
 }
 
 
+def _env(name):
+    """The environment as safehook reads it: secure_getenv, so a setuid/setgid (AT_SECURE)
+    process ignores it."""
+    return _core.secure_getenv(name)
+
+
 # The system policy's path: None is the path compiled in (meson option system_policy). Never
 # taken from the environment; tests running in a subprocess of their own may set it.
 _SYSTEM_PATH = None
@@ -28,9 +34,9 @@ _SYSTEM_PATH = None
 
 def _configure(policy):
     """Resolve the policy in force (user policy against the system policy) and open the log."""
-    kw = {"audit_path": os.environ.get("SAFEHOOK_AUDIT") or None, "system_path": _SYSTEM_PATH}
+    kw = {"audit_path": _env("SAFEHOOK_AUDIT") or None, "system_path": _SYSTEM_PATH}
     if policy is None:
-        policy = os.environ.get("SAFEHOOK_POLICY") or None
+        policy = _env("SAFEHOOK_POLICY") or None
     if isinstance(policy, dict):
         kw["policy_text"] = json.dumps(policy)
         kw["policy_name"] = "<dict>"
@@ -159,7 +165,7 @@ def _policy_refused(e):
         _core.audit("error", rec)
     if on_error == "warn" and getattr(e, "system_enforced", False):
         try:
-            _state["policy"] = _core.configure(audit_path=os.environ.get("SAFEHOOK_AUDIT") or None,
+            _state["policy"] = _core.configure(audit_path=_env("SAFEHOOK_AUDIT") or None,
                                                system_path=_SYSTEM_PATH)
             _warn("policy error: %s (on_error=warn: the enforced system policy applies without the user policy)" % e)
             return
@@ -205,7 +211,7 @@ def from_preload(lib):
     """Called by libsafehook.so when this process first imports torch."""
     if _state["via"] is not None:
         return
-    if os.environ.get("SAFEHOOK_DISABLE") == "1":
+    if _env("SAFEHOOK_DISABLE") == "1":
         system = _core.system_policy_state(system_path=_SYSTEM_PATH)
         if system["state"] in ("none", "advisory"):
             _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
