@@ -82,17 +82,20 @@ def verify_log(path, *extra):
                           capture_output=True, text=True, timeout=60)
 
 
-def enforced_build(tmp_factory, system_policy):
-    """libsafehook.so and safehook._core built with SYSTEM_POLICY compiled in as the system
-    policy's path, assembled with this tree's Python package into a folder of its own (nothing
-    under /etc is touched). Returns (site folder for PYTHONPATH, path of libsafehook.so)."""
+def enforced_build(tmp_factory):
+    """libsafehook.so, safehook._core and the SPANK plugin built with a system policy path in a
+    temp folder compiled in, assembled with this tree's Python package into a folder of its own
+    (nothing under /etc is touched). One build per test session, shared by the tests that need
+    it; each writes the system policy it wants to world["system"] (tests run one at a time).
+    Returns {"site": for PYTHONPATH, "lib": libsafehook.so, "system": the policy path,
+    "build": the build folder, "spank": the plugin or None}."""
     import glob
-    key = ("enforced", system_policy)
-    if key in _built:
-        return _built[key]
+    if "enforced" in _built:
+        return _built["enforced"]
     d = str(tmp_factory.mktemp("enforced"))
+    system = os.path.join(d, "system.json")
     b = os.path.join(d, "build")
-    subprocess.run(["meson", "setup", b, ROOT, "-Dsystem_policy=" + system_policy, "-Dinstall_cli=false",
+    subprocess.run(["meson", "setup", b, ROOT, "-Dsystem_policy=" + system, "-Dinstall_cli=false",
                     "-Dwerror=false", "-Ddaemon=disabled", "--buildtype=release"], check=True,
                    capture_output=True, text=True)
     subprocess.run(["meson", "compile", "-C", b], check=True, capture_output=True, text=True)
@@ -104,5 +107,7 @@ def enforced_build(tmp_factory, system_policy):
     shutil.copy(ext[0], os.path.join(site, "safehook"))
     lib = os.path.join(site, "safehook", "libsafehook.so")
     shutil.copy(os.path.join(b, "hooks", "libsafehook.so"), lib)
-    _built[key] = (site, lib)
-    return _built[key]
+    spank = os.path.join(b, "hooks", "spank", "safehook_spank.so")
+    _built["enforced"] = {"site": site, "lib": lib, "system": system, "build": b,
+                          "spank": spank if os.path.exists(spank) else None}
+    return _built["enforced"]

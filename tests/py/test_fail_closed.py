@@ -21,11 +21,7 @@ TRAIN = os.path.join(HERE, "policy_scripts", "train_tiny.py")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("failclosed")
-    system = str(d / "system.json")
-    site, lib = enforced_build(tmp_path_factory, system)
-    return {"dir": d, "system": system, "site": site, "lib": lib,
-            "safehookd": safehookd_binary(tmp_path_factory)}
+    return dict(enforced_build(tmp_path_factory), safehookd=safehookd_binary(tmp_path_factory))
 
 
 @pytest.fixture
