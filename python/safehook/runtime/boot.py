@@ -49,7 +49,8 @@ def _configure(policy):
 # setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
 FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
             ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"))
+            ("monitor", "safehook.features.monitor"),
+            (None, "safehook.features.tamper"))  # None: set up for every policy
 
 
 def _setup_features():
@@ -62,7 +63,7 @@ def _setup_features():
     rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
     _state["runtime"] = rt
     for name, modname in FEATURES:
-        if not policy.get(name):
+        if name is not None and not policy.get(name):
             continue
         try:
             mod = importlib.import_module(modname)
