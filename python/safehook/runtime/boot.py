@@ -144,7 +144,9 @@ def _protection_failed(msg):
     _core.audit("error", {"message": msg, "on_error": on_error})
     if on_error == "abort":
         _core.set_pending_error(msg)
-        _warn(msg + " (training will stop at its first optimizer step)")
+        steps = _core.stats()["steps"]
+        _warn(msg + (" (training stops at step %d)" % steps if steps else
+                     " (training will stop at its first optimizer step)"))
     else:
         _warn(msg + " (on_error=warn: training continues)")
 
