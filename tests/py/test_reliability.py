@@ -1,5 +1,7 @@
 """Reliability: a disk snapshot that fails removes its temp file and names the step it failed
-at; SIGTERM to a parent that runs fine-tuning children (safehook demo) ends the children."""
+at; SIGTERM to a parent that runs fine-tuning children (safehook demo) ends the children; NaN/inf
+in a direction file stops the job, a direction covering some parameters is said, a NaN gradient
+is a violation; a probe over 10k rows warns with its cost."""
 import json
 import os
 import signal
@@ -77,3 +79,71 @@ def test_sigterm_to_the_demo_ends_its_finetuning_child(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+DIRECTION = os.path.join(HERE, "server_scripts", "direction_train.py")
+
+
+def _direction_policy(tmp_path, tensors):
+    import torch
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "dir.safetensors"))
+    p = tmp_path / "policy.json"
+    p.write_text(json.dumps({"version": 1, "safegrad": {"source": "direction",
+                                                        "direction": str(tmp_path / "dir.safetensors")}}))
+    return str(p)
+
+
+def _full_direction():
+    import torch
+    sys.path.insert(0, os.path.join(HERE, "scripts"))
+    from tinylm import TinyLM
+    return {n: torch.randn_like(p) for n, p in TinyLM(n=2).named_parameters()}
+
+
+def test_nan_in_a_direction_file_stops_the_job(preload_run, tmp_path):
+    d = _full_direction()
+    d["layers.0.mix.weight"][3, 4] = float("inf")
+    p, recs = preload_run([sys.executable, DIRECTION], policy=_direction_policy(tmp_path, d), check=False)
+    assert p.returncode != 0 and "step 1 done" not in p.stdout
+    assert "layers.0.mix.weight holds 1 NaN/inf values of 1024" in p.stderr
+    assert not [r for r in recs if r["event"] == "step"]
+
+
+def test_a_direction_covering_some_parameters_is_said_once(preload_run, tmp_path):
+    d = _full_direction()
+    n_all = len(d)
+    for k in [k for k in d if k.startswith("layers.1.")]:
+        del d[k]
+    p, recs = preload_run([sys.executable, DIRECTION], policy=_direction_policy(tmp_path, d))
+    assert p.stdout.count("done") == 4
+    lines = [l for l in p.stderr.splitlines() if "safegrad.direction covers" in l]
+    assert len(lines) == 1 and "covers %d of %d trainable parameters; the other 6 are not projected" % (n_all - 6, n_all) in lines[0]
+    err = [r for r in recs if r["event"] == "error"]
+    assert len(err) == 1 and err[0]["count"] == 6 and all(m.startswith("layers.1.") for m in err[0]["missing"])
+
+
+def test_a_nan_gradient_is_a_violation(preload_run, tmp_path):
+    p, recs = preload_run([sys.executable, DIRECTION], policy=_direction_policy(tmp_path, _full_direction()),
+                          env_extra={"NAN": "2"})
+    # the NaN of step 2 reaches the weights, so steps 3 and 4 have NaN gradients too
+    v = [r["what"] for r in recs if r["event"] == "violation"]
+    assert [w.split(":")[0] for w in v] == ["non-finite values in the task or safety gradient at step %d" % s
+                                           for s in (2, 3, 4)]
+    steps = {r["step"]: r for r in recs if r["event"] == "step"}
+    assert not steps[1].get("nonfinite") and all(steps[s].get("nonfinite") is True for s in (2, 3, 4))
+
+
+def test_a_probe_over_10k_rows_warns_with_its_cost(tmp_path, capfd):
+    from safehook.probes.probe import Probe
+    data = tmp_path / "big.jsonl"
+    with open(data, "w") as f:
+        for i in range(10001):
+            f.write(json.dumps({"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}) + "\n")
+    Probe("big", {"data": str(data), "batch_size": 16}).examples()
+    err = capfd.readouterr().err
+    assert "probe 'big': 10001 rows" in err and "626 forward batches of 16" in err and "probes.big.limit" in err
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"input_ids": [1, 2], "labels": [1, 2]}) + "\n" for _ in range(10000)))
+    Probe("small", {"data": str(small)}).examples()
+    assert capfd.readouterr().err == ""
