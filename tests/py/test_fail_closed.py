@@ -128,3 +128,23 @@ def test_advisory_system_policy_keeps_the_documented_behaviour(world, tmp_path):
     p = _run(world, tmp_path)
     assert p.returncode == 0 and p.stdout.count("done") == 3
     assert "safehook: protection is NOT active in this process" in p.stderr
+
+
+def test_pointing_system_path_elsewhere_then_uninstall_is_refused(world, tmp_path, daemon):
+    _system(world, {"sink": "daemon", "socket": daemon.socket})
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps({"version": 1}))
+    script = tmp_path / "escape.py"
+    script.write_text(
+        "import safehook\n"
+        "from safehook.runtime import boot\n"
+        "boot._SYSTEM_PATH = %r\n"
+        "safehook.install({'version': 1})\n"
+        "try:\n"
+        "    safehook.uninstall()\n"
+        "    print('uninstalled')\n"
+        "except safehook.SafehookError as e:\n"
+        "    print('refused:', e)\n" % str(weak) + open(TRAIN).read())
+    p = _run(world, tmp_path, script=str(script))
+    assert "refused: the policy in force is enforced" in p.stdout, p.stdout + p.stderr
+    _protected(daemon, p)

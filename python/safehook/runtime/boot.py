@@ -32,9 +32,22 @@ def _env(name):
 _SYSTEM_PATH = None
 
 
+def _compiled_enforced():
+    """True when the system policy at the compiled-in path is enforced (or unreadable)."""
+    return _core.system_policy_state(system_path=None)["state"] not in ("none", "advisory")
+
+
+def _system_path():
+    """_SYSTEM_PATH, unless the compiled-in system policy is enforced: a job cannot point itself
+    at a weaker system policy by setting a Python variable."""
+    if _SYSTEM_PATH is not None and _compiled_enforced():
+        return None
+    return _SYSTEM_PATH
+
+
 def _configure(policy):
     """Resolve the policy in force (user policy against the system policy) and open the log."""
-    kw = {"audit_path": _env("SAFEHOOK_AUDIT") or None, "system_path": _SYSTEM_PATH}
+    kw = {"audit_path": _env("SAFEHOOK_AUDIT") or None, "system_path": _system_path()}
     if policy is None:
         policy = _env("SAFEHOOK_POLICY") or None
     if isinstance(policy, dict):
@@ -169,7 +182,7 @@ def _policy_refused(e):
     if on_error == "warn" and getattr(e, "system_enforced", False):
         try:
             _state["policy"] = _core.configure(audit_path=_env("SAFEHOOK_AUDIT") or None,
-                                               system_path=_SYSTEM_PATH)
+                                               system_path=_system_path())
             _warn("policy error: %s (on_error=warn: the enforced system policy applies without the user policy)" % e)
             return
         except _core.PolicyError as e2:
@@ -215,7 +228,7 @@ def from_preload(lib):
     if _state["via"] is not None:
         return
     if _env("SAFEHOOK_DISABLE") == "1":
-        system = _core.system_policy_state(system_path=_SYSTEM_PATH)
+        system = _core.system_policy_state(system_path=_system_path())
         if system["state"] in ("none", "advisory"):
             _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
             return
@@ -238,7 +251,7 @@ def install(policy=None):
 
 def uninstall():
     policy = _state["policy"] or {}
-    if (policy.get("_meta") or {}).get("enforce"):
+    if (policy.get("_meta") or {}).get("enforce") or _compiled_enforced():
         raise _core.SafehookError("the policy in force is enforced; safehook cannot be uninstalled")
     for h in _state["handles"]:
         h.remove()
