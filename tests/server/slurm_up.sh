@@ -17,7 +17,7 @@ fi
 [ -f "$D/plugstack.conf" ] || : > "$D/plugstack.conf"
 cat > "$D/slurm.conf" <<CONF
 ClusterName=safehooktest
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -44,7 +44,7 @@ PlugStackConfig=$D/plugstack.conf
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=$HOST CPUs=$CPUS State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 munged --socket="$D/munge/munge.socket" --key-file="$D/munge/munge.key" --pid-file="$D/munge/munged.pid" \
