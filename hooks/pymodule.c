@@ -463,9 +463,10 @@ PyDoc_STRVAR(stats_doc, "stats()\n--\n\nCounters of this process's runtime, as a
 static PyObject *core_stats(PyObject *m, PyObject *unused) {
     (void)unused;
     core_state *st = get_state(m);
-    return Py_BuildValue("{s:L,s:L,s:L,s:n,s:O,s:z}", "steps", st->steps, "nested_steps", st->nested, "current",
-                         st->current, "optimizers", PyDict_GET_SIZE(st->optimizers), "started",
-                         st->started ? Py_True : Py_False, "audit", sh_audit_path());
+    return Py_BuildValue("{s:L,s:L,s:L,s:n,s:O,s:z,s:O}", "steps", st->steps, "nested_steps", st->nested,
+                         "current", st->current, "optimizers", PyDict_GET_SIZE(st->optimizers), "started",
+                         st->started ? Py_True : Py_False, "audit", sh_audit_path(), "in_step",
+                         st->depth > 0 ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(native_stack_doc,

@@ -9,8 +9,9 @@ Set up for every policy (no section of its own). Three checks:
   back (while safehook is installed).
 - Parameters that moved with no optimizer step through safehook (a manual no_grad update, a
   replaced ``step``, an update made in a post-accumulate-grad hook, a loaded state dict): at the
-  same ticks, a checksum of a sample of the trainable tensors (the SAMPLE smallest and the
-  SAMPLE largest) that changed while safehook's step counter did not is a "violation".
+  same ticks (outside a step, after the first step through safehook), a checksum of a sample of
+  the trainable tensors (the SAMPLE smallest and the SAMPLE largest) that changed while
+  safehook's step counter did not is a "violation".
 - Checkpoint saves: ``torch.save`` and safetensors' ``save_file``/``save_model`` are wrapped; before
   the file is written the frozen tensors are compared with their freeze-time checksums (the freeze
   feature's check: changed ones are recorded and, with freeze.restore, restored; a state dict
@@ -81,8 +82,18 @@ def check_moved(where):
     rt = _state["rt"]
     if rt is None or not rt.active() or not _state["sample"]:
         return True
-    steps = _core.stats()["steps"]
+    st = _core.stats()
+    if st["in_step"]:
+        # inside a step (a probe's forward, a rollback): the features move weights on purpose
+        return True
+    steps = st["steps"]
     now = _sums(_state["sample"])
+    if steps == 0:
+        # before the first step through safehook a script may prepare its model by hand (a
+        # pretraining loop of its own); a job that never steps through safehook writes no
+        # "start" record, which is what the out-of-process checks (SPANK task check) flag
+        _state["sums"], _state["steps"] = now, steps
+        return True
     moved = now != _state["sums"] and steps == _state["steps"]
     if moved:
         _violation("moved_without_step",
