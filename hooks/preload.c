@@ -44,7 +44,6 @@ typedef int (*audit_hook_fn)(const char *event, PyObject *args, void *data);
     X(PyObject *, PyEval_GetBuiltins, (void))                                            \
     X(int, PyDict_SetItemString, (PyObject *, const char *, PyObject *))                 \
     X(PyObject *, PyUnicode_FromString, (const char *))                                  \
-    X(void, PyErr_Fetch, (PyObject **, PyObject **, PyObject **))                        \
     X(PyObject *, PyObject_Str, (PyObject *))                                            \
     X(PyObject *, PyObject_GetAttrString, (PyObject *, const char *))                    \
     X(void, PyErr_Clear, (void))                                                         \
@@ -52,9 +51,16 @@ typedef int (*audit_hook_fn)(const char *event, PyObject *args, void *data);
     X(PyObject *, PyBool_FromLong, (long))                                               \
     X(void, Py_DecRef, (PyObject *))
 
+/* Resolved too, but one of each pair may be missing: PyErr_GetRaisedException (3.12+) where it
+ * exists, else PyErr_Fetch (deprecated since 3.12). */
+#define PY_FUNCS_OPTIONAL(X)                                                             \
+    X(PyObject *, PyErr_GetRaisedException, (void))                                      \
+    X(void, PyErr_Fetch, (PyObject **, PyObject **, PyObject **))
+
 #define DECLARE(ret, name, args) ret(*name) args;
 static struct {
     PY_FUNCS(DECLARE)
+    PY_FUNCS_OPTIONAL(DECLARE)
 } py;
 #undef DECLARE
 
@@ -104,7 +110,12 @@ static const char boot_src[] =
 
 static void report_failure(void) {
     PyObject *type = NULL, *value = NULL, *tb = NULL;
-    py.PyErr_Fetch(&type, &value, &tb);
+    if (py.PyErr_GetRaisedException) {
+        value = py.PyErr_GetRaisedException();
+        type = value ? py.PyObject_GetAttrString(value, "__class__") : NULL;
+    } else {
+        py.PyErr_Fetch(&type, &value, &tb);
+    }
     const char *tname = "error", *msg = "";
     PyObject *name = NULL, *str = NULL;
     if (type && (name = py.PyObject_GetAttrString(type, "__name__")))
@@ -338,6 +349,11 @@ __attribute__((constructor)) static void safehook_preload_init(void) {
         return;
     PY_FUNCS(RESOLVE)
 #undef RESOLVE
+    *(void **)&py.PyErr_GetRaisedException = dlsym(RTLD_DEFAULT, "PyErr_GetRaisedException");
+    if (!py.PyErr_GetRaisedException)
+        *(void **)&py.PyErr_Fetch = dlsym(RTLD_DEFAULT, "PyErr_Fetch");
+    if (!py.PyErr_GetRaisedException && !py.PyErr_Fetch)
+        return;
     import_error = dlsym(RTLD_DEFAULT, "PyExc_ImportError");
     if (!import_error)
         return;

@@ -13,6 +13,9 @@ need=()
 pkg-config --exists jansson 2>/dev/null || need+=(libjansson-dev)
 [ -e /usr/include/x86_64-linux-gnu/libunwind.h ] || [ -e /usr/include/libunwind.h ] || need+=(libunwind-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# gcc's AddressSanitizer runtime: the C unit tests under ASan, and tests/py/test_hooks_native.py
+# (the extension built with -fsanitize=address, run with libasan preloaded)
+[ -e "$(gcc -print-file-name=libasan.so 2>/dev/null)" ] || need+=(libasan8)
 # Shared-server tests (tests/py/test_slurm.py, test_daemon.py): a one-node Slurm with munge, and
 # spank.h for the plugin; libsystemd-dev lets safehookd forward to journald. Root only.
 if [ "$(id -u)" = 0 ]; then
