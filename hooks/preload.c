@@ -6,9 +6,18 @@
  * PEP 578 audit hook before Py_Initialize; the hook waits for the "import" event of torch (it
  * fires before torch is loaded) and then imports the safehook package that sits next to this
  * library, which puts the optimizer hooks in place right after torch.optim.optimizer executes.
- * A process that never imports torch pays one string compare per audit event. */
+ * A process that never imports torch pays one string compare per audit event.
+ *
+ * Under an enforced system policy (SH_SYSTEM_POLICY, read here with a small scanner: this
+ * library links no JSON parser) the bootstrap fails closed: it loads the package from this
+ * library's own folder even when something else sits in sys.modules under the name safehook,
+ * checks that the runtime it activated is that one, and when activation fails for any reason
+ * (the package cannot be imported, an audit hook vetoes it, the audit sink is unreachable) every
+ * import of torch raises ImportError with one clear line, so the job never reaches a step. */
 #include <dlfcn.h>
 #include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <link.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -38,6 +47,8 @@ typedef int (*audit_hook_fn)(const char *event, PyObject *args, void *data);
     X(PyObject *, PyObject_Str, (PyObject *))                                            \
     X(PyObject *, PyObject_GetAttrString, (PyObject *, const char *))                    \
     X(void, PyErr_Clear, (void))                                                         \
+    X(void, PyErr_SetString, (PyObject *, const char *))                                 \
+    X(PyObject *, PyBool_FromLong, (long))                                               \
     X(void, Py_DecRef, (PyObject *))
 
 /* Resolved too, but one of each pair may be missing: PyErr_GetRaisedException (3.12+) where it
@@ -53,18 +64,28 @@ static struct {
 } py;
 #undef DECLARE
 
-enum { ARMED, BOOTING, DONE };
+enum { ARMED, BOOTING, DONE, REFUSED };
 static int state = ARMED;
+static int enforced; /* the system policy is enforced (or unreadable, so may be) */
 static char lib_path[4096];
+static char refusal[1024]; /* why torch may not be imported (state REFUSED) */
+static PyObject **import_error; /* &PyExc_ImportError */
 
 /* Python run when torch is first imported: load the package beside this library (or the one
  * on sys.path when this library was installed elsewhere) and hand over to it. */
 static const char boot_src[] =
-    "def _boot(lib):\n"
+    "def _boot(lib, enforced):\n"
     "    import sys, os\n"
+    "    d = os.path.dirname(lib)\n"
+    "    init = os.path.join(d, '__init__.py')\n"
+    "    def ours(m):\n"
+    "        f = getattr(m, '__file__', None)\n"
+    "        return bool(f) and os.path.realpath(f).startswith(d + os.sep)\n"
+    "    if enforced and os.path.exists(init) and not ours(sys.modules.get('safehook')):\n"
+    "        # a fake or shadow package imported first: the enforced runtime is the one beside lib\n"
+    "        for k in [k for k in sys.modules if k == 'safehook' or k.startswith('safehook.')]:\n"
+    "            del sys.modules[k]\n"
     "    if 'safehook' not in sys.modules:\n"
-    "        d = os.path.dirname(lib)\n"
-    "        init = os.path.join(d, '__init__.py')\n"
     "        if os.path.exists(init):\n"
     "            import importlib.util\n"
     "            spec = importlib.util.spec_from_file_location('safehook', init,\n"
@@ -77,8 +98,15 @@ static const char boot_src[] =
     "                del sys.modules['safehook']\n"
     "                raise\n"
     "    import safehook.runtime.boot\n"
-    "    safehook.runtime.boot.from_preload(lib)\n"
-    "_boot(LIB)\n";
+    "    b = safehook.runtime.boot\n"
+    "    b.from_preload(lib)\n"
+    "    if enforced and os.path.exists(init):\n"
+    "        core = sys.modules.get('safehook._core')\n"
+    "        if not (ours(b) and ours(core)):\n"
+    "            raise ImportError('the safehook runtime is not the one installed at ' + d)\n"
+    "        if b._state.get('via') not in ('preload', 'install') or not core.armed():\n"
+    "            raise RuntimeError('activation did not complete')\n"
+    "_boot(LIB, ENFORCED)\n";
 
 static void report_failure(void) {
     PyObject *type = NULL, *value = NULL, *tb = NULL;
@@ -96,9 +124,17 @@ static void report_failure(void) {
         msg = py.PyUnicode_AsUTF8(str);
     py.PyErr_Clear();
     char line[2048];
-    int n = snprintf(line, sizeof line,
-                     "safehook: protection is NOT active in this process (pid %d): %s: %s\n",
+    int n;
+    if (enforced) {
+        snprintf(refusal, sizeof refusal,
+                 "safehook: the enforced system policy %s could not be activated (%s: %s); torch cannot be "
+                 "imported in this process",
+                 SH_SYSTEM_POLICY, tname ? tname : "error", msg ? msg : "");
+        n = snprintf(line, sizeof line, "%s (pid %d)\n", refusal, (int)getpid());
+    } else {
+        n = snprintf(line, sizeof line, "safehook: protection is NOT active in this process (pid %d): %s: %s\n",
                      (int)getpid(), tname ? tname : "error", msg ? msg : "");
+    }
     if (n > 0) {
         ssize_t w = write(STDERR_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
         (void)w;
@@ -109,27 +145,33 @@ static void report_failure(void) {
             py.Py_DecRef(objs[i]);
 }
 
-static void boot(void) {
+/* Returns 0 when the package activated, -1 when it did not (reported on stderr). */
+static int boot(void) {
     PyObject *globals = py.PyDict_New();
     if (!globals)
         goto fail;
     PyObject *lib = py.PyUnicode_FromString(lib_path);
-    if (!lib || py.PyDict_SetItemString(globals, "LIB", lib) < 0 ||
-        py.PyDict_SetItemString(globals, "__builtins__", py.PyEval_GetBuiltins()) < 0) {
-        if (lib)
-            py.Py_DecRef(lib);
+    PyObject *enf = py.PyBool_FromLong(enforced);
+    int bad = !lib || !enf || py.PyDict_SetItemString(globals, "LIB", lib) < 0 ||
+              py.PyDict_SetItemString(globals, "ENFORCED", enf) < 0 ||
+              py.PyDict_SetItemString(globals, "__builtins__", py.PyEval_GetBuiltins()) < 0;
+    if (lib)
+        py.Py_DecRef(lib);
+    if (enf)
+        py.Py_DecRef(enf);
+    if (bad) {
         py.Py_DecRef(globals);
         goto fail;
     }
-    py.Py_DecRef(lib);
     PyObject *res = py.PyRun_StringFlags(boot_src, PY_FILE_INPUT, globals, globals, NULL);
     py.Py_DecRef(globals);
     if (!res)
         goto fail;
     py.Py_DecRef(res);
-    return;
+    return 0;
 fail:
     report_failure();
+    return -1;
 }
 
 static int is_torch(const char *name) {
@@ -138,7 +180,7 @@ static int is_torch(const char *name) {
 
 static int audit_hook(const char *event, PyObject *args, void *data) {
     (void)data;
-    if (state != ARMED || event[0] != 'i' || strcmp(event, "import") != 0)
+    if ((state != ARMED && state != REFUSED) || event[0] != 'i' || strcmp(event, "import") != 0)
         return 0;
     PyObject *mod = py.PyTuple_GetItem(args, 0);
     const char *name = mod ? py.PyUnicode_AsUTF8(mod) : NULL;
@@ -148,10 +190,79 @@ static int audit_hook(const char *event, PyObject *args, void *data) {
     }
     if (!is_torch(name))
         return 0;
-    state = BOOTING; /* the imports below raise audit events of their own */
-    boot();
-    state = DONE;
-    return 0;
+    if (state == ARMED) {
+        state = BOOTING; /* the imports below raise audit events of their own */
+        int r = boot();
+        state = r < 0 && enforced ? REFUSED : DONE;
+    }
+    if (state != REFUSED)
+        return 0;
+    /* An audit hook that raises aborts the operation: this import of torch fails, and so does
+     * every later one, so the job stops before it can build an optimizer. */
+    py.PyErr_SetString(*import_error, refusal);
+    return -1;
+}
+
+/* Does the JSON text at P (NUL-terminated) have "enforce": true at its top level? A small
+ * scanner: strings (with escapes) and nesting are skipped, nothing else is interpreted.
+ * Returns 1 yes, 0 no, -1 when the text is not a JSON object it can scan. */
+static int top_level_enforce(const char *p) {
+    int depth = 0, want_value = 0, key_is_enforce = 0;
+    for (; *p; p++) {
+        char c = *p;
+        if (c == '"') {
+            const char *start = ++p;
+            while (*p && *p != '"')
+                p += (*p == '\\' && p[1]) ? 2 : 1;
+            if (!*p)
+                return -1;
+            if (depth == 1 && !want_value)
+                key_is_enforce = (size_t)(p - start) == 7 && memcmp(start, "enforce", 7) == 0;
+            want_value = 0;
+        } else if (c == ':' && depth == 1) {
+            want_value = 1;
+            if (key_is_enforce) {
+                const char *v = p + 1;
+                while (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r')
+                    v++;
+                return strncmp(v, "true", 4) == 0;
+            }
+        } else if (c == '{' || c == '[') {
+            depth++;
+            want_value = 0;
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',') {
+            want_value = 0;
+            key_is_enforce = 0;
+        }
+    }
+    return depth == 0 ? 0 : -1;
+}
+
+/* 1 when the system policy is enforced, or exists but cannot be read or scanned (it may be:
+ * fail closed); 0 when there is none or it is advisory. */
+static int system_policy_enforced(void) {
+    int fd = open(SH_SYSTEM_POLICY, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+        return errno == ENOENT || errno == ENOTDIR ? 0 : 1;
+    static char buf[1 << 16];
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = read(fd, buf + len, sizeof buf - 1 - len)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            close(fd);
+            return 1;
+        }
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = '\0';
+    if (len == sizeof buf - 1)
+        return 1; /* larger than this scanner reads: assume the worst */
+    return top_level_enforce(buf) != 0;
 }
 
 /* Is NAME defined by a loaded object? Looked up in the objects' GNU hash tables, because a
@@ -227,6 +338,7 @@ __attribute__((constructor)) static void safehook_preload_init(void) {
     if (!py.PySys_AddAuditHook)
         return;
 
+    /* secure_getenv: in a setuid/setgid (AT_SECURE) process the environment is not trusted */
     const char *off = secure_getenv("SAFEHOOK_DISABLE");
     if (off && strcmp(off, "1") == 0 && access(SH_SYSTEM_POLICY, F_OK) != 0)
         return; /* no system policy can refuse it: stay out entirely */
@@ -242,6 +354,10 @@ __attribute__((constructor)) static void safehook_preload_init(void) {
         *(void **)&py.PyErr_Fetch = dlsym(RTLD_DEFAULT, "PyErr_Fetch");
     if (!py.PyErr_GetRaisedException && !py.PyErr_Fetch)
         return;
+    import_error = dlsym(RTLD_DEFAULT, "PyExc_ImportError");
+    if (!import_error)
+        return;
+    enforced = system_policy_enforced();
 
     Dl_info info;
     if (!dladdr((void *)&safehook_preload_init, &info) || !info.dli_fname ||

@@ -135,10 +135,22 @@ static PyObject *json_to_py(json_t *j) {
     return r;
 }
 
-static void emit(const char *event, long long step, json_t *fields) {
+static int emit(const char *event, long long step, json_t *fields) {
     int r = sh_audit_emit(event, step, fields);
     if (r < 0 && r != -ENOENT)
         sh_debug("audit write failed: %s", strerror(-r));
+    return r;
+}
+
+/* An enforced job whose records safehookd did not take (disk full under disk_full=stop, the
+ * daemon gone) must not train on unaudited: raise from the step hook. Returns -1 with the error
+ * set, else 0. */
+static int require_audited(core_state *st, const char *event, int r) {
+    if (r >= 0 || r == -ENOENT || !sh_audit_daemon() || !st->policy || !st->policy->enforce)
+        return 0;
+    PyErr_Format(st->error, "the audit daemon did not take the '%s' record (%s); an enforced job stops here",
+                 event, r == -ENOSPC ? "its log is full" : strerror(-r));
+    return -1;
 }
 
 /* ---- runtime configuration ---- */
@@ -160,8 +172,26 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     int r = sh_policy_resolve(path, text, name, sys_path, &p, &err);
     if (r < 0)
         return r == -ENOMEM ? PyErr_NoMemory() : sh_py_policy_raise(st->policy_error, &err, sys_path, audit);
+    /* audit.sink "daemon": records go to safehookd and the job holds no log file; unreachable,
+     * configure fails (under enforcement the job then does not start). */
+    json_t *audit_sec = json_object_get(p->doc, "audit");
+    const char *sink = json_string_value(json_object_get(audit_sec, "sink"));
+    if (sink && !strcmp(sink, "daemon")) {
+        const char *sock = json_string_value(json_object_get(audit_sec, "socket"));
+        if (!sock)
+            sock = SH_AUDIT_SOCKET;
+        int ar = sh_audit_connect(sock);
+        if (ar < 0) {
+            PyErr_Format(st->error, "cannot reach the audit daemon safehookd at %s: %s", sock, strerror(-ar));
+            sh_policy_free(p);
+            return NULL;
+        }
+        audit = NULL;
+    }
     /* SAFEHOOK_AUDIT (AUDIT) overrides the policy's audit.path, unless an enforced system policy sets it */
-    const char *ap = (p->system_enforced && p->audit_path) ? p->audit_path : audit && *audit ? audit : p->audit_path;
+    const char *ap = sh_audit_daemon() && sink && !strcmp(sink, "daemon") ? NULL
+                     : (p->system_enforced && p->audit_path) ? p->audit_path
+                     : audit && *audit ? audit : p->audit_path;
     if (ap) {
         int ar = sh_audit_open(ap);
         if (ar < 0) {
@@ -172,7 +202,6 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     }
     sh_policy_free(st->policy);
     st->policy = p;
-    json_t *audit_sec = json_object_get(p->doc, "audit");
     const char *level = json_string_value(json_object_get(audit_sec, "level"));
     json_int_t every = json_integer_value(json_object_get(audit_sec, "sample_every"));
     st->sample_every = !level || !strcmp(level, "steps") ? 1 : !strcmp(level, "sample") ? (every > 0 ? (int)every : 10) : 0;
@@ -358,7 +387,10 @@ static int features_and_record(core_state *st, PyObject *opt, Py_ssize_t count, 
     if (sh_audit_active() && st->sample_every > 0 && (count % st->sample_every == 0 || count == 1)) {
         json_t *f = record ? to_json(record, 0) : json_object();
         json_object_set_new(f, "opt", json_integer(index));
-        emit("step", count, f);
+        if (require_audited(st, "step", emit("step", count, f)) < 0) {
+            Py_XDECREF(record);
+            return -1;
+        }
     }
     Py_XDECREF(record);
     return 0;
@@ -438,7 +470,8 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
             json_object_set_new(f, "enforce", json_boolean(st->policy->enforce));
         }
         json_object_set_new(f, "versions", versions_json());
-        emit("start", -1, f);
+        if (require_audited(st, "start", emit("start", -1, f)) < 0)
+            goto error;
     }
     if (count == 1 && sh_audit_active())
         emit("optimizer", count, optimizer_record(opt, index));
@@ -531,9 +564,10 @@ PyDoc_STRVAR(stats_doc, "stats()\n--\n\nCounters of this process's runtime, as a
 static PyObject *core_stats(PyObject *m, PyObject *unused) {
     (void)unused;
     core_state *st = get_state(m);
-    return Py_BuildValue("{s:L,s:L,s:L,s:n,s:O,s:z}", "steps", st->steps, "nested_steps", st->nested, "current",
-                         st->current, "optimizers", PyDict_GET_SIZE(st->optimizers), "started",
-                         st->started ? Py_True : Py_False, "audit", sh_audit_path());
+    return Py_BuildValue("{s:L,s:L,s:L,s:n,s:O,s:z,s:O}", "steps", st->steps, "nested_steps", st->nested,
+                         "current", st->current, "optimizers", PyDict_GET_SIZE(st->optimizers), "started",
+                         st->started ? Py_True : Py_False, "audit", sh_audit_path(), "in_step",
+                         step_tls.depth > 0 ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(native_stack_doc,
@@ -561,7 +595,34 @@ static PyObject *core_system_policy_path(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sh_policy_system_path());
 }
 
+PyDoc_STRVAR(armed_doc,
+"armed()\n--\n\n"
+"True when a policy is in force or a pending error will stop the first step: activation ran.");
+
+static PyObject *core_armed(PyObject *m, PyObject *unused) {
+    (void)unused;
+    core_state *st = get_state(m);
+    return PyBool_FromLong(st->policy != NULL || st->pending != NULL);
+}
+
+PyDoc_STRVAR(secure_getenv_doc,
+"secure_getenv(name)\n--\n\n"
+"The environment variable NAME, or None; always None in a setuid/setgid (AT_SECURE) process.");
+
+static PyObject *core_secure_getenv(PyObject *m, PyObject *name) {
+    (void)m;
+    const char *n = PyUnicode_AsUTF8(name);
+    if (!n)
+        return NULL;
+    const char *v = secure_getenv(n);
+    if (!v)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeFSDefault(v);
+}
+
 static PyMethodDef core_methods[] = {
+    {"armed", core_armed, METH_NOARGS, armed_doc},
+    {"secure_getenv", core_secure_getenv, METH_O, secure_getenv_doc},
     {"configure", (PyCFunction)(void (*)(void))core_configure, METH_VARARGS | METH_KEYWORDS, configure_doc},
     {"set_pending_error", core_set_pending_error, METH_O, set_pending_doc},
     {"set_features", core_set_features, METH_VARARGS, set_features_doc},

@@ -1,42 +1,101 @@
-/* Audit log writer. Records are built with jansson and written as single O_APPEND writes. */
+/* Audit log writer. Records are built with jansson and leave as one write each: appended to a
+ * file opened O_APPEND, or sent as one seqpacket message to safehookd (audit_sink.c), which
+ * stamps, chains and appends them where the job cannot write. */
 #include "audit.h"
+#include "audit_sink.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 static int audit_fd = -1;
 static char *audit_path;
+static int audit_daemon; /* audit_fd is a connection to safehookd */
+static pid_t audit_pid;  /* the process that opened audit_fd */
+static dev_t audit_dev;  /* ...and what it was, so that a descriptor the host closed and */
+static ino_t audit_ino;  /* reused is never written to */
 
-int sh_audit_open(const char *path) {
+static int file_open(const char *path) {
     int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
-    if (fd < 0)
-        return -errno;
+    return fd < 0 ? -errno : fd;
+}
+
+static int adopt(int fd, const char *path, int daemon) {
+    struct stat st;
     char *copy = strdup(path);
-    if (!copy) {
+    if (!copy || fstat(fd, &st) < 0) {
+        int r = copy ? -errno : -ENOMEM;
+        free(copy);
         close(fd);
-        return -ENOMEM;
+        return r;
     }
     sh_audit_close();
     audit_fd = fd;
     audit_path = copy;
+    audit_daemon = daemon;
+    audit_pid = getpid();
+    audit_dev = st.st_dev;
+    audit_ino = st.st_ino;
     return 0;
 }
 
+int sh_audit_open(const char *path) {
+    int fd = file_open(path);
+    return fd < 0 ? fd : adopt(fd, path, 0);
+}
+
+int sh_audit_connect(const char *socket_path) {
+    int fd = sh_audit_sink_connect(socket_path);
+    return fd < 0 ? fd : adopt(fd, socket_path, 1);
+}
+
 void sh_audit_close(void) {
-    if (audit_fd >= 0)
+    /* Only a descriptor still ours is closed: the host may have closed and reused it. */
+    if (audit_fd >= 0 && sh_audit_fd_is_ours())
         close(audit_fd);
     audit_fd = -1;
     free(audit_path);
     audit_path = NULL;
+    audit_daemon = 0;
 }
 
 bool sh_audit_active(void) { return audit_fd >= 0; }
 
+bool sh_audit_daemon(void) { return audit_fd >= 0 && audit_daemon; }
+
 const char *sh_audit_path(void) { return audit_path; }
+
+bool sh_audit_fd_is_ours(void) {
+    struct stat st;
+    return audit_fd >= 0 && fstat(audit_fd, &st) == 0 && st.st_dev == audit_dev && st.st_ino == audit_ino;
+}
+
+/* Before a write: a forked child reconnects (safehookd stamps the pid that connected), and a
+ * descriptor the host closed (and maybe reused for its own file) is replaced, never written. */
+static int check_origin(void) {
+    int fresh = getpid() != audit_pid && audit_daemon;
+    if (!fresh && sh_audit_fd_is_ours())
+        return 0;
+    int fd = audit_daemon ? sh_audit_sink_connect(audit_path) : file_open(audit_path);
+    if (fd < 0)
+        return fd;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return -errno;
+    }
+    if (fresh && sh_audit_fd_is_ours())
+        close(audit_fd); /* the parent's connection, inherited: this process's copy only */
+    audit_fd = fd;
+    audit_pid = getpid();
+    audit_dev = st.st_dev;
+    audit_ino = st.st_ino;
+    return 0;
+}
 
 static int write_all(int fd, const char *buf, size_t len) {
     /* A regular file opened O_APPEND takes the whole record in one write; the loop only
@@ -57,6 +116,9 @@ static int write_all(int fd, const char *buf, size_t len) {
 int sh_audit_emit(const char *event, long long step, json_t *fields) {
     int ret = -ENOENT;
     if (audit_fd < 0)
+        goto out_fields;
+    ret = check_origin();
+    if (ret < 0)
         goto out_fields;
 
     struct timeval tv;
@@ -86,6 +148,11 @@ int sh_audit_emit(const char *event, long long step, json_t *fields) {
         goto out_fields;
     }
     size_t len = strlen(text);
+    if (audit_daemon) {
+        ret = sh_audit_sink_send(audit_fd, text, len);
+        free(text);
+        goto out_fields;
+    }
     char *line = realloc(text, len + 2);
     if (!line) {
         free(text);

@@ -35,6 +35,7 @@ static const char *const MON_ACTION_ORDER[] = {"reduce_lr", "rollback", "both", 
 static const char *const SNAPSHOT[] = {"memory", "disk", NULL};
 static const char *const LEVEL[] = {"steps", "sample", "events", NULL};
 static const char *const LEVEL_ORDER[] = {"events", "sample", "steps", NULL};
+static const char *const SINK[] = {"file", "daemon", NULL};
 
 #define INF INFINITY
 #define COUNT(lo) SH_K_INT, 0, (lo), MAX_COUNT, NULL
@@ -115,6 +116,9 @@ static const sh_field AUDIT[] = {
     {"path", SH_K_PATH_OR_NULL, 0, 0, 0, NULL, "null", SH_T_SET_ONCE, NULL},
     {"level", SH_K_ENUM, 0, 0, 0, LEVEL, "\"steps\"", SH_T_ORDER, LEVEL_ORDER},
     {"sample_every", COUNT(1), "10", SH_T_LE, NULL},
+    /* "daemon": records go to safehookd, which the job cannot write past; file < daemon. */
+    {"sink", SH_K_ENUM, 0, 0, 0, SINK, "\"file\"", SH_T_ORDER, SINK},
+    {"socket", SH_K_PATH_OR_NULL, 0, 0, 0, NULL, "null", SH_T_SET_ONCE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

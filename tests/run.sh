@@ -16,6 +16,15 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 # gcc's AddressSanitizer runtime: the C unit tests under ASan, and tests/py/test_hooks_native.py
 # (the extension built with -fsanitize=address, run with libasan preloaded)
 [ -e "$(gcc -print-file-name=libasan.so 2>/dev/null)" ] || need+=(libasan8)
+# Shared-server tests (tests/py/test_slurm.py, test_daemon.py): a one-node Slurm with munge, and
+# spank.h for the plugin; libsystemd-dev lets safehookd forward to journald. Root only.
+if [ "$(id -u)" = 0 ]; then
+    for p in slurmd:slurmd slurmctld:slurmctld srun:slurm-client munged:munge; do
+        command -v "${p%%:*}" >/dev/null || need+=("${p#*:}")
+    done
+    [ -e /usr/include/slurm/spank.h ] || need+=(libslurm-dev)
+    pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev)
+fi
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     command -v clang-14 >/dev/null || command -v clang >/dev/null || need+=(clang)
     ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || need+=(libclang-rt-14-dev)
@@ -47,5 +56,8 @@ if [ "$FUZZ_SECONDS" -gt 0 ] && [ -x tests/fuzz/run.sh ]; then
 fi
 
 step "integration tests (real torch under LD_PRELOAD)"
+# safehookd from the build above; the Slurm test must run (not skip) where root installed Slurm.
+export SAFEHOOKD="$PWD/build-test/daemon/safehookd"
+[ "$(id -u)" = 0 ] && export SAFEHOOK_TEST_SLURM=1
 cd tests/py
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@"

@@ -173,7 +173,8 @@ def test_disable_honoured_without_an_enforced_system_policy(tmp_path):
 def test_shipped_user_policies_under_the_shipped_server_policy(tmp_path):
     with open(os.path.join(ROOT, "policies", "server-enforced.json")) as f:
         server = json.load(f)
-    server["audit"]["path"] = str(tmp_path / "server.jsonl")  # not /var/log in a test
+    assert server["audit"]["sink"] == "daemon"  # shipped: records go to safehookd
+    server["audit"].update(sink="file", path=str(tmp_path / "server.jsonl"))  # no daemon in this test
     system = _write(tmp_path / "server.json", server)
     lora = os.path.join(ROOT, "policies", "lora.json")
     full = os.path.join(ROOT, "policies", "full-finetune.json")

@@ -1,5 +1,7 @@
 /* The audit log: one JSON line per record, the fixed fields first, appends from several
  * processes interleave as whole lines. */
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -89,6 +91,51 @@ static void test_open_failure_keeps_previous(void) {
     sh_audit_close();
 }
 
+static void test_reused_descriptor_is_never_written(void) {
+    unlink(path);
+    /* the log gets the lowest free descriptor number: find it, then close it behind the
+     * audit's back and let the host open its own file under the same number */
+    int probe = open("/dev/null", O_RDONLY);
+    CHECK(probe >= 0);
+    close(probe);
+    CHECK_INT(sh_audit_open(path), 0);
+    CHECK(sh_audit_fd_is_ours());
+    close(probe);
+    char other[1100];
+    snprintf(other, sizeof other, "%s.host", path);
+    int host = open(other, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    CHECK_INT(host, probe);
+    CHECK(!sh_audit_fd_is_ours());
+    CHECK_INT(sh_audit_emit("step", 1, NULL), 0);
+    struct stat st;
+    CHECK_INT(fstat(host, &st), 0);
+    CHECK_INT((int)st.st_size, 0); /* nothing written into the host's file */
+    int bad;
+    CHECK_INT(count_lines(path, &bad), 1); /* the record went to the log, reopened */
+    CHECK_INT(bad, 0);
+    sh_audit_close();
+    /* closing must not close the host's descriptor either */
+    CHECK_INT(fstat(host, &st), 0);
+    close(host);
+    unlink(other);
+}
+
+static void test_symlinked_log_is_refused(void) {
+    char link[1100];
+    snprintf(link, sizeof link, "%s.link", path);
+    unlink(link);
+    CHECK_INT(symlink(path, link), 0);
+    CHECK_INT(sh_audit_open(link), -ELOOP);
+    unlink(link);
+}
+
+static void test_unreachable_daemon(void) {
+    char sock[1100];
+    snprintf(sock, sizeof sock, "%s.sock", path);
+    CHECK_INT(sh_audit_connect(sock), -ENOENT);
+    CHECK(!sh_audit_daemon());
+}
+
 int main(void) {
     const char *tmp = getenv("SH_TEST_TMP");
     snprintf(path, sizeof path, "%s/audit-test-%d.jsonl", tmp ? tmp : "/tmp", (int)getpid());
@@ -96,6 +143,9 @@ int main(void) {
     test_record_fields();
     test_concurrent_appends();
     test_open_failure_keeps_previous();
+    test_reused_descriptor_is_never_written();
+    test_symlinked_log_is_refused();
+    test_unreachable_daemon();
     unlink(path);
     CHECK_DONE();
 }

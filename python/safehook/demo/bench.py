@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
            "--threads", "1"]
     res["command"] = " ".join(cmd)
     t0 = time.time()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = run_child(cmd, env)
     res["wall_seconds"] = round(time.time() - t0, 2)
     if pol is not None:
         res["audit_summary"] = _audit_summary(res["audit"])
@@ -156,6 +157,29 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
                step_seconds_median=statistics.median(times),
                loss_first=st["losses"][0], loss_last=st["losses"][-1])
     return res, out
+
+
+def _die_with_parent():
+    # PR_SET_PDEATHSIG: the kernel sends SIGTERM to the child when the demo dies, however it dies
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def run_child(cmd, env):
+    """Run a fine-tuning child, its output captured; the child ends with the demo (SIGTERM,
+    Ctrl-C, an exception here), never left training as an orphan."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=_die_with_parent)
+    try:
+        out, _ = p.communicate()
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out)
 
 
 def _evalset(world, cfg):

@@ -328,9 +328,9 @@ class Freezer:
             self.last_check = step
             self.check(step, record)
 
-    def check(self, step, record):
+    def check(self, step, record, where=None):
         """Compare the frozen tensors with their freeze-time checksums; record (and restore)
-        the ones that changed."""
+        the ones that changed. WHERE names a check made outside a step (a checkpoint save)."""
         import torch
         self.counts["checks"] += 1
         now = checksums(self.params)
@@ -357,7 +357,8 @@ class Freezer:
         self.rt.violation("frozen weights changed" + (" and were restored from the freeze-time snapshot"
                                                       if restored else ""),
                           dict({"params": [self.names[i] for i in bad][:MAX_NAMES], "count": len(bad),
-                                "restored": restored}, **({"at_exit": True} if step is None else {})),
+                                "restored": restored},
+                               **({"where": where} if where else {"at_exit": True} if step is None else {})),
                           skip=3)
 
     def finish(self):
@@ -450,8 +451,14 @@ def _watch_ddp(fr):
     cls.__init__ = __init__
 
 
+# The Freeze (one Freezer per bound model) of the policy in force, for the checkpoint check of
+# features/tamper.py.
+CURRENT = [None]
+
+
 def setup(policy, rt):
     fr = Freeze(policy, rt)
+    CURRENT[0] = fr
     _watch_ddp(fr)
     rt.on_model(fr.on_model)
     rt.add_pre(fr.pre_step, order=10)

@@ -296,8 +296,8 @@ class Monitor:
             self.snaps.save(self.info.root, self._opts(), step, score)
             return True
         except Exception as e:  # without a safe state there is nothing to roll back to: say so
-            self._cannot("cannot save the safe-state snapshot (%s): %s: %s"
-                         % (self.snaps.where, type(e).__name__, e))
+            self._cannot("cannot save the safe-state snapshot (%s) at step %d: %s: %s"
+                         % (self.snaps.where, step, type(e).__name__, e))
             return False
 
     def _evaluate(self):

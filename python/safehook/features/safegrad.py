@@ -27,6 +27,7 @@ unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). W
 ``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
 ``cosine_min`` and ``groups`` are added.
 """
+import math
 import re
 
 from .. import probes
@@ -90,6 +91,12 @@ class SafeGrad:
                 raise ValueError("safegrad.source 'direction' needs safegrad.direction (a safetensors file)")
             from safetensors.torch import load_file
             self.direction = load_file(path)
+            import torch
+            for n, d in self.direction.items():  # a NaN/inf direction would project garbage silently
+                if d.is_floating_point() and not bool(torch.isfinite(d).all()):
+                    bad = int((~torch.isfinite(d)).sum())
+                    raise ValueError("safegrad.direction %s: %s holds %d NaN/inf values of %d"
+                                     % (path, n, bad, d.numel()))
         elif self.source != "anchor":
             raise ValueError("safegrad.source must be probe, direction or anchor, got %r" % self.source)
         rt.on_model(self._on_model)
@@ -115,6 +122,17 @@ class SafeGrad:
                     self._fail("safegrad.direction: %s has shape %s in the file, %s in the model"
                                % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)), raise_now=False)
                     break
+            trainable = [n for n, p in info.params.items() if p.requires_grad]
+            missing = [n for n in trainable if n not in self.direction]
+            if hits and missing:
+                # documented (such parameters are not projected), but never silent: one error
+                # record and one line
+                msg = ("safegrad.direction covers %d of %d trainable parameters; the other %d are not projected "
+                       "(first: %s)" % (len(trainable) - len(missing), len(trainable), len(missing),
+                                        ", ".join(missing[:3])))
+                self.rt.audit("error", {"message": msg, "missing": missing[:32], "count": len(missing)})
+                from ..runtime.context import warn
+                warn(msg)
 
     def _fail(self, msg, raise_now=True):
         if self.failed:
@@ -181,7 +199,15 @@ class SafeGrad:
                                  process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
                                  replicated=replicated)
         tot = res["total"]
-        record["cosine"] = tot["cosine"]
+        cos = tot["cosine"]
+        vals = [cos] + list(tot["norms"].values())
+        if any(isinstance(v, float) and not math.isfinite(v) for v in vals):  # NaN/inf in a gradient
+            record["nonfinite"] = True
+            self.nonfinite = getattr(self, "nonfinite", 0) + 1
+            if self.nonfinite <= 3:
+                self.rt.violation("non-finite values in the task or safety gradient at step %d: the "
+                                  "projection cannot hold for this update" % step, {"step": step}, skip=3)
+        record["cosine"] = cos
         record["norms"] = dict(tot["norms"])
         if self.granularity == "global":
             record["projected"] = res["projected"]

@@ -47,6 +47,9 @@ def at_least_float32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+# Above this many rows a probe warns with its cost (each evaluation runs them all).
+LARGE_PROBE_ROWS = 10000
+
 class Example:
     """One encoded row: ids/labels for the loss, prompt/reference for generation, and the
     harmful counterpart for the contrastive loss."""
@@ -127,6 +130,13 @@ class Probe:
             rows = rows[: self.cfg["limit"]]
         if not rows:
             raise ValueError("probe %r: %s has no rows" % (self.name, self.cfg["data"]))
+        if len(rows) > LARGE_PROBE_ROWS:
+            # each evaluation runs every row: say what that costs before it is paid for
+            from ..runtime.log import warn
+            bs = int(self.cfg.get("batch_size") or 16)
+            warn("probe %r: %d rows (%s): every evaluation, gate check or safety gradient runs all of them, "
+                 "%d forward batches of %d; set probes.%s.limit to bound it"
+                 % (self.name, len(rows), self.cfg["data"], -(-len(rows) // bs), bs, self.name))
         out = []
         for n, r in enumerate(rows):
             if "input_ids" in r:

@@ -21,16 +21,35 @@ _state = {
 }
 
 
+def _env(name):
+    """The environment as safehook reads it: secure_getenv, so a setuid/setgid (AT_SECURE)
+    process ignores it."""
+    return _core.secure_getenv(name)
+
+
 # The system policy's path: None is the path compiled in (meson option system_policy). Never
 # taken from the environment; tests running in a subprocess of their own may set it.
 _SYSTEM_PATH = None
 
 
+def _compiled_enforced():
+    """True when the system policy at the compiled-in path is enforced (or unreadable)."""
+    return _core.system_policy_state(system_path=None)["state"] not in ("none", "advisory")
+
+
+def _system_path():
+    """_SYSTEM_PATH, unless the compiled-in system policy is enforced: a job cannot point itself
+    at a weaker system policy by setting a Python variable."""
+    if _SYSTEM_PATH is not None and _compiled_enforced():
+        return None
+    return _SYSTEM_PATH
+
+
 def _configure(policy):
     """Resolve the policy in force (user policy against the system policy) and open the log."""
-    kw = {"audit_path": os.environ.get("SAFEHOOK_AUDIT") or None, "system_path": _SYSTEM_PATH}
+    kw = {"audit_path": _env("SAFEHOOK_AUDIT") or None, "system_path": _system_path()}
     if policy is None:
-        policy = os.environ.get("SAFEHOOK_POLICY") or None
+        policy = _env("SAFEHOOK_POLICY") or None
     if isinstance(policy, dict):
         kw["policy_text"] = json.dumps(policy)
         kw["policy_name"] = "<dict>"
@@ -43,7 +62,8 @@ def _configure(policy):
 # setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
 FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
             ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"))
+            ("monitor", "safehook.features.monitor"),
+            (None, "safehook.features.tamper"))  # None: set up for every policy
 
 
 def _setup_features():
@@ -56,7 +76,7 @@ def _setup_features():
     rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
     _state["runtime"] = rt
     for name, modname in FEATURES:
-        if not policy.get(name):
+        if name is not None and not policy.get(name):
             continue
         try:
             mod = importlib.import_module(modname)
@@ -144,7 +164,9 @@ def _protection_failed(msg):
     _core.audit("error", {"message": msg, "on_error": on_error})
     if on_error == "abort":
         _core.set_pending_error(msg)
-        _warn(msg + " (training will stop at its first optimizer step)")
+        steps = _core.stats()["steps"]
+        _warn(msg + (" (training stops at step %d)" % steps if steps else
+                     " (training will stop at its first optimizer step)"))
     else:
         _warn(msg + " (on_error=warn: training continues)")
 
@@ -166,8 +188,8 @@ def _policy_refused(e):
         _core.audit("error", rec)
     if on_error == "warn" and getattr(e, "system_enforced", False):
         try:
-            _state["policy"] = _core.configure(audit_path=os.environ.get("SAFEHOOK_AUDIT") or None,
-                                               system_path=_SYSTEM_PATH)
+            _state["policy"] = _core.configure(audit_path=_env("SAFEHOOK_AUDIT") or None,
+                                               system_path=_system_path())
             _warn("policy error: %s (on_error=warn: the enforced system policy applies without the user policy)" % e)
             return
         except _core.PolicyError as e2:
@@ -212,8 +234,8 @@ def from_preload(lib):
     """Called by libsafehook.so when this process first imports torch."""
     if _state["via"] is not None:
         return
-    if os.environ.get("SAFEHOOK_DISABLE") == "1":
-        system = _core.system_policy_state(system_path=_SYSTEM_PATH)
+    if _env("SAFEHOOK_DISABLE") == "1":
+        system = _core.system_policy_state(system_path=_system_path())
         if system["state"] in ("none", "advisory"):
             _debug("SAFEHOOK_DISABLE=1: not protecting pid %d" % os.getpid())
             return
@@ -236,7 +258,7 @@ def install(policy=None):
 
 def uninstall():
     policy = _state["policy"] or {}
-    if (policy.get("_meta") or {}).get("enforce"):
+    if (policy.get("_meta") or {}).get("enforce") or _compiled_enforced():
         raise _core.SafehookError("the policy in force is enforced; safehook cannot be uninstalled")
     for h in _state["handles"]:
         h.remove()

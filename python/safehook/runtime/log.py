@@ -10,5 +10,6 @@ def warn(msg):
 
 def debug(msg):
     """A diagnostic line, only under SAFEHOOK_LOG=debug."""
-    if os.environ.get("SAFEHOOK_LOG") == "debug":
+    from .. import _core
+    if _core.secure_getenv("SAFEHOOK_LOG") == "debug":  # the environment is not trusted under AT_SECURE
         warn(msg)

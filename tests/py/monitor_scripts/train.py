@@ -32,6 +32,20 @@ if cfg.get("block_fsync_at"):
         return real_fsync(fd)
     os.fsync = slow_fsync
 
+if cfg.get("fail_fsync_at"):  # the nth file fsync fails as on a full disk
+    import errno
+    import stat
+    real_fsync2 = os.fsync
+    seen2 = [0]
+
+    def failing_fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            seen2[0] += 1
+            if seen2[0] == cfg["fail_fsync_at"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync2(fd)
+    os.fsync = failing_fsync
+
 import safehook  # noqa: E402
 from safehook.features import monitor as shmon  # noqa: E402
 
