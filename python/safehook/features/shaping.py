@@ -54,6 +54,9 @@ the probe has them) and the benign probe's rows (``benign``: benign prompts with
 hard negatives, benign requests that use harmful words, belong there). The threshold is the
 score at which a fraction ``tpr`` of the harmful rows is flagged, raised where needed so that at
 most a fraction ``max_fpr`` of the benign rows is; with no harmful rows, the benign bound alone.
+The threshold stays next to the harmful rows on purpose: a midpoint between the two sets would
+flag the user's own task, which the benign probe does not cover (measured on the demo world:
+75-100% of the task rows flagged with a midpoint, 0% with this rule).
 The refusal threshold of ``refuse`` is above every benign calibration score (and at least the
 flag threshold). A ``probe`` record (``what: "shaping calibration"``) gives each guard's
 threshold, block, and the TPR, FPR and AUROC it reached on the calibration rows.
@@ -262,6 +265,11 @@ class Shaping:
             self._fail("cannot set up: %s: %s" % (type(e).__name__, e))
 
     def _bind(self, root):
+        self._prepare(root)
+        self._install(root)
+
+    def _prepare(self, root):
+        """Load what the guards need and calibrate them on the probes (no hook installed)."""
         self.root = root
         cfg = self.cfg
         if cfg.get("tokenizer") or cfg.get("response_marker") or "callable" in self.guards:
@@ -282,6 +290,8 @@ class Shaping:
         self.refusal_ids = sorted({e.reference[0] for e in harm if e.reference})
         benign = self.benign_probe.examples() if self.benign_probe else []
         self._calibrate(root, harm, benign)
+
+    def _install(self, root):
         if "direction" in self.guards:
             blocks = find_blocks(root)
             self.handles.append(blocks[self.layer].register_forward_hook(self._block_hook))
@@ -871,6 +881,72 @@ class Shaping:
         t["examples_judged"] = len(self.decisions)
         t["examples_flagged"] = sum(1 for d in self.decisions.values() if d.flagged)
         fields["shaping"] = t
+
+
+class _Offline:
+    """A stand-in for the runtime context, to score data outside a training job."""
+    on_error = "abort"
+
+    def on_model(self, cb):
+        pass
+
+    def add_pre(self, fn, order=50):
+        pass
+
+    def on_finish(self, cb):
+        pass
+
+    def audit(self, event, fields=None, step=None):
+        pass
+
+    def fail(self, msg):
+        raise RuntimeError(msg)
+
+
+def score_rows(policy, model, rows):
+    """Calibrate POLICY's shaping guards with MODEL (as at the start of a job) and score ROWS
+    (pre-tokenized {"input_ids", "labels"} dicts) with each guard: ({guard: [score per row]},
+    the Shaping object with its calibration). The callable guard is not scored here."""
+    sh = Shaping(policy, _Offline())
+    sh._prepare(model)
+    dev = next(model.parameters()).device
+    pairs = [(r["input_ids"], r.get("labels", r["input_ids"])) for r in rows]
+    out = {}
+    fwd = [g for g in IN_FORWARD if g in sh.guards]
+    if fwd:
+        blocks = find_blocks(model)
+        hs, ref = sh._probe_forward(model, blocks if "direction" in fwd else [], pairs, dev)
+        if "direction" in fwd:
+            out["direction"] = (hs[sh.layer] @ sh.direction).tolist()
+        if "refusal" in fwd:
+            out["refusal"] = ref
+    if "gradient" in sh.guards:
+        out["gradient"] = sh._gradient_scores(model, pairs, dev)
+    return out, sh
+
+
+def detector_quality(policy, model, rows, truth, fpr=0.05):
+    """Each guard's AUROC, TPR at FPR false positives, and TPR/FPR at its calibrated threshold,
+    on ROWS with ground truth TRUTH (True = harmful); "any" is the union the feature applies."""
+    scores, sh = score_rows(policy, model, rows)
+    pos_i = [i for i, t in enumerate(truth) if t]
+    neg_i = [i for i, t in enumerate(truth) if not t]
+    out = {}
+    flagged = [False] * len(rows)
+    for g, v in scores.items():
+        pos, neg = [v[i] for i in pos_i], [v[i] for i in neg_i]
+        t = sh.cal[g]["threshold"]
+        out[g] = {"auroc": auroc(pos, neg), "tpr_at_5fpr": tpr_at_fpr(pos, neg, fpr),
+                  "tpr": sum(x >= t for x in pos) / max(len(pos), 1),
+                  "fpr": sum(x >= t for x in neg) / max(len(neg), 1),
+                  "threshold": t, "calibration": {k: x for k, x in sh.cal[g].items()
+                                                  if not (isinstance(x, float) and not math.isfinite(x))}}
+        flagged = [f or x >= t for f, x in zip(flagged, v)]
+    if scores:
+        out["any"] = {"auroc": float("nan"), "tpr_at_5fpr": float("nan"),
+                      "tpr": sum(flagged[i] for i in pos_i) / max(len(pos_i), 1),
+                      "fpr": sum(flagged[i] for i in neg_i) / max(len(neg_i), 1)}
+    return out
 
 
 def setup(policy, rt):
