@@ -126,6 +126,7 @@ static const sh_field SHAPING[] = {
     {"segment_tokens", SH_K_INT, 0, 1, 4096, NULL, "8", SH_T_LE, NULL},
     {"tokenizer", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"response_marker", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"recalibrate_every", COUNT(1), "10", SH_T_LE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

@@ -389,3 +389,25 @@ def test_custom_loss_outside_the_model(world, preload_run, tmp_path):
     assert out == {"changed_after_harmful": False, "changed_after_mixed": True}
     assert len(events(recs, "flag")) == 4
 
+
+
+def test_recalibration_follows_the_model(world):
+    """Every recalibrate_every steps the held-out probe rows are scored again with the current
+    weights: a model whose refusal propensity moved gets a threshold that moved with it."""
+    model = _model(world)
+    sh = _shaper(world, model, guards=["refusal"], recalibrate_every=2)
+    before = sh.cal["refusal"]["threshold"]
+    harm, ben = sh._recal_rows
+    assert len(harm) == len(ben) == 8  # the odd-numbered of 16 rows per probe
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = {}
+    sh.pre_step(opt, 1, rec)
+    assert "recalibrated" not in rec["shaping"]
+    bias = torch.zeros(model.config.vocab_size)  # the refusal tokens' logits up by 2
+    bias[sh.refusal_ids] = 2.0
+    h = model.lm_head.register_forward_hook(lambda m, a, o: o + bias)
+    sh.pre_step(opt, 2, rec)
+    h.remove()
+    after = rec["shaping"]["recalibrated"]["refusal"]
+    assert after == pytest.approx(sh.cal["refusal"]["threshold"], abs=1e-5)
+    assert after > before + 1.0

@@ -61,6 +61,13 @@ The refusal threshold of ``refuse`` is above every benign calibration score (and
 flag threshold). A ``probe`` record (``what: "shaping calibration"``) gives each guard's
 threshold, block, and the TPR, FPR and AUROC it reached on the calibration rows.
 
+The model drifts as it learns (arXiv 2509.06795 measures the refusal direction moving most in
+the first steps), and a row seen for the first time at step 500 is judged by the model of step
+500: every ``recalibrate_every`` steps (default 10) the first 16 held-out rows of each probe are
+scored again with the current weights (one no-grad forward over them; the direction is kept) and the
+``direction`` and ``refusal`` thresholds are set again by the same rule. The step record says so
+(``shaping.recalibrated``: the new thresholds).
+
 Decisions are sticky: made at a row's first sighting (while the model is closest to its aligned
 start) and kept for every later sighting of the same tokens. ``refuse``: a flagged row whose
 score clears the refusal threshold is rewritten into one of the probe's refusals (rotated; one
@@ -82,11 +89,12 @@ import torch
 from .. import probes
 from ..runtime.context import debug
 
+RECAL_ROWS = 16  # held-out rows per probe re-scored at a recalibration (cost: ~0.7 step of 16 rows)
 ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
 GUARDS = ("direction", "refusal", "gradient", "callable")
 IN_FORWARD = ("direction", "refusal")
 DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
-            "refuse_cap": 0.25, "segment_tokens": 8}
+            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10}
 _BLOCK_LISTS = ("layers", "h", "blocks", "layer")
 
 
@@ -290,6 +298,10 @@ class Shaping:
         self.refusal_ids = sorted({e.reference[0] for e in harm if e.reference})
         benign = self.benign_probe.examples() if self.benign_probe else []
         self._calibrate(root, harm, benign)
+        # the held-out rows (odd-numbered) re-scored by the recalibration of in-forward guards
+        rows = [(e.ids, e.labels) for e in harm] + [(e.ids, e.labels) for e in benign]
+        self._recal_rows = ([r for i, r in enumerate(rows[:len(harm)]) if i % 2 == 1][:RECAL_ROWS],
+                            [r for i, r in enumerate(rows[len(harm):]) if i % 2 == 1][:RECAL_ROWS])
 
     def _install(self, root):
         if "direction" in self.guards:
@@ -822,8 +834,36 @@ class Shaping:
         self.pending_sub.append((bt.ids[idx].detach().clone(), mask, lab[idx].detach().clone(), bt.ntok, ntok))
 
     # -- the step --
+    def _recalibrate(self):
+        """Re-score the held-out probe rows with the current weights (the direction itself is
+        kept) and move the in-forward guards' thresholds with the model's drift."""
+        root = self.root
+        harm, ben = self._recal_rows
+        blocks = find_blocks(root) if "direction" in self.guards else []
+        dev = next(root.parameters()).device
+        hs, ref = self._probe_forward(root, [blocks[self.layer]] if blocks else [], harm + ben, dev)
+        tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
+        nh = len(harm)
+        out = {}
+        for g in IN_FORWARD:
+            if g not in self.guards:
+                continue
+            v = (hs[0] @ self.direction.to(hs[0].device)).tolist() if g == "direction" else ref
+            c = calibrate(v[:nh], v[nh:], tpr, fpr)
+            for k in ("threshold", "refuse_threshold", "low"):
+                self.cal[g][k] = c[k]
+            out[g] = round(c["threshold"], 6) if math.isfinite(c["threshold"]) else None
+        return out
+
     def pre_step(self, opt, step, record):
         self.step = step
+        every = int(self.cfg.get("recalibrate_every") or 0)
+        if every and step % every == 0 and self.root is not None and not self.failed \
+                and any(g in self.guards for g in IN_FORWARD):
+            try:
+                self.counts["recalibrated"] = self._recalibrate()
+            except Exception as e:
+                self._fail("step %d: cannot recalibrate: %s: %s" % (step, type(e).__name__, e))
         if self.pending_sub and not self.failed:
             try:
                 self._subtract(opt)
