@@ -463,8 +463,9 @@ def mode_policies(model_dir, n_layers):
 
 def unavailable(policy):
     """Why this safehook cannot run POLICY (a feature module missing), or None."""
-    missing = [s for s in FEATURE_SECTIONS if s in policy and importlib.util.find_spec("safehook." + s) is None]
-    return ("safehook.%s not in this build" % ", safehook.".join(missing)) if missing else None
+    mods = ["safehook.probes" if s == "probes" else "safehook.features." + s for s in FEATURE_SECTIONS if s in policy]
+    missing = [m for m in mods if importlib.util.find_spec(m) is None]
+    return ("%s not in this build" % ", ".join(missing)) if missing else None
 
 
 def audit_steps(path):

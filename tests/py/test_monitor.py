@@ -434,6 +434,7 @@ def test_fingerprint_ignores_padding():
 
 class _Runtime:
     """The part of safehook.runtime.context.Context a feature calls while it runs: records go to a list."""
+    on_error = "abort"
 
     def __init__(self):
         self.records = []

@@ -104,6 +104,14 @@ def test_disable_leaves_the_process_alone(preload_run):
     p, recs = preload_run([PY, os.path.join(SCRIPTS, "train_top.py"), "3"], env_extra={"SAFEHOOK_DISABLE": "1"})
     assert "trained 3" in p.stdout
     assert recs == []
+    # An empty log alone would also hold with a broken preload: the library is mapped into the
+    # process, and still safehook was never imported and no optimizer hook is registered.
+    code = ("import sys, torch, torch.optim.optimizer as o; maps = open('/proc/self/maps').read(); "
+            "print('libsafehook.so' in maps, 'safehook' in sys.modules, len(o._global_optimizer_pre_hooks))")
+    p, recs = preload_run([PY, "-c", code], env_extra={"SAFEHOOK_DISABLE": "1"})
+    assert p.stdout.split() == ["True", "False", "0"]
+    p, _ = preload_run([PY, "-c", code])
+    assert p.stdout.split() == ["True", "True", "1"]  # the control: without DISABLE it is active
 
 
 def test_debug_log_is_prefixed(preload_run):

@@ -31,16 +31,6 @@ SHAPING_FILES = {"harmful": "probe-shaping.jsonl", "benign": "probe-benign.jsonl
 SHAPING_GUARDS = ["direction", "refusal"]
 
 
-def _spec(f):
-    for mod in ("safehook.features." + f, "safehook." + f):
-        try:
-            if importlib.util.find_spec(mod) is not None:
-                return True
-        except ImportError:
-            pass
-    return False
-
-
 def recommended_policy():
     """policies/recommended.json as shipped (installed into the package; else the source tree's)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,10 +44,10 @@ def recommended_policy():
 
 def available(features):
     """(True, None) when this safehook has every feature module, else (False, reason)."""
-    missing = [f for f in features if not _spec(f)]
+    mods = ["safehook.probes" if f == "probes" else "safehook.features." + f for f in features]
+    missing = [m for m in mods if importlib.util.find_spec(m) is None]
     if missing:
-        return False, "feature not in this safehook build: %s" % ", ".join(
-            "safehook.%s" % m for m in missing)
+        return False, "feature not in this safehook build: %s" % ", ".join(missing)
     return True, None
 
 
