@@ -356,7 +356,8 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
         results["settings"][setting] = {"data": data[setting], "modes": {}}
     if any(m in selected for m in ("shaping", "recommended")):
         try:
-            results["detectors"] = detector_quality(base_dir, work, data["harmful_mix"], cfg, log)
+            mix = next(d for st, d in data.items() if st.startswith("harmful_mix"))  # the first ratio's
+            results["detectors"] = detector_quality(base_dir, work, mix, cfg, log)
         except Exception as e:  # a measurement, not a mode: the table still comes
             log("detector quality: not measured (%s: %s)" % (type(e).__name__, e))
     # Mode by mode, both settings side by side: with jobs=2 the two settings of one mode run at
