@@ -356,7 +356,7 @@ def test_hf_trainer_run_flags_the_harmful_rows(world, preload_run, tmp_path):
     pol.write_text(json.dumps(common.policy(world)))
     root = os.path.dirname(world["model"])
     p, recs = preload_run([sys.executable, os.path.join(SCRIPTS, "hf_trainer.py"), root], policy=str(pol),
-                          timeout=240)
+                          timeout=600)
     assert "trained" in p.stdout
     assert not events(recs, "error"), events(recs, "error")
     cal = [r for r in events(recs, "probe") if r.get("what") == "shaping calibration"]
@@ -383,7 +383,7 @@ def test_custom_loss_outside_the_model(world, preload_run, tmp_path):
     pol.write_text(json.dumps(common.policy(world, tokenizer=world["tok"], response_marker="assistant :")))
     root = os.path.dirname(world["model"])
     p, recs = preload_run([sys.executable, os.path.join(SCRIPTS, "custom_loss.py"), root], policy=str(pol),
-                          timeout=240)
+                          timeout=600)
     assert not events(recs, "error"), events(recs, "error")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out == {"changed_after_harmful": False, "changed_after_mixed": True}
