@@ -773,7 +773,7 @@ class Shaping:
                 d = self._decide(scores[j])
                 self.decisions[key] = d
                 if d.flagged:
-                    self._record_flag(key, d)
+                    self._record_flag(key, d, now="mask" if self.action == "refuse" else None)
                 # first sighting: masked now (the input is already embedded), refused later
                 now = _Decision(weight=d.weight, guard=d.guard, score=d.score)
                 bt.decided[row] = now
@@ -902,13 +902,17 @@ class Shaping:
             self.busy = False
             self.pending_sub = []
 
-    def _record_flag(self, key, d):
+    def _record_flag(self, key, d, now=None):
+        """NOW: what this sighting gets when it differs from the decision (a row flagged inside
+        the forward is masked now and rewritten into a refusal from its next sighting on)."""
         c = self.cal.get(d.guard, {})
         act = self.action
         if act == "refuse" and not d.refuse:
             act = "mask"
         fields = {"fingerprint": key, "guard": d.guard, "score": round(float(d.score), 6),
                   "threshold": round(float(c.get("threshold", float("nan"))), 6), "action": act}
+        if now is not None and now != act:
+            fields["this_sighting"] = now
         if d.seg is not None:
             fields["from_token"] = d.seg
         self.rt.audit("flag", fields, self.step + 1)
