@@ -35,15 +35,21 @@ typedef int (*audit_hook_fn)(const char *event, PyObject *args, void *data);
     X(PyObject *, PyEval_GetBuiltins, (void))                                            \
     X(int, PyDict_SetItemString, (PyObject *, const char *, PyObject *))                 \
     X(PyObject *, PyUnicode_FromString, (const char *))                                  \
-    X(void, PyErr_Fetch, (PyObject **, PyObject **, PyObject **))                        \
     X(PyObject *, PyObject_Str, (PyObject *))                                            \
     X(PyObject *, PyObject_GetAttrString, (PyObject *, const char *))                    \
     X(void, PyErr_Clear, (void))                                                         \
     X(void, Py_DecRef, (PyObject *))
 
+/* Resolved too, but one of each pair may be missing: PyErr_GetRaisedException (3.12+) where it
+ * exists, else PyErr_Fetch (deprecated since 3.12). */
+#define PY_FUNCS_OPTIONAL(X)                                                             \
+    X(PyObject *, PyErr_GetRaisedException, (void))                                      \
+    X(void, PyErr_Fetch, (PyObject **, PyObject **, PyObject **))
+
 #define DECLARE(ret, name, args) ret(*name) args;
 static struct {
     PY_FUNCS(DECLARE)
+    PY_FUNCS_OPTIONAL(DECLARE)
 } py;
 #undef DECLARE
 
@@ -76,7 +82,12 @@ static const char boot_src[] =
 
 static void report_failure(void) {
     PyObject *type = NULL, *value = NULL, *tb = NULL;
-    py.PyErr_Fetch(&type, &value, &tb);
+    if (py.PyErr_GetRaisedException) {
+        value = py.PyErr_GetRaisedException();
+        type = value ? py.PyObject_GetAttrString(value, "__class__") : NULL;
+    } else {
+        py.PyErr_Fetch(&type, &value, &tb);
+    }
     const char *tname = "error", *msg = "";
     PyObject *name = NULL, *str = NULL;
     if (type && (name = py.PyObject_GetAttrString(type, "__name__")))
@@ -216,7 +227,7 @@ __attribute__((constructor)) static void safehook_preload_init(void) {
     if (!py.PySys_AddAuditHook)
         return;
 
-    const char *off = getenv("SAFEHOOK_DISABLE");
+    const char *off = secure_getenv("SAFEHOOK_DISABLE");
     if (off && strcmp(off, "1") == 0 && access(SH_SYSTEM_POLICY, F_OK) != 0)
         return; /* no system policy can refuse it: stay out entirely */
 
@@ -226,6 +237,11 @@ __attribute__((constructor)) static void safehook_preload_init(void) {
         return;
     PY_FUNCS(RESOLVE)
 #undef RESOLVE
+    *(void **)&py.PyErr_GetRaisedException = dlsym(RTLD_DEFAULT, "PyErr_GetRaisedException");
+    if (!py.PyErr_GetRaisedException)
+        *(void **)&py.PyErr_Fetch = dlsym(RTLD_DEFAULT, "PyErr_Fetch");
+    if (!py.PyErr_GetRaisedException && !py.PyErr_Fetch)
+        return;
 
     Dl_info info;
     if (!dladdr((void *)&safehook_preload_init, &info) || !info.dli_fname ||

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "pool.h"
 #include "safegrad.h"
@@ -385,11 +386,34 @@ static PyObject *sg_threads(PyObject *m, PyObject *args) {
     return PyLong_FromLong(sh_pool_size());
 }
 
+PyDoc_STRVAR(sg_path_doc,
+"safegrad_path(name=None)\n--\n\n"
+"The fp16/bf16 conversion path of the kernel ('scalar', 'avx2', 'avx2+f16c'; chosen at load time,\n"
+"the same bits on every path); with name ('best' for the load-time choice), use it first\n"
+"(tests and benchmarks). ValueError when this CPU lacks it.");
+
+static PyObject *sg_path(PyObject *m, PyObject *args) {
+    (void)m;
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &name))
+        return NULL;
+    if (name) {
+        sh_cvt_path p = SH_CVT_BEST;
+        for (int k = SH_CVT_SCALAR; k <= SH_CVT_AVX2_F16C; k++)
+            if (!strcmp(name, sh_cvt_path_name((sh_cvt_path)k)))
+                p = (sh_cvt_path)k;
+        if ((p == SH_CVT_BEST && strcmp(name, "best")) || sh_cvt_set_path(p) < 0)
+            return PyErr_Format(PyExc_ValueError, "conversion path '%s' is not available here", name);
+    }
+    return PyUnicode_FromString(sh_cvt_path_name(sh_cvt.path));
+}
+
 static PyMethodDef sg_methods[] = {
     {"safegrad_dots", (PyCFunction)(void (*)(void))sg_dots, METH_VARARGS | METH_KEYWORDS, sg_dots_doc},
     {"safegrad_update", (PyCFunction)(void (*)(void))sg_update, METH_VARARGS | METH_KEYWORDS, sg_update_doc},
     {"safegrad_project", (PyCFunction)(void (*)(void))sg_project, METH_VARARGS | METH_KEYWORDS, sg_project_doc},
     {"safegrad_threads", sg_threads, METH_VARARGS, sg_threads_doc},
+    {"safegrad_path", sg_path, METH_VARARGS, sg_path_doc},
     {NULL, NULL, 0, NULL},
 };
 

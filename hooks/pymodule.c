@@ -28,17 +28,37 @@ typedef struct {
     PyObject *pre_features;  /* list of callables f(opt, step, record) */
     PyObject *post_features; /* list of callables f(opt, step, record) */
     PyObject *pending;     /* str: a policy error that stops training at its first step */
-    PyObject *outer;       /* borrowed identity of the optimizer whose step is running */
     sh_policy *policy;
     long long steps;       /* outermost optimizer steps, all optimizers */
     long long nested;      /* step calls made inside another optimizer's step */
-    long long current;     /* the step number of the step running or last run */
-    int depth;
+    long long current;     /* the step number of the step last begun, in any thread */
     int started;
     int sample_every;      /* step records: every step (1), every N steps, or none (0) */
 } core_state;
 
 static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule_GetState(m); }
+
+/* The step running in this thread. Per thread: two threads stepping two optimizers at once are
+ * two outer steps, each with its own nesting and step number. The module is loaded once per
+ * process (multiple interpreters are declared unsupported), so a C thread-local is its state. */
+static _Thread_local struct {
+    int depth;         /* step calls in progress: 1 the outer one, more when nested */
+    long long current; /* the outer step's number */
+} step_tls;
+
+/* PyWeakref_GetRef (3.13) where this Python lacks it. */
+#if PY_VERSION_HEX < 0x030D0000
+static int compat_weakref_get(PyObject *ref, PyObject **obj) {
+    PyObject *o = PyWeakref_GetObject(ref); /* borrowed */
+    if (!o) {
+        *obj = NULL;
+        return -1;
+    }
+    *obj = o == Py_None ? NULL : Py_NewRef(o);
+    return *obj != NULL;
+}
+#define PyWeakref_GetRef compat_weakref_get
+#endif
 
 /* ---- Python values to JSON ---- */
 
@@ -224,8 +244,13 @@ static PyObject *optimizer_entry(core_state *st, PyObject *opt) {
         return NULL;
     PyObject *entry = PyDict_GetItemWithError(st->optimizers, key);
     if (entry) {
-        PyObject *ref = PyList_GET_ITEM(entry, 0);
-        if (ref == Py_None || PyWeakref_GetObject(ref) == opt) {
+        PyObject *ref = PyList_GET_ITEM(entry, 0), *alive = NULL;
+        if (ref != Py_None && PyWeakref_GetRef(ref, &alive) < 0) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        Py_XDECREF(alive); /* only compared: a live object at this id is the same optimizer */
+        if (ref == Py_None || alive == opt) {
             Py_DECREF(key);
             return entry;
         }
@@ -268,16 +293,50 @@ static json_t *versions_json(void) {
     return v;
 }
 
+/* Run the callables of LIST. A feature may call install() or set_features(), which replaces the
+ * state's lists: the list and each callable are held here until the call returns, and the run
+ * finishes the features it started with. */
 static int run_features(PyObject *list, PyObject *opt, long long step, PyObject *record) {
     if (!list)
         return 0;
+    int r = 0;
+    Py_INCREF(list);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
-        PyObject *r = PyObject_CallFunction(PyList_GET_ITEM(list, i), "OLO", opt, step, record);
-        if (!r)
-            return -1;
-        Py_DECREF(r);
+        PyObject *f = Py_NewRef(PyList_GET_ITEM(list, i));
+        PyObject *res = PyObject_CallFunction(f, "OLO", opt, step, record);
+        Py_DECREF(f);
+        if (!res) {
+            r = -1;
+            break;
+        }
+        Py_DECREF(res);
     }
-    return 0;
+    Py_DECREF(list);
+    return r;
+}
+
+/* Whether the step hook now called runs inside another optimizer step of this thread: the
+ * frame calling the hook is torch's step wrapper; an outer step still running has a frame of
+ * the same code further down this thread's stack. (A step that raised before its post hook
+ * left the depth counter up but has no frame left.) No frame to look at: assume nested. */
+static int inside_another_step(void) {
+    PyFrameObject *top = PyEval_GetFrame(); /* borrowed */
+    if (!top)
+        return 1;
+    PyCodeObject *code = PyFrame_GetCode(top);
+    PyFrameObject *f = PyFrame_GetBack(top);
+    int found = 0;
+    while (f && !found) {
+        PyCodeObject *c = PyFrame_GetCode(f);
+        found = c == code;
+        Py_DECREF(c);
+        PyFrameObject *back = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = back;
+    }
+    Py_XDECREF(f);
+    Py_DECREF(code);
+    return found;
 }
 
 PyDoc_STRVAR(pre_step_doc,
@@ -295,14 +354,15 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         PyErr_SetObject(st->policy_error, st->pending);
         return NULL;
     }
-    if (st->depth > 0 && opt != st->outer) {
+    /* depth > 0 with no outer step left on this thread's stack means the last step raised
+     * before its post hook: this is an outer step again. (A subclass's step calling
+     * super().step() is nested in its own, of the same optimizer.) */
+    if (step_tls.depth > 0 && inside_another_step()) {
         st->nested++;
-        st->depth++;
+        step_tls.depth++;
         Py_RETURN_NONE;
     }
-    /* depth > 0 with the same optimizer means its last step raised before the post hook */
-    st->depth = 1;
-    st->outer = opt;
+    step_tls.depth = 1;
 
     PyObject *entry = optimizer_entry(st, opt);
     if (!entry)
@@ -315,6 +375,7 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
     PyList_SetItem(entry, 2, c);
     st->steps++;
     st->current = count;
+    step_tls.current = count;
 
     if (!st->started) {
         st->started = 1;
@@ -347,8 +408,7 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
     Py_XDECREF(record);
     Py_RETURN_NONE;
 error:
-    st->depth = 0;
-    st->outer = NULL;
+    step_tls.depth = 0;
     return NULL;
 }
 
@@ -358,19 +418,19 @@ static PyObject *core_post_step(PyObject *m, PyObject *const *args, Py_ssize_t n
     if (nargs < 1)
         return PyErr_Format(PyExc_TypeError, "post_step(optimizer, args, kwargs)");
     core_state *st = get_state(m);
-    if (st->depth > 1) {
-        st->depth--;
+    if (step_tls.depth > 1) {
+        step_tls.depth--;
         Py_RETURN_NONE;
     }
-    st->depth = 0;
-    st->outer = NULL;
+    long long step = step_tls.depth == 1 ? step_tls.current : st->current;
+    step_tls.depth = 0;
     if (st->post_features && PyList_GET_SIZE(st->post_features) > 0) {
         PyObject *record = PyDict_New();
         if (!record)
             return NULL;
-        int r = run_features(st->post_features, args[0], st->current, record);
+        int r = run_features(st->post_features, args[0], step, record);
         if (r == 0 && PyDict_GET_SIZE(record) > 0 && sh_audit_active())
-            emit("post_step", st->current, to_json(record, 0));
+            emit("post_step", step, to_json(record, 0));
         Py_DECREF(record);
         if (r < 0)
             return NULL;
@@ -392,7 +452,7 @@ static PyObject *core_audit(PyObject *m, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "s|OO", kwlist, &event, &fields, &step))
         return NULL;
     core_state *st = get_state(m);
-    long long s = st->steps ? st->current : -1;
+    long long s = step_tls.depth > 0 ? step_tls.current : st->steps ? st->current : -1;
     if (step != Py_None) {
         s = PyLong_AsLongLong(step);
         if (s == -1 && PyErr_Occurred())
@@ -526,8 +586,16 @@ static void core_free(void *m) {
     sh_policy_free(get_state((PyObject *)m)->policy);
 }
 
+/* One runtime per process (the step hooks keep C thread-locals, the audit log and the kernel's
+ * pool are process-wide): no subinterpreters. The GIL guards the module state. */
 static PyModuleDef_Slot core_slots[] = {
     {Py_mod_exec, core_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
     {0, NULL},
 };
 

@@ -12,7 +12,7 @@ static int audit_fd = -1;
 static char *audit_path;
 
 int sh_audit_open(const char *path) {
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
     if (fd < 0)
         return -errno;
     char *copy = strdup(path);

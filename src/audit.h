@@ -6,8 +6,9 @@
 #include <jansson.h>
 #include <stdbool.h>
 
-/* Open PATH for appending (created 0644 if missing), replacing any log already open.
- * Returns 0, or a negative errno with the previous log left open. */
+/* Open PATH for appending (created 0644 if missing; never through a symbolic link, -ELOOP;
+ * close-on-exec), replacing any log already open. Returns 0, or a negative errno with the
+ * previous log left open. */
 int sh_audit_open(const char *path);
 
 /* Close the log; later records are dropped. */

@@ -11,7 +11,7 @@ static int debug_state = -1; /* -1 unknown, 0 off, 1 on */
 
 bool sh_log_debug_enabled(void) {
     if (debug_state < 0) {
-        const char *v = getenv("SAFEHOOK_LOG");
+        const char *v = secure_getenv("SAFEHOOK_LOG");
         debug_state = v && strcmp(v, "debug") == 0;
     }
     return debug_state == 1;

@@ -28,8 +28,8 @@ static const char *const JUDGE[] = {"keyword", "exact", NULL};
 static const char *const PROBE_LOSS[] = {"ce", "contrastive", NULL};
 static const char *const SCORE[] = {"loss", "refusal_rate", "over_refusal", NULL};
 static const char *const GATE_MODE[] = {"first_order", "exact", NULL};
-static const char *const GATE_ACTION[] = {"skip", "scale", NULL};
-static const char *const GATE_ACTION_ORDER[] = {"scale", "skip", NULL};
+static const char *const GATE_ACTION[] = {"shrink", "scale", "skip", NULL};
+static const char *const GATE_ACTION_ORDER[] = {"shrink", "scale", "skip", NULL};
 static const char *const MON_ACTION[] = {"rollback", "reduce_lr", "both", "stop", NULL};
 static const char *const MON_ACTION_ORDER[] = {"reduce_lr", "rollback", "both", "stop", NULL};
 static const char *const SNAPSHOT[] = {"memory", "disk", NULL};
@@ -67,7 +67,9 @@ static const sh_field SAFEGRAD[] = {
     {"direction", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"refresh_every", COUNT(1), "1", SH_T_LE, NULL},
     {"granularity", SH_K_ENUM, 0, 0, 0, GRANULARITY, "\"global\"", SH_T_ORDER, GRANULARITY},
-    {"threshold", SH_K_NUM, 0, -1, 1, NULL, "0.0", SH_T_GE, NULL},
+    /* the projection moves the cosine up to the threshold: a higher one always leaves at least
+     * as much of the safety direction (monotone), so raising it tightens; 1 cannot be reached */
+    {"threshold", SH_K_NUM, SH_F_HI_OPEN, -1, 1, NULL, "0.0", SH_T_GE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 
@@ -93,7 +95,8 @@ static const sh_field GATE[] = {
     {"probe", SH_K_PROBE_REF, SH_F_REQUIRED, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"mode", SH_K_ENUM, 0, 0, 0, GATE_MODE, "\"first_order\"", SH_T_ORDER, GATE_MODE},
     {"tolerance", SH_K_NUM, 0, 0, INF, NULL, "0.0", SH_T_LE, NULL},
-    {"action", SH_K_ENUM, 0, 0, 0, GATE_ACTION, "\"skip\"", SH_T_ORDER, GATE_ACTION_ORDER},
+    {"ratio", SH_K_NUM, 0, 0, INF, NULL, "0.1", SH_T_LE, NULL},
+    {"action", SH_K_ENUM, 0, 0, 0, GATE_ACTION, "\"shrink\"", SH_T_ORDER, GATE_ACTION_ORDER},
     {"every", COUNT(1), "1", SH_T_LE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };

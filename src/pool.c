@@ -2,7 +2,9 @@
  * workers claim one at a time from a shared ticket, so a worker that wakes late (a busy machine
  * can keep a woken thread off the CPU for milliseconds) costs nothing: the caller has taken its
  * parts meanwhile. The ticket carries the round number, so a worker still holding an old round
- * cannot claim a part of the next one. */
+ * cannot claim a part of the next one. Each worker sleeps on a condition variable of its own, and
+ * a round wakes only the workers it may use (the pool's size, less the caller, at most the parts
+ * less one): after the size is lowered, the workers beyond it stay asleep. */
 #include "pool.h"
 
 #include <errno.h>
@@ -19,18 +21,20 @@
 static struct {
     pthread_mutex_t run_mu; /* one round at a time */
     pthread_mutex_t mu;     /* guards the fields below up to nworkers, and the condition variables */
-    pthread_cond_t go, done;
+    pthread_cond_t go[MAX_THREADS], done; /* go[i]: worker i's */
     uint32_t round;         /* the current round's number */
     void (*fn)(void *, int, int);
     void *arg;
     int nparts;
+    int active;             /* workers 0 .. active-1 take part in the current round */
     int nworkers;           /* started */
+    _Atomic unsigned long wakeups; /* rounds joined by a worker, since the start */
     _Atomic uint64_t ticket;   /* round << 32 | next part to claim */
     _Atomic int finished;      /* parts of the current round done */
     int size;               /* 0: not decided yet */
     int atfork;
 } pool = {.run_mu = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER,
-          .go = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+          .done = PTHREAD_COND_INITIALIZER};
 
 /* The next part of ROUND, or -1 when the round has none left (or is over). */
 static int claim(uint32_t round, int nparts) {
@@ -57,17 +61,26 @@ static void work(uint32_t round, void (*fn)(void *, int, int), void *arg, int np
     }
 }
 
+typedef struct {
+    int index;
+    uint32_t round; /* the round when the worker was created */
+} worker_arg;
+
 static void *worker(void *p) {
-    uint32_t seen = (uint32_t)(uintptr_t)p; /* the round when this thread was created */
+    worker_arg a = *(worker_arg *)p;
+    free(p);
+    uint32_t seen = a.round;
     pthread_mutex_lock(&pool.mu);
     for (;;) {
-        while (pool.round == seen)
-            pthread_cond_wait(&pool.go, &pool.mu);
+        /* a round this worker is not part of leaves it asleep; it joins the next one it is */
+        while (pool.round == seen || a.index >= pool.active)
+            pthread_cond_wait(&pool.go[a.index], &pool.mu);
         seen = pool.round;
         void (*fn)(void *, int, int) = pool.fn;
         void *arg = pool.arg;
         int nparts = pool.nparts;
         pthread_mutex_unlock(&pool.mu);
+        atomic_fetch_add(&pool.wakeups, 1);
         /* fn and arg stay valid while a part of this round is unclaimed or running: the caller
          * waits for every part, and claim() refuses parts of another round */
         work(seen, fn, arg, nparts);
@@ -80,9 +93,11 @@ static void *worker(void *p) {
 static void after_fork_child(void) {
     pthread_mutex_init(&pool.run_mu, NULL);
     pthread_mutex_init(&pool.mu, NULL);
-    pthread_cond_init(&pool.go, NULL);
+    for (int i = 0; i < MAX_THREADS; i++)
+        pthread_cond_init(&pool.go[i], NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.nworkers = 0;
+    pool.active = 0;
 }
 
 static int default_size(void) {
@@ -120,6 +135,8 @@ int sh_pool_set_size(int n) {
 /* Start workers up to WANT (the caller not counted); called with run_mu held. */
 static void grow(int want) {
     if (!pool.atfork) {
+        for (int i = 0; i < MAX_THREADS; i++)
+            pthread_cond_init(&pool.go[i], NULL);
         pthread_atfork(NULL, NULL, after_fork_child);
         pool.atfork = 1;
     }
@@ -132,14 +149,22 @@ static void grow(int want) {
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         pthread_attr_setstacksize(&attr, 256 * 1024);
+        worker_arg *a = malloc(sizeof *a);
+        if (!a) {
+            pthread_attr_destroy(&attr);
+            break;
+        }
         pthread_mutex_lock(&pool.mu);
-        int r = pthread_create(&th, &attr, worker, (void *)(uintptr_t)pool.round);
+        *a = (worker_arg){pool.nworkers, pool.round};
+        int r = pthread_create(&th, &attr, worker, a);
         if (r == 0)
             pool.nworkers++;
         pthread_mutex_unlock(&pool.mu);
         pthread_attr_destroy(&attr);
-        if (r != 0)
+        if (r != 0) {
+            free(a);
             break;
+        }
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
@@ -154,16 +179,19 @@ int sh_pool_run(void (*fn)(void *arg, int part, int nparts), void *arg, int npar
         return 1;
     }
     pthread_mutex_lock(&pool.run_mu);
-    grow((nparts < size ? nparts : size) - 1);
+    int want = (nparts < size ? nparts : size) - 1;
+    grow(want);
     pthread_mutex_lock(&pool.mu);
     uint32_t round = ++pool.round;
     pool.fn = fn;
     pool.arg = arg;
     pool.nparts = nparts;
+    pool.active = want < pool.nworkers ? want : pool.nworkers;
+    int active = pool.active;
     atomic_store(&pool.finished, 0);
     atomic_store(&pool.ticket, (uint64_t)round << 32);
-    if (pool.nworkers > 0)
-        pthread_cond_broadcast(&pool.go);
+    for (int i = 0; i < active; i++)
+        pthread_cond_signal(&pool.go[i]);
     pthread_mutex_unlock(&pool.mu);
     work(round, fn, arg, nparts);
     pthread_mutex_lock(&pool.mu);
@@ -171,5 +199,7 @@ int sh_pool_run(void (*fn)(void *arg, int part, int nparts), void *arg, int npar
         pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&pool.run_mu);
-    return pool.nworkers + 1;
+    return active + 1;
 }
+
+unsigned long sh_pool_wakeups(void) { return atomic_load(&pool.wakeups); }

@@ -17,7 +17,12 @@ int sh_pool_run(void (*fn)(void *arg, int part, int nparts), void *arg, int npar
 int sh_pool_size(void);
 
 /* Set the size (1..64; 0 restores the default). Takes effect at the next run; workers already
- * started stay, idle. Returns 0 or -EINVAL. */
+ * started beyond the new size stay asleep (no round wakes them) until the size grows again.
+ * Returns 0 or -EINVAL. */
 int sh_pool_set_size(int n);
+
+/* How many times a worker has joined a round since the process started (for tests: a round
+ * wakes at most min(size, nparts) - 1 workers). */
+unsigned long sh_pool_wakeups(void);
 
 #endif

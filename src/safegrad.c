@@ -1,4 +1,4 @@
-/* The SafeGrad projection kernel (see safegrad.h): conversions, the two passes, the split of
+/* The SafeGrad projection kernel (see safegrad.h): the two passes, the split of
  * the work over the pool, and the per-group decision. */
 #include "safegrad.h"
 
@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "convert.h"
 #include "pool.h"
 
 /* The vector helpers below are always inlined, so no vector value crosses a function boundary
@@ -33,64 +34,6 @@
 
 typedef float v8f __attribute__((vector_size(32)));
 
-/* ---- conversions ---- */
-
-INL float bits_f(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INL uint32_t f_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-INL float bf16_in(uint16_t h) { return bits_f((uint32_t)h << 16); }
-
-INL uint16_t bf16_out(float f) {
-    uint32_t u = f_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it NaN, quiet */
-        return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* fp16 -> fp32: move exponent and mantissa into place and rescale by 2^112, which also turns
- * fp16 subnormals into the right fp32 normals; infinities and NaNs get the full exponent. */
-INL float f16_in(uint16_t h) {
-    uint32_t em = (uint32_t)(h & 0x7fffu) << 13;
-    float f = bits_f(em) * 0x1p112f;
-    uint32_t u = f_bits(f);
-    if ((h & 0x7c00u) == 0x7c00u)
-        u = em | 0x7f800000u;
-    return bits_f(u | ((uint32_t)(h & 0x8000u) << 16));
-}
-
-/* fp32 -> fp16, round to nearest even. Values below the smallest fp16 normal are rounded by an
- * fp32 addition that lines their bits up with the fp16 subnormal grid. */
-INL uint16_t f16_out(float f) {
-    uint32_t u = f_bits(f);
-    uint32_t sign = (u >> 16) & 0x8000u;
-    u &= 0x7fffffffu;
-    uint16_t o;
-    if (u >= 0x47800000u) {                     /* >= 65536, inf or NaN */
-        o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-    } else if (u < 0x38800000u) {               /* below 2^-14: subnormal or zero */
-        o = (uint16_t)(f_bits(bits_f(u) + 0.5f) - 0x3f000000u);
-    } else {
-        u += 0xc8000fffu + ((u >> 13) & 1u);    /* rebias exponent (-112 << 23), round */
-        o = (uint16_t)(u >> 13);
-    }
-    return (uint16_t)(o | sign);
-}
-
-float sh_bf16_to_f32(unsigned short h) { return bf16_in(h); }
-unsigned short sh_f32_to_bf16(float f) { return bf16_out(f); }
-float sh_f16_to_f32(unsigned short h) { return f16_in(h); }
-unsigned short sh_f32_to_f16(float f) { return f16_out(f); }
-
 /* A block of N elements of P (dtype DT) from element OFF as fp32: in place for fp32 data,
  * else converted into BUF. */
 INL const float *load(const void *p, sh_dtype dt, size_t off, size_t n, float *buf) {
@@ -98,22 +41,18 @@ INL const float *load(const void *p, sh_dtype dt, size_t off, size_t n, float *b
         return (const float *)p + off;
     const uint16_t *h = (const uint16_t *)p + off;
     if (dt == SH_DT_BF16)
-        for (size_t i = 0; i < n; i++)
-            buf[i] = bf16_in(h[i]);
+        sh_cvt.bf16_in(h, buf, n);
     else
-        for (size_t i = 0; i < n; i++)
-            buf[i] = f16_in(h[i]);
+        sh_cvt.f16_in(h, buf, n);
     return buf;
 }
 
 INL void store(void *p, sh_dtype dt, size_t off, size_t n, const float *v) {
     uint16_t *h = (uint16_t *)p + off;
     if (dt == SH_DT_BF16)
-        for (size_t i = 0; i < n; i++)
-            h[i] = bf16_out(v[i]);
+        sh_cvt.bf16_out(v, h, n);
     else
-        for (size_t i = 0; i < n; i++)
-            h[i] = f16_out(v[i]);
+        sh_cvt.f16_out(v, h, n);
 }
 
 INL v8f ld8(const float *p) {
@@ -312,9 +251,16 @@ size_t sh_sg_decide(const double *dots, size_t ngroups, double threshold, double
         double cs = (ss > 0 && gg > 0) ? gs / sqrt(gg * ss) : NAN;
         coef[k] = 0.0;
         /* NaN (nothing to compare) never projects; nor does a cosine within rounding of the
-         * threshold, so that a projected gradient (cosine ~1e-7 off 0) is left alone */
+         * threshold, so that a projected gradient (cosine ~1e-7 off it) is left alone */
         if (cs == cs && cs < threshold - SH_SG_COS_EPS) {
-            coef[k] = gs / ss;
+            /* g = (gs/ss) s + r with r orthogonal to s; the result x s + r has cosine t when
+             * x = t |r| / (|s| sqrt(1 - t^2)). t = 0 gives x = 0: the plain projection. */
+            double x = 0.0;
+            if (threshold != 0.0) {
+                double rr = gg - gs * gs / ss;
+                x = threshold * sqrt(rr > 0 ? rr : 0) / sqrt(ss * (1 - threshold * threshold));
+            }
+            coef[k] = gs / ss - x;
             projected++;
         }
         if (cosine)

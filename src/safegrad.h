@@ -1,6 +1,9 @@
-/* SafeGrad's projection kernel: remove from a task gradient g the component that conflicts with
- * a safety gradient s, g <- g - (g.s / s.s) s when cos(g, s) < threshold, over groups of tensors
- * (one group: the global mode; a group per block: layer; a group per tensor: tensor).
+/* SafeGrad's projection kernel: move a task gradient g along a safety gradient s just enough that
+ * cos(g, s) reaches the threshold t when it is below it, g <- g - coef s (t = 0: the conflicting
+ * component removed, coef = g.s / s.s), over groups of tensors (one group: the global mode; a
+ * group per block: layer; a group per tensor: tensor). The part of g orthogonal to s is never
+ * touched, and a group at or above t is left alone, so a higher t never removes more of what
+ * helps safety: it only adds more of it.
  *
  * Two passes over contiguous CPU memory: one reads g and s once for all three dot products
  * (g.s, s.s, g.g), one updates g in place. fp32, bf16 and fp16 data, g and s each in their own
@@ -11,6 +14,8 @@
 #define SH_SAFEGRAD_H
 
 #include <stddef.h>
+
+#include "convert.h" /* the conversions the kernel uses */
 
 typedef enum { SH_DT_F32 = 0, SH_DT_BF16 = 1, SH_DT_F16 = 2 } sh_dtype;
 
@@ -32,8 +37,9 @@ int sh_sg_dots(const sh_sg_tensor *t, size_t nt, size_t ngroups, double *out);
 
 /* Decide each group from its dot products (as sh_sg_dots lays them out, summed over every shard
  * when the tensors are sharded): cosine[k] = g.s / sqrt(g.g s.s), NaN when either norm is 0;
- * coef[k] = g.s / s.s when cosine[k] < threshold - SH_SG_COS_EPS, else 0. Returns the number of groups
- * projected. cosine may be NULL. */
+ * when cosine[k] < threshold - SH_SG_COS_EPS, coef[k] = g.s / s.s - t |r| / (|s| sqrt(1 - t^2))
+ * with |r|^2 = g.g - (g.s)^2 / s.s (so that g - coef s has cosine t), else 0. threshold must be
+ * in [-1, 1). Returns the number of groups projected. cosine may be NULL. */
 size_t sh_sg_decide(const double *dots, size_t ngroups, double threshold, double *coef, double *cosine);
 
 /* g -= coef[group] * s for every tensor whose group's coef is not 0 (the others are not
@@ -44,12 +50,5 @@ int sh_sg_update(const sh_sg_tensor *t, size_t nt, size_t ngroups, const double 
  * Returns the number of groups projected, or a negative errno (nothing changed). */
 long sh_sg_project(const sh_sg_tensor *t, size_t nt, size_t ngroups, double threshold, double *dots,
                    double *coef, double *cosine);
-
-/* Elementwise conversions used by the kernel (exposed for tests): round to nearest even, NaN
- * stays NaN, overflow in fp16 gives infinity. */
-float sh_bf16_to_f32(unsigned short h);
-unsigned short sh_f32_to_bf16(float f);
-float sh_f16_to_f32(unsigned short h);
-unsigned short sh_f32_to_f16(float f);
 
 #endif

@@ -13,6 +13,9 @@ need=()
 pkg-config --exists jansson 2>/dev/null || need+=(libjansson-dev)
 [ -e /usr/include/x86_64-linux-gnu/libunwind.h ] || [ -e /usr/include/libunwind.h ] || need+=(libunwind-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# gcc's AddressSanitizer runtime: the C unit tests under ASan, and tests/py/test_hooks_native.py
+# (the extension built with -fsanitize=address, run with libasan preloaded)
+[ -e "$(gcc -print-file-name=libasan.so 2>/dev/null)" ] || need+=(libasan8)
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     command -v clang-14 >/dev/null || command -v clang >/dev/null || need+=(clang)
     ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || need+=(libclang-rt-14-dev)

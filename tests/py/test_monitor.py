@@ -189,7 +189,9 @@ def test_kill_during_disk_snapshot_write_leaves_last_good_snapshot(tmp_path):
 
 @pytest.mark.parametrize("mode", ["exact", "first_order"])
 def test_gate_skips_updates_that_raise_the_probe_loss(tmp_path, mode):
-    policy = _write_policy(tmp_path, gate={"probe": "refusals", "mode": mode, "tolerance": 0.0, "action": "skip"})
+    # the strict gate: no rise allowed at all (ratio 0, tolerance 0), skip over it
+    policy = _write_policy(tmp_path, gate={"probe": "refusals", "mode": mode, "tolerance": 0.0, "ratio": 0.0,
+                                           "action": "skip"})
     # Adam without momentum (beta1 = 0): a harmful batch's update points away from the refusals.
     cfg = {"phases": [["harmful", 2], ["alternate", 5]], "lr": 0.001, "betas": [0.0, 0.99], "pretrain": 10}
     out, recs, err = _train(tmp_path, policy, cfg)
@@ -243,20 +245,54 @@ def test_report_summary_and_png(rollback_run, tmp_path):
     assert series == {"score": 6, "rollbacks": 2, "cosine": 0, "gate_skips": 0}
 
 
-def test_report_counts_safegrad_and_gate_fields(tmp_path):
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory):
+    """SafeGrad (probe) and the default gate together on Adam: harmful batches between safe ones."""
+    d = tmp_path_factory.mktemp("gated")
+    policy = _write_policy(d, safegrad={"source": "probe", "probe": "refusals"}, gate={"probe": "refusals"})
+    cfg = {"phases": [["harmful", 3], ["alternate", 5]], "lr": 0.003, "pretrain": 10}
+    out, recs, err = _train(d, policy, cfg)
+    return d, out, recs, err
+
+
+def test_default_gate_keeps_learning_and_shares_the_safety_gradient(gated_run):
+    d, out, recs, err = gated_run
+    steps = [r for r in recs if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(s["changed"] for s in out["steps"])  # no update is skipped: training moves
+    for r in steps:
+        g = r["gate"]
+        assert g["action"] in ("allow", "shrink"), g
+        assert g["limit"] == pytest.approx(0.1 * max(g["gain"], 0.0), rel=1e-12, abs=1e-15)
+        assert (g["action"] == "shrink") == (g["delta"] > g["limit"])
+        if g["action"] == "shrink":
+            assert g["coef"] > 0 and 0 < g["norm_ratio"] <= 1 + 1e-9
+        # one safety gradient per step: SafeGrad computed it, the gate reused it
+        assert r.get("safety_refreshed") and "safety_shared" not in r and g["gradient"] == "shared", r
+    assert any(r["gate"]["action"] == "shrink" for r in steps)
+    gates = [r for r in recs if r["event"] == "gate"]
+    assert [r["step"] for r in gates] == [r["step"] for r in steps if r["gate"]["action"] == "shrink"]
+    assert err.strip() == ""
+
+
+def test_report_counts_what_a_real_run_wrote(gated_run):
+    """The report's counts against the records a run with SafeGrad and the gate wrote."""
     from safehook.cli import report as cli_report
-    recs = [{"event": "start", "policy": "p", "digest": "x"}]
-    for s in range(1, 11):
-        recs.append({"event": "step", "step": s, "safegrad": {"cosine": -0.5 if s % 3 == 0 else 0.2,
-                                                             "projected": s % 3 == 0},
-                     "gate": {"action": "skip" if s == 5 else "allow", "delta": 0.1}})
-    recs.append({"event": "gate", "step": 5, "action": "skip"})
-    recs.append({"event": "end", "steps": 10})
+    d, out, recs, err = gated_run
+    steps = [r for r in recs if r["event"] == "step"]
+    cos = [r["cosine"] for r in steps if r.get("cosine") is not None]
+    conflicts = sum(c < 0 for c in cos)
+    projected = sum(1 for r in steps if r.get("projected") is True)
+    actions = [r["gate"]["action"] for r in steps]
+    assert projected > 0 and conflicts >= projected
     lines = cli_report.summary(recs)
-    assert any("3 conflicts (cosine < 0), 3 projected" in l for l in lines), lines
-    assert any("10 steps checked: 9 allowed, 1 skipped" in l for l in lines), lines
+    assert any("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected" % (len(cos), conflicts, projected)
+               in l for l in lines), lines
+    assert any("gate: %d steps checked: %d allowed, %d shrunk, 0 scaled, 0 skipped"
+               % (len(steps), actions.count("allow"), actions.count("shrink")) in l for l in lines), lines
     s = cli_report.series(recs)
-    assert len(s["cosine"]) == 10 and s["projected"] == [3, 6, 9] and s["gate_skips"] == [5]
+    assert [c for _, c in s["cosine"]] == cos
+    assert s["gate_shrinks"] == [r["step"] for r in steps if r["gate"]["action"] == "shrink"]
 
 
 # ---- in-process pieces ----
@@ -436,6 +472,8 @@ class _Runtime:
     """The part of safehook.runtime.context.Context a feature calls while it runs: records go to a list."""
     on_error = "abort"
 
+    on_error = "abort"
+
     def __init__(self):
         self.records = []
 
@@ -454,7 +492,7 @@ def test_gate_scale_shrinks_the_update_to_the_tolerance(tmp_path):
     probe = tmp_path / "p.jsonl"
     tiny.write_probe(str(probe), n=8)
     policy = {"probes": {"p": {"data": str(probe)}},
-              "gate": {"probe": "p", "mode": "first_order", "tolerance": 1e-3, "action": "scale"}}
+              "gate": {"probe": "p", "mode": "first_order", "tolerance": 1e-3, "ratio": 0.0, "action": "scale"}}
     m = tiny.model()
     tiny.pretrain(m, steps=10)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -480,6 +518,55 @@ def test_gate_scale_shrinks_the_update_to_the_tolerance(tmp_path):
         for p in m.parameters():  # Adam's displacement is linear in lr: exactly s times the full one
             torch.testing.assert_close(p.detach() - before[p], s * full[p], rtol=1e-3, atol=2e-7)
     assert [r["action"] for r in rt.records if r["event"] == "gate"] == ["scale", "scale"]
+
+
+def test_gate_unscales_gradscaler_gradients_of_a_fused_optimizer(tmp_path):
+    """GradScaler hands a fused AdamW its gradients still scaled (grad_scale and found_inf set on
+    the optimizer): the gate's prediction must use them unscaled, as the fused kernel does, and
+    leave a step with inf gradients to the optimizer, which skips it."""
+    import torch
+    import tiny
+    from safehook.features import gate
+    from safehook.runtime import model as _model
+    probe = tmp_path / "p.jsonl"
+    tiny.write_probe(str(probe), n=8)
+    m = tiny.model()
+    tiny.pretrain(m, steps=10)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    # ratio so large that the gate lets every update through: the real step checks the prediction
+    g = gate.Gate({"probes": {"p": {"data": str(probe)}}, "gate": {"probe": "p", "ratio": 1e9}}, _Runtime())
+    g.on_model(_model.ModelInfo(m))
+    seen = {}
+
+    def pre(o, args, kwargs):
+        assert float(o.grad_scale) == scaler.get_scale()  # the gradients are still scaled
+        seen["pred"] = gate.predicted_updates(o)[1]
+        seen["rec"] = {}
+        g.pre(o, seen["step"], seen["rec"])
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(lambda o, a, k: g.post(o, seen["step"], {}))
+    ids, mask, labels = tiny.batch("harmful")
+    for step in (1, 2, 3, 4):
+        seen["step"] = step
+        opt.zero_grad()
+        scaler.scale(m(input_ids=ids, attention_mask=mask, labels=labels).loss).backward()
+        if step == 3:
+            next(m.parameters()).grad.view(-1)[0] = float("inf")
+        before = {p: p.detach().clone() for p in m.parameters()}
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        info = seen["rec"]["gate"]
+        if step == 3:  # inf: the gate does nothing, the fused step skips itself, the scale halves
+            assert info == {"found_inf": True, "action": "none"}
+            assert all(torch.equal(p.detach(), before[p]) for p in m.parameters())
+            assert scaler.get_scale() == scale / 2
+            continue
+        assert info["action"] == "allow" and info["gain"] > 0
+        for p in m.parameters():  # the unscaled prediction is the step the fused kernel took
+            torch.testing.assert_close(p.detach() - before[p], seen["pred"][p], rtol=1e-4, atol=5e-7)  # float32 weights: an ulp
 
 
 def test_callable_probes_and_judges(tmp_path, monkeypatch):
@@ -516,30 +603,62 @@ def test_callable_probes_and_judges(tmp_path, monkeypatch):
     assert jp.score(m) == 1.0  # taught to answer with the refusal, whose first token is 3
 
 
-def test_gate_reports_a_stall_when_momentum_keeps_every_update_out(tmp_path, monkeypatch):
+def _linear_gate_run(tmp_path, monkeypatch, gate_cfg, steps=65):
+    """A 3-weight model, probe loss = sum(w) (exactly linear: the first-order rise is the real
+    one), task loss 1/2 |w - w*|^2 whose optimum lies up the probe; SGD with momentum, and step 1
+    fed a harmful gradient straight up the probe. Returns the per-step records and losses."""
     import torch
     from safehook.features import gate
     from safehook.runtime import model as _model
-    from safehook.cli import report as cli_report
     (tmp_path / "linprobe.py").write_text("def loss(model):\n    return model.weight.sum()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    policy = {"probes": {"lin": {"callable": "linprobe:loss"}}, "gate": {"probe": "lin", "action": "skip"}}
-    m = torch.nn.Linear(3, 1, bias=False)
+    policy = {"probes": {"lin": {"callable": "linprobe:loss"}}, "gate": dict(gate_cfg, probe="lin")}
+    m = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        m.weight.zero_()
+    target = torch.tensor([[1.0, -1.0, 0.5]], dtype=torch.float64)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     rt = _Runtime()
     g = gate.Gate(policy, rt)
     g.on_model(_model.ModelInfo(m))
-    g.cfg["tolerance"] = float("inf")  # one update that raises the probe loss goes through...
-    for step in range(1, 66):
-        m.weight.grad = torch.full_like(m.weight, -1.0 if step == 1 else 0.05)  # ...then only safe gradients
+    out = []
+    for step in range(1, steps + 1):
+        w0 = m.weight.detach().clone()
+        if step == 1:
+            m.weight.grad = torch.full_like(m.weight, -1.0)  # harmful: straight up the probe
+        else:
+            m.weight.grad = (w0 - target).clone()
         rec = {}
         g.pre(opt, step, rec)
         opt.step()
         g.post(opt, step, {})
-        g.cfg["tolerance"] = 0.0
-        if step > 1:  # the momentum of step 1 still points up the probe loss: every update is skipped
-            assert rec["gate"]["action"] == "skip" and rec["gate"]["delta"] > 0
-    gates = [r for r in rt.records if r["event"] == "gate"]
+        w1 = m.weight.detach()
+        out.append({"step": step, "gate": rec["gate"], "rise": float(w1.sum() - w0.sum()),
+                    "moved": float((w1 - w0).norm()), "task": float(0.5 * (w1 - target).pow(2).sum())})
+    return out, rt.records
+
+
+def test_default_gate_keeps_learning_and_shrinks_what_raises_the_probe_loss(tmp_path, monkeypatch):
+    from safehook.cli import report as cli_report
+    recs, audit = _linear_gate_run(tmp_path, monkeypatch, {}, steps=40)  # the defaults: shrink, ratio 0.1
+    shrunk = [r for r in recs if r["gate"]["action"] == "shrink"]
+    assert recs[0]["gate"]["action"] == "shrink" and len(shrunk) > 10
+    for r in recs:
+        g = r["gate"]
+        assert g["limit"] == pytest.approx(0.1 * max(g["gain"], 0.0))
+        assert r["moved"] > 1e-4, r  # every step moves the weights
+        if g["action"] == "shrink":  # the real rise of the (linear) probe loss is cut to the limit
+            assert g["delta"] > g["limit"] and r["rise"] == pytest.approx(g["limit"], abs=1e-12), r
+        else:
+            assert r["rise"] <= g["limit"] + 1e-12, r
+    assert recs[-1]["task"] < 0.1 * 1.125  # learned most of the task (1.125 at the start)...
+    assert sum(r["rise"] for r in recs) < 0.5  # ...without paying its full price in the probe (+0.5)
+    assert [r["step"] for r in audit if r["event"] == "gate"] == [r["step"] for r in shrunk]
+    # The strict gate of before (no rise allowed, skip) stands still on the same run: every update
+    # toward the task's optimum raises the probe loss a little, so every one is skipped.
+    strict, audit = _linear_gate_run(tmp_path, monkeypatch, {"action": "skip", "ratio": 0.0})
+    assert all(r["gate"]["action"] == "skip" and r["moved"] == 0.0 for r in strict)
+    gates = [r for r in audit if r["event"] == "gate"]
     assert [r["streak"] for r in gates if r.get("stalled")] == [32, 64]
     lines = cli_report.summary([dict(r, event="gate") for r in gates])
-    assert any("longest run of skipped updates: 64" in l and "stood still" in l for l in lines), lines
+    assert any("longest run of skipped updates: 65" in l and "stood still" in l for l in lines), lines

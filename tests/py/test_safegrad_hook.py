@@ -55,6 +55,7 @@ def check_steps(res, recs, tol, nsteps, case=0):
     res = [r for r in res if r["case"] == case]
     steps = [r for r in events(recs, "step") if r["opt"] == case]
     assert [r["step"] for r in steps] == list(range(1, nsteps + 1))  # one projection per optimizer step
+    assert len(res) == nsteps, res  # one result line per step: a missing line fails, not shortens the zip
     for r, rec in zip(res, steps):
         assert rec["projected"] == r["projected"], (rec, r)
         if r["cos"] is None:

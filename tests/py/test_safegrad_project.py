@@ -44,9 +44,12 @@ def reference(g, s, keys, threshold=0.0):
         gg = sum(float(torch.dot(g64[i], g64[i])) for i in idx)
         cos = gs / math.sqrt(gg * ss)
         proj = cos < threshold
+        # below the threshold: the component along s moves to x, where x s + r has cosine t
+        rr = gg - gs * gs / ss
+        x = threshold * math.sqrt(max(rr, 0.0)) / math.sqrt(ss * (1 - threshold ** 2))
         for i in idx:
             if proj:
-                g64[i] -= gs / ss * s64[i]
+                g64[i] -= (gs / ss - x) * s64[i]
         out[k] = (cos, proj, math.sqrt(gg), math.sqrt(ss))
     return g64, out
 
@@ -83,6 +86,33 @@ def test_against_float64(gran, dtype, conflict, noncontig):
             assert not torch.equal(x, b)
 
 
+@pytest.mark.parametrize("noncontig", [False, True], ids=["kernel", "torch"])
+@pytest.mark.parametrize("gran", ["global", "layer", "tensor"])
+@pytest.mark.parametrize("threshold", [-0.3, 0.4])
+def test_threshold_moves_the_cosine_to_it(gran, threshold, noncontig):
+    """Below a threshold t the group ends at cosine t exactly (float64 reference), and with t > 0
+    a group already helping safety (0 < cosine < t) keeps its helpful component and gains more."""
+    g, s = make(9, torch.float32, True, seed=21, noncontig=noncontig)
+    for i in range(0, 9, 2):  # every other tensor helps safety: cosines on both sides of 0
+        g[i] = g[i] + 1.2 * s[i]
+    keys = keys_for(gran, len(g))
+    before = [x.clone() for x in g]
+    want, groups = reference(g, s, keys, threshold)
+    res = safehook.project(g, s, gran, threshold=threshold, groups=keys if gran == "layer" else None)
+    proj = res["projected"] if gran != "global" else [res["projected"]]
+    assert any(proj)
+    for j, k in enumerate(dict.fromkeys(keys)):
+        assert proj[j] == groups[k][1]
+    for x, w in zip(g, want):
+        assert (x.double() - w).abs().max().item() <= 1e-5 * (w.abs().max().item() + 1e-3)
+    for k in dict.fromkeys(keys):
+        idx = [i for i, kk in enumerate(keys) if kk == k]
+        dot = lambda a, b: sum(float(torch.dot(a[i].double(), b[i].double())) for i in idx)
+        cos = dot(g, s) / math.sqrt(dot(g, g) * dot(s, s))
+        assert cos == pytest.approx(max(groups[k][0], threshold), abs=1e-5)
+        assert dot(g, s) >= dot(before, s) - 1e-6  # never less of the safety direction than before
+
+
 @pytest.mark.parametrize("sdtype", DTYPES, ids=["s-f32", "s-bf16", "s-f16"])
 def test_mixed_dtypes_and_paths_agree(sdtype):
     """bf16 task gradients against safety gradients of another dtype; kernel == torch path."""
@@ -111,10 +141,13 @@ def test_idempotent(gran):
 
 def test_threshold_and_degenerate():
     g = [torch.tensor([1.0, 1.0])]
-    s = [torch.tensor([1.0, 0.0])]  # cosine 0.707: no conflict at 0, projected at 0.9
+    s = [torch.tensor([1.0, 0.0])]  # cosine 0.707: no conflict at 0, below a threshold of 0.9
     assert not safehook.project(g, s)["projected"]
     r = safehook.project(g, s, threshold=0.9)
-    assert r["projected"] and torch.allclose(g[0], torch.tensor([0.0, 1.0]))
+    # moved up to cosine 0.9, keeping what helps: (x, 1) with x / sqrt(x^2 + 1) = 0.9
+    assert r["projected"] and torch.allclose(g[0], torch.tensor([0.9 / math.sqrt(0.19), 1.0]))
+    with pytest.raises(ValueError):
+        safehook.project(g, s, threshold=1.0)
     z = [torch.zeros(3)]
     g = [torch.ones(3)]
     r = safehook.project(g, z)

@@ -207,12 +207,54 @@ static void test_edges(void) {
     t.group = 0;
     t.gt = (sh_dtype)7;
     CHECK_INT(sh_sg_dots(&t, 1, 1, dots), -EINVAL);
-    /* a threshold above the cosine projects even without conflict */
+    /* a threshold above a helpful cosine (0.707 < 0.9) adds safety, never takes it away:
+     * g becomes (x, 1) with x / sqrt(x^2 + 1) = 0.9, x = 0.9 / sqrt(0.19) */
     float g2[2] = {1, 1}, s2[2] = {1, 0};
     sh_sg_tensor t2 = {g2, s2, 2, SH_DT_F32, SH_DT_F32, 0};
     CHECK_INT(sh_sg_project(&t2, 1, 1, 0.9, dots, coef, cosine), 1);
-    CHECK_NEAR(g2[0], 0.0, 1e-7);
+    CHECK_NEAR(g2[0], 0.9 / sqrt(0.19), 1e-6);
     CHECK_NEAR(g2[1], 1.0, 1e-7);
+}
+
+/* The threshold moves the cosine to exactly t (double reference), keeps the part of g
+ * orthogonal to s, and is monotone: a higher t leaves at least as much of s in g. */
+static void test_threshold(void) {
+    static const double ts[] = {-0.6, -0.2, 0.0, 0.2, 0.5, 0.95};
+    double prev_along = -INFINITY;
+    for (size_t k = 0; k < sizeof ts / sizeof ts[0]; k++) {
+        enum { N = 3000 };
+        static float g[N], s[N];
+        double g0[N];
+        rng = 4242;
+        for (size_t i = 0; i < N; i++) {
+            s[i] = (float)urand();
+            g[i] = (float)(urand() - 0.8 * s[i]); /* conflicting: cosine about -0.8 */
+            g0[i] = g[i];
+        }
+        sh_sg_tensor t = {g, s, N, SH_DT_F32, SH_DT_F32, 0};
+        double dots[3], coef[1], cosine[1];
+        CHECK_INT(sh_sg_project(&t, 1, 1, ts[k], dots, coef, cosine), 1);
+        double gs = 0, ss = 0, gg = 0, r_err = 0, along = 0;
+        for (size_t i = 0; i < N; i++) {
+            gs += (double)g[i] * s[i];
+            ss += (double)s[i] * s[i];
+            gg += (double)g[i] * g[i];
+        }
+        along = gs / ss;
+        /* the orthogonal part is untouched: g - g0 is a multiple of s */
+        double d = (g[0] - g0[0]) / s[0];
+        for (size_t i = 0; i < N; i++)
+            r_err = fmax(r_err, fabs((g[i] - g0[i]) - d * s[i]));
+        CHECK_NEAR(gs / sqrt(gg * ss), ts[k], 2e-6);
+        CHECK(r_err < 1e-5);
+        CHECK(along >= prev_along);
+        prev_along = along;
+        /* projecting again changes nothing */
+        float again[N];
+        memcpy(again, g, sizeof again);
+        CHECK_INT(sh_sg_project(&t, 1, 1, ts[k], dots, coef, cosine), 0);
+        CHECK(memcmp(again, g, sizeof again) == 0);
+    }
 }
 
 static void test_conversions(void) {
@@ -249,9 +291,71 @@ static void test_conversions(void) {
     CHECK_INT(sh_f32_to_bf16(INFINITY), 0x7f80);
 }
 
+/* Every conversion path gives the same bits: the dots and the updated gradient of a projection
+ * over bf16 and fp16 data (g and s each in either dtype, lengths that leave vector tails). */
+static void test_paths_same_bits(void) {
+    sh_dtype dts[2] = {SH_DT_BF16, SH_DT_F16};
+    enum { NT = 3 };
+    size_t len[NT] = {5000, 1023, 77};
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 2; b++) {
+            uint16_t *g0[NT], *s[NT], *g[NT], *ref[NT];
+            sh_sg_tensor t[NT];
+            for (int i = 0; i < NT; i++) {
+                g0[i] = malloc(len[i] * 2);
+                s[i] = malloc(len[i] * 2);
+                g[i] = malloc(len[i] * 2);
+                ref[i] = malloc(len[i] * 2);
+                for (size_t k = 0; k < len[i]; k++) {
+                    double gv = urand();
+                    put(g0[i], dts[a], k, gv * 1e-3); /* fp16 subnormals among them */
+                    put(s[i], dts[b], k, (0.3 * urand() - 0.6 * gv) * 1e-3);
+                }
+                t[i] = (sh_sg_tensor){g[i], s[i], len[i], dts[a], dts[b], (size_t)i % 2};
+            }
+            double dref[6], cref[2], d[6], c[2];
+            int first = 1;
+            for (int p = SH_CVT_SCALAR; p <= SH_CVT_AVX2_F16C; p++) {
+                if (sh_cvt_set_path((sh_cvt_path)p) != 0)
+                    continue;
+                for (int i = 0; i < NT; i++)
+                    memcpy(g[i], g0[i], len[i] * 2);
+                CHECK_INT(sh_sg_project(t, NT, 2, 0.0, d, c, NULL), 2);
+                if (first) {
+                    memcpy(dref, d, sizeof d);
+                    memcpy(cref, c, sizeof c);
+                    for (int i = 0; i < NT; i++)
+                        memcpy(ref[i], g[i], len[i] * 2);
+                    first = 0;
+                    continue;
+                }
+                if (memcmp(d, dref, sizeof d) != 0 || memcmp(c, cref, sizeof c) != 0) {
+                    fprintf(stderr, "path %s: dots differ from scalar (dtypes %d/%d)\n",
+                            sh_cvt_path_name((sh_cvt_path)p), dts[a], dts[b]);
+                    CHECK(0);
+                }
+                for (int i = 0; i < NT; i++)
+                    if (memcmp(g[i], ref[i], len[i] * 2) != 0) {
+                        fprintf(stderr, "path %s: updated g differs from scalar (dtypes %d/%d)\n",
+                                sh_cvt_path_name((sh_cvt_path)p), dts[a], dts[b]);
+                        CHECK(0);
+                    }
+            }
+            for (int i = 0; i < NT; i++) {
+                free(g0[i]);
+                free(s[i]);
+                free(g[i]);
+                free(ref[i]);
+            }
+        }
+    CHECK_INT(sh_cvt_set_path(SH_CVT_BEST), 0);
+}
+
 int main(void) {
     test_conversions();
+    test_paths_same_bits();
     test_edges();
+    test_threshold();
     test_reference();
     test_threads();
     CHECK_DONE();

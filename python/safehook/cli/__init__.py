@@ -6,7 +6,7 @@ import os
 import sys
 
 # Subcommand modules: safehook.cli.<name>.register(sub) adds a parser with set_defaults(func=...).
-EXTRA_COMMANDS = ("check", "locate", "report", "demo")
+EXTRA_COMMANDS = ("check", "locate", "report", "demo", "harden", "restore")
 
 
 def _cmd_lib(args):

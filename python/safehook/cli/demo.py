@@ -1,8 +1,51 @@
 """`safehook demo`: the alignment-tax benchmark (safehook.demo.bench)."""
+import importlib.util
 import sys
+
+# What the demo needs beyond safehook itself: all of it comes with `pip install 'safehook[demo]'`.
+NEEDS = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def missing_modules(names=NEEDS):
+    """The modules of NAMES that cannot be imported here (an entry of None in sys.modules counts
+    as missing, as import would fail)."""
+    out = []
+    for n in names:
+        if n in sys.modules:
+            if sys.modules[n] is None:
+                out.append(n)
+            continue
+        try:
+            if importlib.util.find_spec(n) is None:
+                out.append(n)
+        except (ImportError, ValueError):
+            out.append(n)
+    return out
+
+
+def _ratios(text):
+    try:
+        r = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        r = None
+    if not r or not all(0 < x < 1 for x in r):
+        return None
+    return r
 
 
 def _cmd(args):
+    missing = missing_modules()
+    if missing:
+        print("safehook demo: needs %s (not installed): pip install 'safehook[demo]'" % ", ".join(missing),
+              file=sys.stderr)
+        return 2
+    ratios = None
+    if args.ratios:
+        ratios = _ratios(args.ratios)
+        if ratios is None:
+            print("safehook demo: --ratios takes harmful fractions in (0, 1) separated by commas, not %r"
+                  % args.ratios, file=sys.stderr)
+            return 2
     from ..demo import bench
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     if modes:
@@ -13,14 +56,15 @@ def _cmd(args):
                   file=sys.stderr)
             return 2
     res = bench.run(quick=args.quick, seed=args.seed, layers=args.layers, out=args.out,
-                    cache=args.cache, modes=modes, jobs=args.jobs)
+                    cache=args.cache, modes=modes, jobs=args.jobs, ratios=ratios)
     print(bench.table(res))
     print()
     for name, c in res["checks"].items():
         print("check %-18s %s  %s" % (name, "pass" if c["pass"] else "FAIL",
                                       ", ".join("%s=%s" % (k, _fmt(v)) for k, v in c.items()
                                                 if k != "pass")))
-    print("results: %s\nchart:   %s\nwall:    %.0fs" % (res["out"], res["chart"], res["wall_seconds"]))
+    print("results: %s\nchart:   %s\nwall:    %.0fs" % (
+        res["out"], res["chart"] or "not drawn (%s)" % res.get("chart_error"), res["wall_seconds"]))
     return 0
 
 
@@ -32,9 +76,10 @@ def register(sub):
     s = sub.add_parser(
         "demo", help="run the alignment-tax benchmark",
         description="Train (or load from the cache) a small aligned Llama on a synthetic "
-                    "instruction world, fine-tune it on a benign task and on a harmful mix under "
-                    "each protection mode (each run under LD_PRELOAD with its policy), and report "
-                    "ASR, over-refusal, task accuracy and step time side by side.")
+                    "instruction world, fine-tune it on a benign task (clean: no harmful data) and "
+                    "on harmful mixes under each protection mode (each run under LD_PRELOAD with "
+                    "its policy), and report ASR, over-refusal, task accuracy and step time side "
+                    "by side. Needs the demo extra: pip install 'safehook[demo]'.")
     s.add_argument("--quick", action="store_true", help="small world, model and steps: a few minutes, the test suite's run")
     s.add_argument("--seed", type=int, default=0, help="seed of the world and the models (default 0)")
     s.add_argument("--layers", type=int, default=None, metavar="N",
@@ -45,6 +90,8 @@ def register(sub):
                    help="cache of base models (default ~/.cache/safehook/demo)")
     s.add_argument("--modes", metavar="M,M", default=None,
                    help="run only these modes (plain always runs)")
+    s.add_argument("--ratios", metavar="P,P", default=None,
+                   help="harmful fractions of the harmful-mix settings (default 0.1,0.2; 0.1 with --quick)")
     s.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="fine-tuning runs at a time (default: 1, or 2 with --quick)")
     s.set_defaults(func=_cmd)

@@ -45,9 +45,10 @@ def _find(rec, key):
 def series(recs):
     """The data the report draws: {"score": [(step, score)], "baseline": float or None,
     "limit": float or None, "cosine": [(step, cos)], "projected": [step], "rollbacks":
-    [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step]}."""
+    [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step],
+    "gate_shrinks": [step]}."""
     out = {"score": [], "baseline": None, "limit": None, "cosine": [], "projected": [], "rollbacks": [],
-           "ends": [], "gate_skips": [], "gate_scales": []}
+           "ends": [], "gate_skips": [], "gate_scales": [], "gate_shrinks": []}
     for r in recs:
         ev, step = r["event"], r.get("step")
         if ev == "probe" and isinstance(r.get("score"), (int, float)):
@@ -66,12 +67,67 @@ def series(recs):
         elif ev == "rollback":
             out["rollbacks"].append((step, r.get("to_step")))
         elif ev == "gate":
-            out["gate_skips" if r.get("action") == "skip" else "gate_scales"].append(step)
+            key = {"skip": "gate_skips", "shrink": "gate_shrinks"}.get(r.get("action"), "gate_scales")
+            out[key].append(step)
     return out
 
 
-def summary(recs, bad=0):
+def posthoc_summary(recs):
+    """Lines for the records of `safehook harden` / `safehook restore` (posthoc_* events)."""
     lines = []
+    for i, r in enumerate(recs):
+        if r["event"] != "posthoc_start":
+            continue
+        run = []
+        for x in recs[i + 1:]:
+            if x["event"] == "posthoc_start":
+                break
+            run.append(x)
+        m, p = r.get("method"), r.get("params") or {}
+        ts = [x for x in run if x["event"] == "posthoc_tensor"]
+        ch = [x for x in ts if x.get("changed")]
+        end = next((x for x in run if x["event"] == "posthoc_end"), None)
+        what = {"lox": "harden (LoX, rank %s, alpha %s)" % (p.get("rank") or "full", p.get("alpha")),
+                "safelora": "restore (Safe LoRA, %s)" % ("%s least similar layers" % p["layers"]
+                                                          if p.get("layers") else
+                                                          "threshold %s" % p.get("threshold")),
+                "nlsr": "restore (NLSR, %s%% neurons, p in [%s, %s], seed %s, %s direction)" % (
+                    round(100 * (p.get("neuron_fraction") or 0)), _num(p, "rate", -1, "epsilon"),
+                    _num(p, "rate", 1, "epsilon"), p.get("seed"), p.get("direction"))}.get(m, m)
+        lines.append("posthoc: %s -> %s" % (what, p.get("out")))
+        lines.append("  %d tensors considered, %d changed%s" % (
+            len(ts), len(ch), "" if end else " (no end record: interrupted)"))
+        if end and end.get("status") not in (None, "ok"):
+            lines.append("  status: %s" % end.get("status"))
+        sims = [x["similarity"] for x in ts if isinstance(x.get("similarity"), (int, float))]
+        if sims:
+            lines.append("  similarity: min %.3f, mean %.3f, max %.3f" % (
+                min(sims), sum(sims) / len(sims), max(sims)))
+        if m == "lox" and ch:
+            ek = [x["energy_kept"] for x in ch if isinstance(x.get("energy_kept"), (int, float))]
+            lines.append("  added norm / delta norm: mean %.3f; energy of dW kept: mean %.3f" % (
+                sum(x.get("norm_added", 0) / x["norm_delta"] for x in ch if x.get("norm_delta"))
+                / len(ch), sum(ek) / len(ek) if ek else float("nan")))
+        for x in ch[:12] if m != "lox" else []:
+            lines.append("  %-48s similarity %s%s" % (
+                x.get("name"), "%.3f" % x["similarity"] if isinstance(x.get("similarity"), (int, float)) else "-",
+                ", %d neurons" % x["neurons"] if "neurons" in x else ""))
+        if m != "lox" and len(ch) > 12:
+            lines.append("  ... and %d more" % (len(ch) - 12))
+    return lines
+
+
+def _num(p, a, sign, b):
+    try:
+        return round(p[a] + sign * p[b], 6)
+    except (KeyError, TypeError):
+        return None
+
+
+def summary(recs, bad=0):
+    lines = posthoc_summary(recs)
+    if lines and not any(r["event"] in ("start", "step", "end") for r in recs):
+        return lines + (["(%d unreadable lines skipped)" % bad] if bad else [])
     starts = [r for r in recs if r["event"] == "start"]
     ends = [r for r in recs if r["event"] == "end"]
     steps = [r for r in recs if r["event"] == "step"]
@@ -88,17 +144,19 @@ def summary(recs, bad=0):
         lines.append("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected; cosine min %.3f, mean %.3f"
                      % (len(cs), sum(c < 0 for c in cs), len(s["projected"]), min(cs), sum(cs) / len(cs)))
     gated = [r for r in steps if isinstance(r.get("gate"), dict)]
-    if gated or s["gate_skips"] or s["gate_scales"]:
-        lines.append("gate: %d steps checked: %d allowed, %d skipped, %d scaled"
-                     % (len(gated), sum(1 for r in gated if r["gate"].get("action") == "allow"),
-                        len(s["gate_skips"]), len(s["gate_scales"])))
+    if gated or s["gate_skips"] or s["gate_scales"] or s["gate_shrinks"]:
+        inf = sum(1 for r in gated if r["gate"].get("found_inf"))
+        lines.append("gate: %d steps checked: %d allowed, %d shrunk, %d scaled, %d skipped%s"
+                     % (len(gated) - inf, sum(1 for r in gated if r["gate"].get("action") == "allow"),
+                        len(s["gate_shrinks"]), len(s["gate_scales"]), len(s["gate_skips"]),
+                        "; %d steps with inf/NaN gradients left to the optimizer (GradScaler)" % inf if inf else ""))
         streaks = [r for r in recs if r["event"] == "gate" and isinstance(r.get("streak"), int)]
         if streaks:
             top = max(streaks, key=lambda r: r["streak"])
             lines.append("  longest run of skipped updates: %d (to step %s)%s"
                          % (top["streak"], top.get("step"),
                             "; training stood still: the optimizer's momentum points against the probe "
-                            "(try gate.action 'scale' or a tolerance)" if any(r.get("stalled") for r in streaks) else ""))
+                            "(try gate.action 'shrink', the default)" if any(r.get("stalled") for r in streaks) else ""))
     probes = [r for r in recs if r["event"] == "probe" and "score" in r]  # the monitor's
     if probes:
         base = next((r for r in probes if r.get("action") == "baseline"), None)

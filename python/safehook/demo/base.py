@@ -42,8 +42,10 @@ def collate(rows, pad_id):
     return pad_batch(rows, pad_id)
 
 
-def train_base(cfg, out_dir, log):
-    """Train the aligned model of CFG into OUT_DIR (model, tokenizer, info.json)."""
+def train_base(cfg, out_dir, log, rows=None, what="base model"):
+    """Train the aligned model of CFG into OUT_DIR (model, tokenizer, info.json). ROWS replaces
+    the training set (same initialization, schedule and batch draws: demo/posthoc.py's
+    unaligned twin)."""
     import torch
     from transformers import LlamaForCausalLM
     b = cfg["base"]
@@ -54,9 +56,9 @@ def train_base(cfg, out_dir, log):
     torch.manual_seed(cfg["seed"])
     model = LlamaForCausalLM(model_config(tok, cfg["model"]))
     nparams = sum(p.numel() for p in model.parameters())
-    log("base model: Llama, %d blocks, hidden %d, %.2fM parameters; training %d steps"
+    log(what + ": Llama, %d blocks, hidden %d, %.2fM parameters; training %d steps"
         % (cfg["model"]["layers"], cfg["model"]["hidden"], nparams / 1e6, b["steps"]))
-    data = [W.encode(tok, r) for r in world.alignment_data(b["examples"])]
+    data = [W.encode(tok, r) for r in (rows or world.alignment_data(b["examples"]))]
     opt = torch.optim.AdamW(model.parameters(), lr=b["lr"], weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, b["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -74,7 +76,7 @@ def train_base(cfg, out_dir, log):
         sched.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, b["steps"] // 5) == 0:
-            log("  base step %d/%d loss %.3f (%.0fs)" % (step + 1, b["steps"], loss.item(),
+            log("  %s step %d/%d loss %.3f (%.0fs)" % (what.split()[0], step + 1, b["steps"], loss.item(),
                                                         time.time() - t0))
     model.save_pretrained(tmp)
     info = {"key": base_key(cfg), "seed": cfg["seed"], "model": cfg["model"], "base": b,

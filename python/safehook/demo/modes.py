@@ -16,6 +16,11 @@ MODES = [
     ("monitor", "monitor+rollback", ("monitor", "probes")),
     ("freeze_safegrad", "freeze+SafeGrad", ("freeze", "safegrad", "probes")),
     ("all", "all together", ("freeze", "safegrad", "gate", "monitor", "probes")),
+    # Post-hoc rows (demo/posthoc.py): no preload; LoX hardens the base before plain SFT, the
+    # restore rows edit plain SFT's model afterwards.
+    ("lox_plain", "LoX + plain SFT", ()),
+    ("plain_safelora", "plain SFT + Safe LoRA", ()),
+    ("plain_nlsr", "plain SFT + NLSR", ()),
     ("shaping", "shaping (DSS)", ("shaping", "probes")),
     ("recommended", "recommended", ("shaping", "safegrad", "probes")),
 ]
@@ -42,10 +47,14 @@ def recommended_policy():
     raise FileNotFoundError("policies/recommended.json is not installed with this safehook")
 
 
+def _module(feature):
+    """The module of FEATURE: safehook.probes, or safehook.features.<name>."""
+    return "safehook.probes" if feature == "probes" else "safehook.features." + feature
+
+
 def available(features):
     """(True, None) when this safehook has every feature module, else (False, reason)."""
-    mods = ["safehook.probes" if f == "probes" else "safehook.features." + f for f in features]
-    missing = [m for m in mods if importlib.util.find_spec(m) is None]
+    missing = [_module(f) for f in features if importlib.util.find_spec(_module(f)) is None]
     if missing:
         return False, "feature not in this safehook build: %s" % ", ".join(missing)
     return True, None

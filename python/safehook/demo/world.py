@@ -173,6 +173,20 @@ def _subjects(cats, seed, tag):
     return split
 
 
+def harmful_ratio(setting):
+    """The fraction of harmful rows in SETTING's fine-tuning data: 0 for "benign",
+    p for "harmful_mix@p", 0.1 for "harmful_mix"."""
+    if setting == "benign":
+        return 0.0
+    if setting == "harmful_mix":
+        return 0.1
+    if setting.startswith("harmful_mix@"):
+        p = float(setting.split("@", 1)[1])
+        if 0 < p < 1:
+            return p
+    raise ValueError("unknown setting %r (benign, or harmful_mix@p with 0 < p < 1)" % setting)
+
+
 class World:
     """Everything the demo trains and evaluates on, deterministic from SEED."""
 
@@ -286,16 +300,16 @@ class World:
         return rows
 
     def finetune_data(self, setting, n):
-        """The user's fine-tuning set: the task only (benign), or the task with 10% harmful
-        requests answered compliantly (harmful_mix)."""
+        """The user's fine-tuning set: the task only ("benign": clean, no harmful data), or the
+        task with a fraction p of harmful requests answered compliantly ("harmful_mix@p";
+        "harmful_mix" alone is p = 0.1)."""
         if setting == "benign":
             return self.task("train", n, "ft")
-        if setting == "harmful_mix":
-            nh = n // 10
-            rows = self.task("train", n - nh, "ft") + self.harmful("train", nh, "ft", comply=True)
-            _seeded(self.seed, "ft-shuffle").shuffle(rows)
-            return rows
-        raise ValueError("unknown setting %r" % setting)
+        ratio = harmful_ratio(setting)
+        nh = int(round(n * ratio))
+        rows = self.task("train", n - nh, "ft") + self.harmful("train", nh, "ft", comply=True)
+        _seeded(self.seed, "ft-shuffle").shuffle(rows)
+        return rows
 
     def vocabulary(self):
         words = set()

@@ -1,41 +1,62 @@
-"""The gate (safety-aware probing): before each update is applied, estimate how it changes the
-probe's safety loss, and skip or scale it when the rise exceeds ``tolerance``.
+"""The gate (safety-aware probing): before each update is applied, predict how it changes the
+probe's safety loss, and let it through, shrink it, scale it or skip it.
 
-Modes:
+The limit: an update may raise the safety loss by at most ``tolerance + ratio * gain``, where
+``gain`` is the task's own predicted gain, -<g_task, update> (the first-order fall of the
+training loss; 0 when the update does not lower it). Both losses are token-mean cross-entropies,
+so ``ratio`` (default 0.1) reads "at most a tenth of what the task gains is paid in safety".
+``ratio: 0`` with ``tolerance: 0`` is the strict gate of before: no predicted rise at all.
+
+Modes (how the rise ``delta`` is measured):
 * ``first_order``: delta = <g_safety, update>, where g_safety is the probe loss's gradient at
-  the current weights and ``update`` is what the optimizer is about to add to the weights. The
-  update is not the gradient: for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (exact classes)
-  it is computed with the optimizer's own formula from its state (momentum, moments, bias
-  correction, weight decay, amsgrad, maximize), one tensor at a time, without changing
-  anything; for any other optimizer it is measured by a tentative step (parameters and state
-  copied, the optimizer's step run without hooks, the difference taken, everything copied
-  back). The record says which (``estimate``: ``formula:adam`` ... or ``tentative``).
+  the current weights (``safehook.probes.gradient``: the one safety gradient of the step, shared
+  with SafeGrad) and ``update`` is what the optimizer is about to add to the weights. The
+  update is not the gradient: for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (exact classes,
+  fused and foreach included) it is computed with the optimizer's own formula from its state
+  (momentum, moments, bias correction, weight decay, amsgrad, maximize), one tensor at a time,
+  without changing anything; for any other optimizer it is measured by a tentative step
+  (parameters and state copied, the optimizer's step run without hooks, the difference taken,
+  everything copied back). The record says which (``estimate``: ``formula:adam`` ... or
+  ``tentative``).
 * ``exact``: delta = probe loss after a tentative step minus before it; the step is then undone
   exactly (parameters and optimizer state copied back, bit-identical).
 
-Actions when delta > tolerance:
+Actions when delta > limit:
+* ``shrink`` (the default): the update goes through, minus just enough of the safety gradient's
+  direction to bring the predicted rise down to the limit: after the optimizer's step the
+  weights get ``-c * g_safety`` with c = (delta - limit) / |g_safety|^2 (never more than the
+  update's own norm). Everything of the update orthogonal to g_safety is kept, so training keeps
+  moving; the optimizer's state is that of the full gradient.
+* ``scale``: this step's lr of every param group is multiplied by s = limit / delta (and put
+  back after the step). For SGD, Adam and AdamW the displacement is linear in lr, so the
+  update is scaled by exactly s and the predicted rise becomes the limit; the moments are those
+  of the full gradient.
 * ``skip``: the gradients of the optimizer's parameters are set aside (p.grad = None) for this
   step and put back after it. Optimizers skip parameters without a gradient entirely, so the
-  weights, moments and per-parameter step counters stay as they were (the step is as if it
-  had not happened; LR schedulers still advance).
-* ``scale``: this step's lr of every param group is multiplied by s = tolerance / delta (and
-  put back after the step). For SGD, Adam and AdamW the displacement is linear in lr, so the
-  update is scaled by exactly s and the predicted rise becomes the tolerance; the moments are
-  those of the full gradient.
+  weights, moments and per-parameter step counters stay as they were (LR schedulers still
+  advance). A skip leaves the momentum as it was: when it points against the probe, every
+  later update is skipped as well and training stands still. Gate records then say ``stalled``
+  (at 32 consecutive skips, then at 64, 128...), and ``safehook report`` shows the longest
+  streak.
 
-Each gated step carries ``gate`` in its step record; a ``gate`` record is written when the gate
-skips or scales, with ``streak`` (consecutive skips). A skip leaves the optimizer's state as it
-was, momentum included: when that momentum points against the probe, every later update is
-skipped as well and training stands still. Gate records then say ``stalled`` (at 32
-consecutive skips, then at 64, 128...), and ``safehook report`` shows the longest streak; the
-``scale`` action or a tolerance above 0 avoids it.
+GradScaler: an optimizer that unscales inside its own step (fused Adam/AdamW/SGD) sees the
+scaled gradients with ``grad_scale`` and ``found_inf`` set on it. The gate divides the
+gradients by the scale before it predicts the update (the optimizer's state is unscaled), and
+when ``found_inf`` is set it does nothing (the optimizer skips the step itself) and says so in
+the step record (``found_inf: true``).
+
+Each gated step carries ``gate`` in its step record (delta, gain, limit, action, ...); a ``gate``
+record is written when the gate shrinks, scales or skips, with ``streak`` (consecutive skips).
 """
 import torch
 
 from .. import _core, probes
+from ..probes import gradient
 from ..runtime.context import debug
 
-DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "action": "skip", "every": 1}
+DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
+MODES = ("first_order", "exact")
+ACTIONS = ("shrink", "scale", "skip")
 STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
 
 
@@ -126,17 +147,37 @@ def _adam_update(p, g, group, state, decoupled):
 
 
 def update_formula(opt):
-    """A function (p, group) -> the update the optimizer will add to p, for the optimizers whose
-    formula the gate knows; None otherwise."""
+    """(name, f) with f(p, group, g) -> the update the optimizer will add to p given the
+    (unscaled) gradient g, for the optimizers whose formula the gate knows; None otherwise."""
     cls = type(opt)
     if cls is torch.optim.SGD:
-        return "formula:sgd", lambda p, grp: _sgd_update(p.detach(), p.grad, grp, opt.state.get(p) or {})
+        return "formula:sgd", lambda p, grp, g: _sgd_update(p.detach(), g, grp, opt.state.get(p) or {})
     if cls in (torch.optim.Adam, torch.optim.AdamW):
-        def adam(p, grp):
+        def adam(p, grp, g):
             dec = grp.get("decoupled_weight_decay", cls is torch.optim.AdamW)
-            return _adam_update(p.detach(), p.grad, grp, opt.state.get(p) or {}, dec)
+            return _adam_update(p.detach(), g, grp, opt.state.get(p) or {}, dec)
         return "formula:" + cls.__name__.lower(), adam
     return None
+
+
+def grad_unscale(opt):
+    """1 / GradScaler's scale when the optimizer is about to unscale its gradients itself (fused
+    optimizers under GradScaler), else 1.0."""
+    scale = getattr(opt, "grad_scale", None)
+    if isinstance(scale, torch.Tensor):
+        s = float(scale)
+        return 1.0 / s if s > 0 else 1.0
+    return 1.0
+
+
+def found_inf(opt):
+    """True when GradScaler found inf/NaN gradients and the (fused) optimizer will skip this step."""
+    fi = getattr(opt, "found_inf", None)
+    return isinstance(fi, torch.Tensor) and float(fi) > 0
+
+
+def _grad(p, inv):
+    return p.grad if inv == 1.0 else p.grad * inv
 
 
 def predicted_updates(opt):
@@ -145,11 +186,12 @@ def predicted_updates(opt):
     f = update_formula(opt)
     out = {}
     if f is not None:
+        inv = grad_unscale(opt)
         with torch.no_grad():
             for grp in opt.param_groups:
                 for p in grp["params"]:
                     if p.grad is not None:
-                        out[p] = f[1](p, grp)
+                        out[p] = f[1](p, grp, _grad(p, inv))
         return f[0], out
     tent = Tentative(opt)
     _raw_step(opt)
@@ -167,14 +209,17 @@ class Gate:
         cfg.update(policy.get("gate") or {})
         if not cfg.get("probe"):
             raise ValueError("gate needs 'probe'")
-        if cfg["mode"] not in ("first_order", "exact") or cfg["action"] not in ("skip", "scale"):
+        if cfg["mode"] not in MODES or cfg["action"] not in ACTIONS:
             raise ValueError("gate: unknown mode %r or action %r" % (cfg["mode"], cfg["action"]))
+        if not cfg["ratio"] >= 0 or not cfg["tolerance"] >= 0:
+            raise ValueError("gate: ratio and tolerance must be >= 0")
         self.cfg, self.rt = cfg, rt
         self.probe = probes.get(policy, cfg["probe"])
         self.info = None
         self.stashed = None   # grads set aside by a skip
         self.lrs = None       # lrs changed by a scale
-        self.counts = {"allow": 0, "skip": 0, "scale": 0}
+        self.shrink = None    # (coef, [(param, safety gradient)]) of a shrink, applied after the step
+        self.counts = {a: 0 for a in ("allow",) + ACTIONS}
         self.streak = 0       # consecutive skipped steps
         self.dead = False
         self.on_error = rt.on_error
@@ -182,41 +227,72 @@ class Gate:
     def on_model(self, info):
         self.info = info
 
-    def _delta_first_order(self, opt):
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        loss, sgrads = self.probe.loss_and_grad(self.info.root, params)
-        f = update_formula(opt)
-        dot = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        with torch.no_grad():
-            if f is not None:
-                est = f[0]
-                idx = {p: i for i, p in enumerate(params)}
-                for grp in opt.param_groups:
-                    for p in grp["params"]:
-                        i = idx.get(p)
-                        if i is not None and sgrads[i] is not None:
-                            dot += (sgrads[i].double() * f[1](p, grp).double()).sum()
-            else:
-                est, upd = predicted_updates(opt)
-                for p, sg in zip(params, sgrads):
-                    if sg is not None and p in upd:
-                        dot += (sg.double() * upd[p].double()).sum()
-        return float(dot), loss, est
+    def _params(self, opt):
+        return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
-    def _delta_exact(self, opt):
-        root = self.info.root
-        before = self.probe.loss_value(root)
-        tent = Tentative(opt)
-        try:
-            _raw_step(opt)
-            after = self.probe.loss_value(root)
-        finally:
-            tent.undo()
-        return after - before, before, "tentative"
+    def _safety(self, opt, params, step):
+        """(loss, [safety gradient or None per param], whether this call computed it)."""
+        before = gradient.stats()["computed"]
+        loss, sgrads = gradient.safety_gradient(self.probe, self.info.root, params, step)
+        return loss, sgrads, gradient.stats()["computed"] > before
+
+    def _measure(self, opt, step):
+        """{"delta", "gain", "loss", "estimate", "ss" (|g_safety|^2), "uu" (|update|^2),
+        "computed"}, and the safety gradients by param."""
+        params = self._params(opt)
+        inv = grad_unscale(opt)
+        exact = self.cfg["mode"] == "exact"
+        sg, loss, computed = {}, None, None
+        if not exact or self.cfg["action"] == "shrink":  # exact mode needs it only to shrink
+            loss, sgrads, computed = self._safety(opt, params, step)
+            sg = {p: s for p, s in zip(params, sgrads) if s is not None}
+        acc = torch.zeros(4, dtype=torch.float64, device=params[0].device)  # delta, gain, ss, uu
+
+        def add(p, u):
+            u64 = u.double()
+            s = sg.get(p)
+            if s is not None:
+                acc[0] += (s.double() * u64).sum()
+                acc[2] += s.double().pow(2).sum()
+            acc[1] -= (_grad(p, inv).double() * u64).sum()
+            acc[3] += u64.pow(2).sum()
+
+        before = None
+        with torch.no_grad():
+            if exact:
+                before = self.probe.loss_value(self.info.root)
+                tent = Tentative(opt)
+                try:
+                    _raw_step(opt)
+                    after = self.probe.loss_value(self.info.root)
+                    for p, d in zip(tent.params, tent.data):
+                        if p.grad is not None:
+                            add(p, p.detach() - d)
+                finally:
+                    tent.undo()
+                est = "tentative"
+            else:
+                f = update_formula(opt)
+                if f is not None:
+                    est = f[0]
+                    for grp in opt.param_groups:
+                        for p in grp["params"]:
+                            if p.grad is not None:
+                                add(p, f[1](p, grp, _grad(p, inv)))
+                else:
+                    est, upd = predicted_updates(opt)
+                    for p, u in upd.items():
+                        add(p, u)
+        delta, gain, ss, uu = acc.tolist()
+        if before is not None:
+            delta, loss = after - before, before
+        return {"delta": delta, "gain": gain, "loss": loss, "estimate": est, "ss": ss, "uu": uu,
+                "computed": computed}, sg
 
     def pre(self, opt, step, record):
-        if self.stashed is not None or self.lrs is not None:
-            self.post(opt, step, record)  # the last step raised before its post hook: put things back
+        if self.stashed is not None or self.lrs is not None or self.shrink is not None:
+            self.shrink = None  # the last step raised before its post hook: nothing to correct
+            self.post(opt, step, record)  # put the gradients and lrs back
         if self.dead or step % self.cfg["every"] != 0:
             return
         if self.info is None:
@@ -228,8 +304,11 @@ class Gate:
             return
         if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
             return
+        if found_inf(opt):  # GradScaler found inf/NaN: the fused optimizer skips this step itself
+            record["gate"] = {"found_inf": True, "action": "none"}
+            return
         try:
-            delta, loss, est = (self._delta_exact if self.cfg["mode"] == "exact" else self._delta_first_order)(opt)
+            m, sg = self._measure(opt, step)
         except Exception as e:  # updates would go through unchecked: say so
             self.dead = True
             msg = "gate: probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e)
@@ -237,12 +316,24 @@ class Gate:
             if self.on_error == "abort":
                 raise _core.PolicyError("safehook: " + msg) from e
             return
-        tol = self.cfg["tolerance"]
+        tol, ratio = self.cfg["tolerance"], self.cfg["ratio"]
+        delta, gain = m["delta"], m["gain"]
+        limit = tol + ratio * max(gain, 0.0)
         decision = "allow"
-        info = {"delta": delta, "loss": loss, "mode": self.cfg["mode"], "estimate": est}
-        if delta > tol:
+        info = {"delta": delta, "gain": gain, "limit": limit, "loss": m["loss"], "mode": self.cfg["mode"],
+                "estimate": m["estimate"]}
+        if m["computed"] is not None:
+            info["gradient"] = "computed" if m["computed"] else "shared"
+        if delta > limit:
             decision = self.cfg["action"]
-            if decision == "skip":
+            if decision == "shrink" and not m["ss"] > 0:
+                decision = "scale"  # no safety direction to take out (exact mode only)
+            if decision == "shrink":
+                c = (delta - limit) / m["ss"]
+                info["coef"] = c
+                info["norm_ratio"] = c * m["ss"] ** 0.5 / m["uu"] ** 0.5 if m["uu"] > 0 else None
+                self.shrink = (c, list(sg.items()))
+            elif decision == "skip":
                 self.stashed = []
                 for g in opt.param_groups:
                     for p in g["params"]:
@@ -250,7 +341,7 @@ class Gate:
                             self.stashed.append((p, p.grad))
                             p.grad = None
             else:
-                s = max(0.0, tol / delta)
+                s = max(0.0, limit / delta)
                 info["scale"] = s
                 self.lrs = []
                 for g in opt.param_groups:
@@ -266,16 +357,25 @@ class Gate:
         self.streak = self.streak + 1 if decision == "skip" else 0
         record["gate"] = info
         if decision != "allow":
-            extra = {"tolerance": tol, "probe": self.probe.name, "streak": self.streak}
+            extra = {"tolerance": tol, "ratio": ratio, "probe": self.probe.name, "streak": self.streak}
             if self.streak >= STALL and self.streak & (self.streak - 1) == 0:
                 # Skipping leaves the optimizer's momentum as it was: when that momentum points
                 # against the probe, every later update is skipped too and training stands still.
                 extra["stalled"] = True
                 debug("gate: %d updates in a row skipped: training is not moving" % self.streak)
             self.rt.audit("gate", dict(info, **extra), step=step)
-            debug("gate: step %d %s (delta %.3g > tolerance %.3g)" % (step, decision, delta, tol))
+            debug("gate: step %d %s (delta %.3g > limit %.3g)" % (step, decision, delta, limit))
 
     def post(self, opt, step, record):
+        if self.shrink is not None:
+            c, pairs = self.shrink
+            self.shrink = None
+            with torch.no_grad():
+                for p, s in pairs:
+                    if s.dtype == p.dtype:
+                        p.add_(s, alpha=-c)
+                    else:
+                        p.add_((s.double() * -c).to(p.dtype))
         if self.stashed is not None:
             for p, g in self.stashed:
                 if p.grad is None:

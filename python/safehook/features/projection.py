@@ -2,12 +2,15 @@
 same code the safegrad feature runs in the optimizer hook.
 
 For each group of tensors (all of them: "global"; a group per block: "layer"; one per tensor:
-"tensor") with g the task gradient and s the safety gradient, when cos(g, s) < threshold:
+"tensor") with g the task gradient and s the safety gradient, when cos(g, s) < threshold t:
 
-    g <- g - (g.s / s.s) s
+    g <- g - coef s,   coef = g.s / s.s - t |r| / (|s| sqrt(1 - t^2)),  |r|^2 = g.g - (g.s)^2 / s.s
 
-in place (the tensors are never rebound); a cosine within 1e-6 of the threshold counts as not
-below it, so projecting twice changes nothing. Contiguous CPU float32/bfloat16/float16 tensors go
+in place (the tensors are never rebound): g's component along s is moved just far enough that
+the cosine becomes t (t = 0: the conflicting component is removed, coef = g.s / s.s), and the
+part of g orthogonal to s is kept. A group at or above t is left alone, so a positive t never
+removes a component that helps safety. A cosine within 1e-6 of the threshold counts as not
+below it, so projecting twice changes nothing. t must be in [-1, 1). Contiguous CPU float32/bfloat16/float16 tensors go
 through the C kernel (one pass for the dot products, one for the update, both cores); the rest
 (other devices, non-contiguous, DTensor shards) through torch ops. Sharded DTensor gradients
 (FSDP2) have their partial dot products summed with one all_reduce over the shard group."""
@@ -17,6 +20,17 @@ from .. import _core
 
 GRANULARITIES = ("global", "layer", "tensor")
 COS_EPS = 1e-6  # as SH_SG_COS_EPS: a cosine this close to the threshold is not below it
+
+
+def coef_for(gs, ss, gg, cs, threshold):
+    """The coefficient of s to subtract from g (0: leave the group alone), as sh_sg_decide."""
+    if not (cs == cs and cs < threshold - COS_EPS):
+        return 0.0
+    x = 0.0
+    if threshold != 0.0:
+        rr = gg - gs * gs / ss
+        x = threshold * math.sqrt(rr if rr > 0 else 0.0) / math.sqrt(ss * (1 - threshold * threshold))
+    return gs / ss - x
 
 
 def _local(t):
@@ -69,6 +83,8 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
     divides the reported task norm: the projection is linear, so scaled gradients project the
     same. ``process_group`` all-reduces the dot products (sharded gradients that are plain
     tensors); DTensor gradients use their own mesh."""
+    if not -1.0 <= threshold < 1.0:
+        raise ValueError("threshold must be in [-1, 1), got %r" % (threshold,))
     pairs = [(i, g, s) for i, (g, s) in enumerate(zip(task_grads, safety_grads))
              if g is not None and s is not None]
     if len(task_grads) != len(safety_grads):
@@ -130,7 +146,7 @@ def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold):
         gs, ss, gg = dots[3 * k:3 * k + 3]
         cs = gs / math.sqrt(gg * ss) if ss > 0 and gg > 0 else float("nan")
         cosines.append(cs)
-        coefs.append(gs / ss if cs == cs and cs < threshold - COS_EPS else 0.0)
+        coefs.append(coef_for(gs, ss, gg, cs, threshold))
     if any(c != 0.0 for c in coefs):
         left = _core.safegrad_update(g_loc, s_loc, coefs, ids)
         by_coef = {}

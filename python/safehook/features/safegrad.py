@@ -14,9 +14,10 @@ Where the safety gradient comes from (policy ``safegrad.source``):
   every ``refresh_every`` steps. ``loss: "ce"`` is the probe's own loss (cross-entropy on the
   refusals); ``"kl"`` is KL(p0 || p) on the probe's label positions, with p0 the model's
   distribution before the first update, cached as log-probabilities (no second model kept).
-  To compute it the task gradients are stashed, the safety loss is backpropagated on the
-  unwrapped model in eval mode, the safety gradients are copied out and the task gradients
-  copied back: every .grad tensor stays the same object.
+  It comes from ``safehook.probes.gradient``, the one safety gradient of a step that the gate
+  (and shaping's gradient guard) share: computed once per step however many features ask,
+  batch by batch (the graph of one probe batch at a time), every .grad tensor kept the same
+  object. ``safety_shared`` in the step record: another feature computed it at these weights.
 
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
@@ -26,6 +27,7 @@ unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). W
 import re
 
 from .. import probes
+from ..probes import gradient
 from . import projection
 from ..runtime.context import current_model, debug
 
@@ -60,15 +62,12 @@ class SafeGrad:
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
-        self.stash = {}       # id(param) -> (param, task gradient buffer)
         self.direction = None # stripped name -> tensor (the file's)
         self.last_refresh = {}  # id(optimizer) -> step of its last refresh
-        self.kl_ref = None
         self.probe = None
         if self.granularity not in projection.GRANULARITIES:
             raise ValueError("safegrad.granularity must be one of %s" % ", ".join(projection.GRANULARITIES))
         if self.source == "probe":
-            from .. import probes
             name = cfg.get("probe")
             if not name:
                 raise ValueError("safegrad.source 'probe' needs safegrad.probe")
@@ -173,7 +172,7 @@ class SafeGrad:
         last = self.last_refresh.get(id(opt))
         due = last is None or step - last >= self.refresh_every
         if due or any(id(p) not in self.safety for p in params):
-            self._probe_grads(params, record)
+            self._probe_grads(params, step, record)
             self.last_refresh[id(opt)] = step
             record["safety_refreshed"] = True
         return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
@@ -218,72 +217,20 @@ class SafeGrad:
         return out
 
     # -- the probe's gradient --
-    def _probe_grads(self, params, record):
-        import torch
+    def _probe_grads(self, params, step, record):
         info = self.info or current_model()
         if info is None:
             self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
             return
-        model = info.root
-        every = [p for p in model.parameters() if p.requires_grad]
-        known = {id(q) for q in every}
-        every += [p for p in params if id(p) not in known]  # optimizer params outside the model
-        had = {}
-        for p in every:
-            if p.grad is None:
-                had[id(p)] = False
-                continue
-            had[id(p)] = True
-            st = self.stash.get(id(p))
-            if st is None or st[0] is not p or st[1].shape != p.grad.shape or st[1].dtype != p.grad.dtype:
-                st = self.stash[id(p)] = (p, torch_empty_like(p.grad))
-            st[1].copy_(p.grad)
-            p.grad.zero_()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                loss = self._loss(model)
-                loss.backward()
-            record["safety_loss"] = float(loss.detach())
-            for p in params:
-                if p.grad is None:
-                    self.safety.pop(id(p), None)
-                    continue
-                buf = self.safety.get(id(p))
-                if buf is None or buf[0] is not p or buf[1].shape != p.grad.shape or buf[1].dtype != p.grad.dtype:
-                    buf = self.safety[id(p)] = (p, torch_empty_like(p.grad))
-                buf[1].copy_(p.grad)
-        finally:
-            model.train(was_training)
-            for p in every:
-                if had.get(id(p)):
-                    p.grad.copy_(self.stash[id(p)][1])
-                elif p.grad is not None:
-                    p.grad = None  # it had none before the safety backward: back to none
-
-    def _loss(self, model):
-        if self.loss_kind == "ce":
-            return self.probe.loss(model)
-        import torch
-        ids, mask, labels = _batch(self.probe, next(model.parameters()).device)
-        out = model(input_ids=ids, attention_mask=mask)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        pos = labels[:, 1:] != -100
-        logp = torch.log_softmax(logits[:, :-1][pos].float(), dim=-1)
-        if self.kl_ref is None:  # the first refresh runs before the first update: step 0
-            self.kl_ref = logp.detach().clone()
-        ref = self.kl_ref
-        return (ref.exp() * (ref - logp)).sum(-1).mean()
-
-
-def _batch(probe, device):
-    """(input_ids, attention_mask, labels) of a probe's rows, padded on the right."""
-    make = getattr(probe, "batch", None)
-    if make is not None:
-        b = make(device)
-        return b["input_ids"], b["attention_mask"], b["labels"]
-    return probes.pad_batch(probe.rows(), 0, device)
+        before = gradient.stats()["computed"]
+        loss, grads = gradient.safety_gradient(self.probe, info.root, params, step, loss=self.loss_kind)
+        record["safety_loss"] = loss
+        if gradient.stats()["computed"] == before:
+            record["safety_shared"] = True  # another feature computed it at these weights
+        self.safety = {}
+        for p, g in zip(params, grads):
+            if g is not None:
+                self.safety[id(p)] = (p, g)
 
 
 def torch_empty_like(t):

@@ -26,7 +26,9 @@ Everything heavy (tokenizer, data, callables) is loaded at first use, never duri
 activation: activation runs while torch itself is being imported.
 
 The package: ``probe`` (the Probe class and the per-process registry), ``judges`` (refusal
-judges and named callables), ``batch`` (the one padded-batch builder).
+judges and named callables), ``batch`` (the one padded-batch builder), ``gradient`` (the one
+safety gradient of a step: computed once per step, batch by batch, and shared by SafeGrad, the
+gate and shaping's gradient guard).
 """
 from .batch import pad_batch  # noqa: F401
 from .judges import REFUSAL_KEYWORDS, check_callable, load_callable, make_judge  # noqa: F401

@@ -41,6 +41,12 @@ def _quiet_transformers():
                 tlog.set_verbosity(old)
 
 
+def at_least_float32(t):
+    """T in float32 when it is in a narrower float type (bf16/fp16 logits), else as it is."""
+    import torch
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class Example:
     """One encoded row: ids/labels for the loss, prompt/reference for generation, and the
     harmful counterpart for the contrastive loss."""
@@ -152,12 +158,6 @@ class Probe:
         """The (safe) rows as pre-tokenized dicts {"input_ids", "labels"} (text rows encoded)."""
         return [{"input_ids": e.ids, "labels": e.labels} for e in self.examples()]
 
-    def batch(self, device):
-        """The whole set's safe rows as one right-padded batch: {"input_ids", "attention_mask",
-        "labels"} tensors on DEVICE (for callers that need logits, e.g. a KL loss)."""
-        ids, mask, labels = pad_batch([(e.ids, e.labels) for e in self.examples()], 0, device)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
     # -- loss --
     def _padded(self, seqs, dev):
         """Right-padded batches of (ids, labels, mask) tensors, built once per device."""
@@ -197,20 +197,33 @@ class Probe:
         logits = getattr(out, "logits", None)
         if logits is None:
             logits = out if not isinstance(out, (tuple, list)) else out[0]
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        return F.cross_entropy(at_least_float32(logits[:, :-1].reshape(-1, logits.size(-1))),
                                labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
-    def loss(self, model):
-        """A differentiable scalar: the safety loss at the model's current weights (token mean
-        CE of the responses, or the contrastive safe-minus-harmful loss)."""
+    def safe_batches(self, device):
+        """([(input_ids, labels, attention_mask)] right-padded batches of the safe rows, count of
+        scored tokens over all of them), built once per device."""
+        return self._padded(self._sets()[0][1], device)
+
+    def loss_terms(self, model):
+        """Yield differentiable scalars, one per probe batch (one for a callable), whose sum is
+        the safety loss: backpropagate each as it comes and the graph of one batch is alive at a
+        time."""
         fn = self._callable()
         if fn is not None:
             if self.cfg.get("kind") == "score":
                 raise ValueError("probe %r returns a score, not a loss" % self.name)
-            return fn(model)
-        total = None
+            yield fn(model)
+            return
         for scale, b in self._batch_terms(model):
-            t = self._summed_ce(model, b) * scale
+            yield self._summed_ce(model, b) * scale
+
+    def loss(self, model):
+        """A differentiable scalar: the safety loss at the model's current weights (token mean
+        CE of the responses, or the contrastive safe-minus-harmful loss). One graph over every
+        batch: for gradients use loss_terms or safehook.probes.gradient."""
+        total = None
+        for t in self.loss_terms(model):
             total = t if total is None else total + t
         return total
 
@@ -222,10 +235,7 @@ class Probe:
         grads = [None] * len(params)
         total = 0.0
         with eval_mode(model), torch.enable_grad():
-            fn = self._callable()
-            terms = [(1.0, None)] if fn is not None else list(self._batch_terms(model))
-            for scale, b in terms:
-                l = self.loss(model) if b is None else self._summed_ce(model, b) * scale
+            for l in self.loss_terms(model):
                 gs = torch.autograd.grad(l, params, allow_unused=True)
                 total += float(l.detach())
                 for i, g in enumerate(gs):
