@@ -26,7 +26,7 @@ def test_quick_demo_end_to_end(tmp_path):
     env = base_env()
     p = subprocess.run([sys.executable, "-m", "safehook", "demo", "--quick", "--out", str(out),
                         "--cache", str(tmp_path / "cache")],
-                       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+                       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout + p.stderr
 
     # The table on stdout: a header, the base row, a row per mode and setting.
