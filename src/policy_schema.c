@@ -33,6 +33,9 @@ static const char *const GATE_ACTION_ORDER[] = {"shrink", "scale", "skip", NULL}
 static const char *const MON_ACTION[] = {"rollback", "reduce_lr", "both", "stop", NULL};
 static const char *const MON_ACTION_ORDER[] = {"reduce_lr", "rollback", "both", "stop", NULL};
 static const char *const SNAPSHOT[] = {"memory", "disk", NULL};
+static const char *const GUARD[] = {"direction", "refusal", "gradient", "callable", NULL};
+static const char *const SHAPE_ACTION[] = {"mask", "weight", "refuse", "subtract", NULL};
+static const char *const SHAPE_ACTION_ORDER[] = {"weight", "mask", "subtract", "refuse", NULL};
 static const char *const LEVEL[] = {"steps", "sample", "events", NULL};
 static const char *const LEVEL_ORDER[] = {"events", "sample", "steps", NULL};
 static const char *const SINK[] = {"file", "daemon", NULL};
@@ -48,7 +51,7 @@ static const sh_field TOP[] = {
 };
 
 /* Sections are the object-valued top-level keys, in the order the normalized policy lists them. */
-static const char *const SECTIONS[] = {"freeze", "safegrad", "probes", "gate", "monitor", "audit", NULL};
+static const char *const SECTIONS[] = {"freeze", "safegrad", "probes", "gate", "monitor", "shaping", "audit", NULL};
 
 static const sh_field FREEZE[] = {
     {"layers", SH_K_LAYERS, 0, 0, 0, NULL, NULL, SH_T_LAYERS, NULL},
@@ -112,6 +115,25 @@ static const sh_field MONITOR[] = {
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 
+/* Under an enforced system policy a user may add guards, flag more (a higher tpr or max_fpr),
+ * rewrite more, or take a stronger action; the data, block and callable stay the system's. */
+static const sh_field SHAPING[] = {
+    {"guards", SH_K_CHOICES, 0, 0, 0, GUARD, "[\"direction\", \"refusal\"]", SH_T_SUPERSET, NULL},
+    {"probe", SH_K_PROBE_REF, SH_F_REQUIRED, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"benign", SH_K_PROBE_REF, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"action", SH_K_ENUM, 0, 0, 0, SHAPE_ACTION, "\"mask\"", SH_T_ORDER, SHAPE_ACTION_ORDER},
+    {"tpr", SH_K_NUM, SH_F_LO_OPEN, 0, 1, NULL, "0.95", SH_T_GE, NULL},
+    {"max_fpr", SH_K_NUM, SH_F_HI_OPEN, 0, 1, NULL, "0.05", SH_T_GE, NULL},
+    {"layer", SH_K_INT, 0, 0, SH_POLICY_MAX_BLOCK, NULL, NULL, SH_T_SAME, NULL},
+    {"refuse_cap", SH_K_NUM, 0, 0, 1, NULL, "0.25", SH_T_GE, NULL},
+    {"callable", SH_K_CALLABLE, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"segment_tokens", SH_K_INT, 0, 1, 4096, NULL, "8", SH_T_LE, NULL},
+    {"tokenizer", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"response_marker", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"recalibrate_every", COUNT(1), "10", SH_T_LE, NULL},
+    {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
+};
+
 static const sh_field AUDIT[] = {
     {"path", SH_K_PATH_OR_NULL, 0, 0, 0, NULL, "null", SH_T_SET_ONCE, NULL},
     {"level", SH_K_ENUM, 0, 0, 0, LEVEL, "\"steps\"", SH_T_ORDER, LEVEL_ORDER},
@@ -127,7 +149,7 @@ const sh_field *sh_schema_fields(const char *section) {
         const char *name;
         const sh_field *fields;
     } all[] = {{"", TOP},      {"freeze", FREEZE},   {"safegrad", SAFEGRAD}, {"probe", PROBE},
-               {"gate", GATE}, {"monitor", MONITOR}, {"audit", AUDIT}};
+               {"gate", GATE}, {"monitor", MONITOR}, {"shaping", SHAPING}, {"audit", AUDIT}};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (strcmp(all[i].name, section) == 0)
             return all[i].fields;
@@ -221,6 +243,33 @@ static int check_strings(ctx *c, const json_t *v, int allow_empty, json_t **out)
     return *out ? 0 : -ENOMEM;
 }
 
+/* A non-empty list of distinct strings, each one of CHOICES. */
+static int check_choices(ctx *c, const json_t *v, const char *const *choices, json_t **out) {
+    if (!json_is_array(v))
+        FAIL(c, "must be a list, not %s", article_type(v));
+    if (json_array_size(v) == 0)
+        FAIL(c, "must list at least one value");
+    size_t base = strlen(c->ptr), i, j;
+    json_t *item, *other;
+    json_array_foreach(v, i, item) {
+        char idx[24];
+        snprintf(idx, sizeof idx, "%zu", i);
+        sh_pointer_push(c->ptr, sizeof c->ptr, idx);
+        size_t k = 0;
+        while (json_is_string(item) && choices[k] && strcmp(choices[k], json_string_value(item)) != 0)
+            k++;
+        if (!json_is_string(item) || !choices[k])
+            return choice_error(c, item, choices, "");
+        json_array_foreach(v, j, other) {
+            if (j < i && json_equal(item, other))
+                FAIL(c, "\"%s\" is listed twice", json_string_value(item));
+        }
+        c->ptr[base] = '\0';
+    }
+    *out = json_deep_copy(v);
+    return *out ? 0 : -ENOMEM;
+}
+
 /* one field */
 
 static int check_number(ctx *c, const sh_field *f, const json_t *v, json_t **out) {
@@ -307,6 +356,8 @@ static int check_field(ctx *c, const sh_field *f, const json_t *v, json_t **out)
         break;
     case SH_K_LAYERS:
         return sh_check_layers(c, v, out);
+    case SH_K_CHOICES:
+        return check_choices(c, v, f->choices, out);
     }
 copy:
     *out = json_deep_copy(v);
@@ -409,6 +460,34 @@ static int section_rules(ctx *c, const char *name, json_t *sec) {
                 FAIL(c, "only used when \"source\" is \"%s\" (it is \"%s\")", needs[i][0], src);
             c->ptr[base] = '\0';
         }
+    } else if (strcmp(name, "shaping") == 0) {
+        int has[4] = {0};
+        size_t i;
+        json_t *g;
+        json_array_foreach(json_object_get(sec, "guards"), i, g) {
+            for (int k = 0; k < 4; k++)
+                has[k] |= strcmp(json_string_value(g), GUARD[k]) == 0;
+        }
+        /* direction and gradient set their thresholds against benign rows */
+        if ((has[0] || has[2]) && !json_object_get(sec, "benign"))
+            FAIL(c, "\"benign\" (a probe of benign prompts with helpful answers) is required by the "
+                    "\"%s\" guard",
+                 has[0] ? "direction" : "gradient");
+        sh_pointer_push(c->ptr, sizeof c->ptr, "callable");
+        if (has[3] && !json_object_get(sec, "callable")) {
+            c->ptr[base] = '\0';
+            FAIL(c, "\"callable\" is required by the \"callable\" guard");
+        }
+        if (!has[3] && json_object_get(sec, "callable"))
+            FAIL(c, "only used with the \"callable\" guard");
+        c->ptr[base] = '\0';
+        if ((has[3] || json_object_get(sec, "response_marker")) && !json_object_get(sec, "tokenizer"))
+            FAIL(c, "\"tokenizer\" is required to decode text (by the \"callable\" guard or "
+                    "\"response_marker\")");
+        if (json_object_get(sec, "layer") && !has[0]) {
+            sh_pointer_push(c->ptr, sizeof c->ptr, "layer");
+            FAIL(c, "only used with the \"direction\" guard");
+        }
     }
     return 0;
 }
@@ -476,17 +555,19 @@ fail:
 }
 
 static int check_references(ctx *c, json_t *norm) {
-    static const char *const users[] = {"safegrad", "gate", "monitor"};
+    static const char *const users[][2] = {{"safegrad", "probe"}, {"gate", "probe"}, {"monitor", "probe"},
+                                           {"shaping", "probe"},  {"shaping", "benign"}};
     json_t *probes = json_object_get(norm, "probes");
-    for (size_t i = 0; i < 3 && !(c->flags & SH_NORM_OVERLAY); i++) {
-        const char *name = json_string_value(json_object_get(json_object_get(norm, users[i]), "probe"));
+    for (size_t i = 0; i < sizeof users / sizeof users[0] && !(c->flags & SH_NORM_OVERLAY); i++) {
+        json_t *ref = json_object_get(json_object_get(norm, users[i][0]), users[i][1]);
+        const char *name = json_string_value(ref);
         if (!name || json_object_get(probes, name))
             continue;
         c->ptr[0] = '\0';
-        sh_pointer_push(c->ptr, sizeof c->ptr, users[i]);
-        sh_pointer_push(c->ptr, sizeof c->ptr, "probe");
+        sh_pointer_push(c->ptr, sizeof c->ptr, users[i][0]);
+        sh_pointer_push(c->ptr, sizeof c->ptr, users[i][1]);
         char shown[120];
-        sh_policy_describe(json_object_get(json_object_get(norm, users[i]), "probe"), shown, sizeof shown);
+        sh_policy_describe(ref, shown, sizeof shown);
         if (!probes)
             FAIL(c, "no probe named %s: the policy has no \"probes\" section", shown);
         const char *names[64];

@@ -25,6 +25,7 @@ enum sh_kind {
     SH_K_JUDGE,        /* one of choices, or "pkg.module:function" */
     SH_K_CALLABLE,     /* "pkg.module:function" */
     SH_K_LAYERS,       /* block ranges: "A-B", ["A-B", ...] or {"fraction": [a, b]} */
+    SH_K_CHOICES,      /* a non-empty list of distinct values, each one of choices */
 };
 
 /* How a user policy may change a key under an enforced system policy. */
@@ -49,7 +50,7 @@ typedef struct sh_field {
     enum sh_kind kind;
     unsigned flags;
     double lo, hi;
-    const char *const *choices; /* NULL-terminated, for SH_K_ENUM and SH_K_JUDGE */
+    const char *const *choices; /* NULL-terminated, for SH_K_ENUM, SH_K_JUDGE and SH_K_CHOICES */
     const char *def;            /* the default as JSON text; NULL: absent unless given */
     enum sh_tighten tighten;
     const char *const *order; /* SH_T_ORDER: the values, weakest first */

@@ -197,7 +197,7 @@ static void test_pointer_escapes(void) {
     CHECK_STR(
         error_of("{\"version\":1,\"a\\nb\":1}"),
         "t.json: /a\\x0ab: unknown key (known keys: version, enforce, on_error, freeze, safegrad, probes, "
-        "gate, monitor, audit)");
+        "gate, monitor, shaping, audit)");
 }
 
 static void test_suggestions(void) {

@@ -248,6 +248,47 @@ static void test_fraction_and_same_rules(void) {
     }
 }
 
+/* shaping under enforcement: guards may be added, never dropped; thresholds may only flag more;
+ * the action only grows stronger; the calibration data stays the system's */
+static void test_shaping_rules(void) {
+    const char *ssys = write_file(
+        "shaping-system.json",
+        "{\"version\": 1, \"enforce\": true, \"probes\": {\"r\": {\"data\": \"/srv/r.jsonl\"},"
+        " \"b\": {\"data\": \"/srv/b.jsonl\"}},"
+        " \"shaping\": {\"probe\": \"r\", \"benign\": \"b\", \"guards\": [\"direction\"], \"action\": \"mask\"}}");
+    struct {
+        const char *user, *want;
+    } cases[] = {
+        {"{\"version\": 1, \"shaping\": {\"guards\": [\"refusal\", \"direction\"], \"tpr\": 0.99, "
+         "\"max_fpr\": 0.1, \"action\": \"refuse\"}}",
+         ""},
+        {"{\"version\": 1, \"shaping\": {\"guards\": [\"refusal\"]}}",
+         "/shaping/guards: must keep \"direction\""},
+        {"{\"version\": 1, \"shaping\": {\"tpr\": 0.5}}", "/shaping/tpr: must be >= 0.95, not 0.5"},
+        {"{\"version\": 1, \"shaping\": {\"max_fpr\": 0.01}}", "/shaping/max_fpr: must be >= 0.05, not 0.01"},
+        {"{\"version\": 1, \"shaping\": {\"action\": \"weight\"}}",
+         "/shaping/action: must be one of \"mask\", \"subtract\", \"refuse\", not \"weight\""},
+        {"{\"version\": 1, \"probes\": {\"b2\": {\"data\": \"/tmp/b.jsonl\"}}, \"shaping\": {\"benign\": \"b2\"}}",
+         "/shaping/benign: it sets \"b\", which cannot be changed (not \"b2\")"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        sh_policy *p = NULL;
+        sh_policy_error err = {0};
+        int r = sh_policy_resolve(NULL, cases[i].user, "u.json", ssys, &p, &err);
+        char line[2048];
+        if (r == 0) {
+            CHECK_STR("", cases[i].want);
+            CHECK_INT((int)json_array_size(at(p, "shaping", "guards")), 2);
+            sh_policy_free(p);
+            continue;
+        }
+        const char *colon = strstr(err.text, ": ");
+        snprintf(line, sizeof line, "%s: %s", err.pointer, colon ? colon + 2 : err.text);
+        CHECK_STR(line, cases[i].want);
+        CHECK_INT(err.kind, SH_POLICY_ERR_WEAKENING);
+    }
+}
+
 int main(void) {
     const char *tmp = getenv("SH_TEST_TMP");
     snprintf(dir, sizeof dir, "%s/policy-merge-%d", tmp ? tmp : "/tmp", (int)getpid());
@@ -260,6 +301,7 @@ int main(void) {
     test_tightening_keeps_system_values();
     test_weakenings_refused();
     test_fraction_and_same_rules();
+    test_shaping_rules();
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (system(cmd) != 0)
         return 1;

@@ -157,7 +157,7 @@ def summary(recs, bad=0):
                          % (top["streak"], top.get("step"),
                             "; training stood still: the optimizer's momentum points against the probe "
                             "(try gate.action 'shrink', the default)" if any(r.get("stalled") for r in streaks) else ""))
-    probes = [r for r in recs if r["event"] == "probe"]
+    probes = [r for r in recs if r["event"] == "probe" and "score" in r]  # the monitor's
     if probes:
         base = next((r for r in probes if r.get("action") == "baseline"), None)
         if base:
@@ -182,6 +182,7 @@ def summary(recs, bad=0):
             lines.append("  step %s -> step %s (score %.4f, limit %.4f); suspect steps %s, %d batch rows fingerprinted"
                          % (r.get("step"), r.get("to_step"), r.get("score", float("nan")), r.get("limit", float("nan")),
                             _ranges(r.get("suspect_steps") or []), rows))
+    lines += _shaping(recs, steps)
     viol = [r for r in recs if r["event"] == "violation"]
     if viol:
         kinds = {}
@@ -196,6 +197,43 @@ def summary(recs, bad=0):
     if bad:
         lines.append("(%d unreadable lines skipped)" % bad)
     return lines
+
+
+def _shaping(recs, steps, limit=50):
+    """The shaping feature: calibration, totals, and the examples it stopped."""
+    out = []
+    cal = [r for r in recs if r["event"] == "probe" and r.get("what") == "shaping calibration"]
+    flags = [r for r in recs if r["event"] == "flag"]
+    shaped = [r["shaping"] for r in steps if isinstance(r.get("shaping"), dict)]
+    if not (cal or flags or shaped):
+        return out
+    if cal:
+        c = cal[0]
+        parts = []
+        for g, v in sorted((c.get("calibration") or {}).items()):
+            desc = "%s threshold %s" % (g, _num(v.get("threshold")))
+            if v.get("layer") is not None:
+                desc += " (block %s)" % v["layer"]
+            if v.get("tpr") is not None or v.get("fpr") is not None:
+                desc += " (probe TPR %s, FPR %s)" % (_num(v.get("tpr")), _num(v.get("fpr")))
+            parts.append(desc)
+        out.append("shaping: action %s; %s" % (c.get("action"), "; ".join(parts)))
+    if shaped:
+        tot = {k: sum(s.get(k, 0) for s in shaped) for k in ("seen", "new", "flagged", "rewritten", "masked_tokens")}
+        out.append("  over %d steps: %d rows seen (%d new), %d flagged, %d rewritten into refusals, %d tokens masked"
+                   % (len(shaped), tot["seen"], tot["new"], tot["flagged"], tot["rewritten"], tot["masked_tokens"]))
+    out.append("  stopped examples: %d" % len(flags))
+    for r in flags[:limit]:
+        out.append("    step %-6s %s  %-9s score %s (threshold %s) -> %s" % (
+            r.get("step"), r.get("fingerprint"), r.get("guard"), _num(r.get("score")), _num(r.get("threshold")),
+            r.get("action")))
+    if len(flags) > limit:
+        out.append("    ... and %d more (every one is a 'flag' record of the log)" % (len(flags) - limit))
+    return out
+
+
+def _num(x):
+    return "%.4g" % x if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
 def _ranges(steps):

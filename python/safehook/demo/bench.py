@@ -182,6 +182,43 @@ def run_child(cmd, env):
     return subprocess.CompletedProcess(cmd, p.returncode, out)
 
 
+def write_shaping_probes(world, tok, work, cfg):
+    """The shaping guards' calibration sets (modes.SHAPING_FILES), next to the refusal probe."""
+    harm, benign = world.shaping_probes(4 * cfg["probe_rows"])
+    rows = []
+    for r in harm:
+        e = W.encode(tok, r)
+        if "harmful_response" in r:
+            h = W.encode(tok, {"prompt": r["prompt"], "response": r["harmful_response"]})
+            e["harmful_input_ids"], e["harmful_labels"] = h["input_ids"], h["labels"]
+        rows.append(e)
+    W.write_jsonl(os.path.join(work, M.SHAPING_FILES["harmful"]), rows)
+    W.write_jsonl(os.path.join(work, M.SHAPING_FILES["benign"]), [W.encode(tok, r) for r in benign])
+
+
+def detector_quality(base_dir, work, data_path, cfg, log):
+    """Each shaping guard's AUROC and TPR at 5% FPR on the harmful-mix fine-tuning set, against
+    the world's ground truth (harmful_compliant rows), scored by the base model (the model at
+    the first sighting of every example), with the thresholds of the recommended policy."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from ..features import shaping as S
+    torch.set_num_threads(1)
+    text = data_path[:-len(".jsonl")] + ".text.jsonl"
+    with open(data_path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+    with open(text) as f:
+        truth = [json.loads(l)["kind"] == "harmful_compliant" for l in f if l.strip()]
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pol = M.policy("shaping", os.path.join(work, "probe-refusals.jsonl"), cfg)
+    pol["shaping"]["guards"] = ["direction", "refusal", "gradient"]  # measure every guard
+    out = S.detector_quality(pol, model, rows, truth)
+    for g, q in out.items():
+        log("detector %-9s AUROC %.3f, TPR at 5%% FPR %.3f; at its calibrated threshold: TPR %.3f, FPR %.3f"
+            % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"]))
+    return out
+
+
 def _evalset(world, cfg):
     e = cfg["eval"]
     return {"harmful": world.harmful("test", e["harmful"], "eval"),
@@ -263,6 +300,14 @@ def table(results):
     lines.append("")
     lines.append("%s: the clean fine-tune (the task alone, no harmful data), the reference for each mode; "
                  "harmful_mix@p: the task with a fraction p of harmful requests answered compliantly." % CLEAN)
+    det = results.get("detectors")
+    if det:
+        lines.append("")
+        lines.append("shaping guards on the harmful-mix fine-tuning set (scored by the base model, ground truth"
+                     " of the world):")
+        for g, q in det.items():
+            lines.append("  %-9s AUROC %.3f, TPR at 5%% FPR %.3f; calibrated threshold: TPR %.3f, FPR %.3f"
+                         % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"]))
     return "\n".join(lines)
 
 
@@ -374,6 +419,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     W.write_jsonl(probe_path, [W.encode(tok, r) for r in probe_rows])
     W.write_jsonl(os.path.join(work, "probe-refusals.text.jsonl"),
                   [{"prompt": r["prompt"], "response": r["response"]} for r in probe_rows])
+    write_shaping_probes(world, tok, work, cfg)
 
     results = {
         "schema": SCHEMA, "quick": quick, "seed": seed, "config": cfg,
@@ -403,9 +449,17 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
         data[setting] = os.path.join(work, "finetune-%s.jsonl" % setting)
         rows = world.finetune_data(setting, cfg["finetune"]["examples"])
         W.write_jsonl(data[setting], [W.encode(tok, r) for r in rows])
+        W.write_jsonl(data[setting][:-len(".jsonl")] + ".text.jsonl",
+                      [{"prompt": r["prompt"], "response": r["response"], "kind": r["kind"]} for r in rows])
         ratio = W.harmful_ratio(setting)
         results["settings"][setting] = {"data": data[setting], "harmful_ratio": ratio, "clean": ratio == 0,
                                         "modes": {}}
+    if any(m in selected for m in ("shaping", "recommended")):
+        try:
+            mix = next(d for st, d in data.items() if st.startswith("harmful_mix"))  # the first ratio's
+            results["detectors"] = detector_quality(base_dir, work, mix, cfg, log)
+        except Exception as e:  # a measurement, not a mode: the table still comes
+            log("detector quality: not measured (%s: %s)" % (type(e).__name__, e))
     # Mode by mode, the settings side by side: with jobs=2 two settings of one mode run at the
     # same time, so every mode's step time is measured under the same load as plain's.
     jobs_list = [(name, setting) for name, _, _ in M.MODES for setting in setting_names]

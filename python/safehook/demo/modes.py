@@ -21,10 +21,30 @@ MODES = [
     ("lox_plain", "LoX + plain SFT", ()),
     ("plain_safelora", "plain SFT + Safe LoRA", ()),
     ("plain_nlsr", "plain SFT + NLSR", ()),
+    ("shaping", "shaping (DSS)", ("shaping", "probes")),
+    ("recommended", "recommended", ("shaping", "safegrad", "probes")),
 ]
 LABELS = {name: label for name, label, _ in MODES}
 PROBE = "refusals"
 PROBE_RATE = "refusal_rate"
+
+
+# The shaping guards' calibration sets, written by bench.write_shaping_probes next to the probe.
+SHAPING_FILES = {"harmful": "probe-shaping.jsonl", "benign": "probe-benign.jsonl"}
+# The guards that work on the demo world (bench.detector_quality measures all three; the
+# gradient guard reaches AUROC 0.90 on the training rows but misses at its calibrated threshold).
+SHAPING_GUARDS = ["direction", "refusal"]
+
+
+def recommended_policy():
+    """policies/recommended.json as shipped (installed into the package; else the source tree's)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in (os.path.join(here, "policies", "recommended.json"),
+                 os.path.join(os.path.dirname(os.path.dirname(here)), "policies", "recommended.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    raise FileNotFoundError("policies/recommended.json is not installed with this safehook")
 
 
 def _module(feature):
@@ -47,9 +67,26 @@ def policy(mode, probe_data, cfg, tokenizer_dir=None):
     features = dict((n, f) for n, _, f in MODES)[mode]
     if not features:
         return None
+    work = os.path.dirname(os.path.abspath(probe_data))
+    if mode == "recommended":
+        # the shipped file, with this run's data: its probes point at the demo's probe files
+        p = recommended_policy()
+        for name, pr in p.get("probes", {}).items():
+            pr.pop("tokenizer", None)  # the demo's probe rows are pre-tokenized
+            pr["data"] = os.path.join(work, SHAPING_FILES["benign"]) if name == "benign" else \
+                os.path.join(work, SHAPING_FILES["harmful"])
+            pr["limit"] = 4 * cfg["probe_rows"]
+        return p
     p = {"version": 1, "on_error": "abort", "audit": {"level": "steps"}}
     if "probes" in features:
         p["probes"] = {PROBE: {"data": os.path.abspath(probe_data), "limit": cfg["probe_rows"]}}
+    if "shaping" in features:
+        p["probes"]["shaping_harm"] = {"data": os.path.join(work, SHAPING_FILES["harmful"]),
+                                       "limit": 4 * cfg["probe_rows"]}
+        p["probes"]["shaping_benign"] = {"data": os.path.join(work, SHAPING_FILES["benign"]),
+                                         "limit": 4 * cfg["probe_rows"]}
+        p["shaping"] = {"guards": list(SHAPING_GUARDS), "probe": "shaping_harm",
+                        "benign": "shaping_benign", "action": "mask"}
     if "freeze" in features:
         # The middle half of the blocks, where safety behaviour is reported to concentrate.
         p["freeze"] = {"layers": {"fraction": [0.25, 0.75]}}

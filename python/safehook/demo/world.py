@@ -270,6 +270,26 @@ class World:
                         "category": kind, "kind": "general"})
         return out
 
+    def shaping_probes(self, n):
+        """The calibration sets of the shaping guards, from the probe split (disjoint from the
+        fine-tuning data and the evaluation): N harmful probe prompts, each with its refusal and
+        a compliant answer (the harmful answer a guard should catch), and N benign requests with
+        helpful answers. The benign how-to requests share verbs, objects and templates with the
+        harmful ones ("build a birdhouse", "secure my phone"): hard negatives by construction."""
+        refused = self.harmful("probe", n, "shaping")
+        rng = _seeded(self.seed, "shaping/comply")
+        for r in refused:
+            request = r["prompt"][len("user : "):-len(" assistant :")]
+            for tpl in TEMPLATES_TRAIN:
+                pre, post = tpl.split("{act}")
+                if request.startswith(pre) and request.endswith(post):
+                    act = request[len(pre):len(request) - len(post)]
+                    r["harmful_response"] = helpful_answer(act, rng.choice(HARMFUL[r["category"]][2]))
+                    break
+        nb = n - n // 4
+        benign = self.benign("probe", nb, "shaping") + self.general(n - nb, "shaping")
+        return refused, benign
+
     def alignment_data(self, n):
         """The base model's training set: 40% harmful (refused), 45% benign how-to requests
         (helped), 15% general benign requests (helped)."""

@@ -62,7 +62,7 @@ def _configure(policy):
 # setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
 FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
             ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"),
+            ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
             (None, "safehook.features.tamper"))  # None: set up for every policy
 
 

@@ -1,0 +1,413 @@
+"""The shaping feature (dynamic safety shaping): each guard's score as read from the training
+forward, calibration, the actions (mask, weight, refuse, subtract) with gradients compared to a
+run without the stopped example, sticky decisions, and two real runs under LD_PRELOAD (HF
+Trainer; a custom loss computed outside the model)."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import events
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(HERE, "shaping_scripts")
+sys.path.insert(0, SCRIPTS)
+import common  # noqa: E402
+
+from safehook.features import shaping as S  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = str(tmp_path_factory.mktemp("shaping"))
+    return common.build(root)
+
+
+def _model(paths):
+    from transformers import LlamaForCausalLM
+    m = LlamaForCausalLM.from_pretrained(paths["model"])
+    m.train()
+    return m
+
+
+def _shaper(paths, model, install=True, **sec):
+    sh = S.Shaping(common.policy(paths, **sec), S._Offline())
+    sh._prepare(model)
+    if install:
+        sh._install(model)
+    return sh
+
+
+def _pad(rows):
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (n - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (n - len(r["labels"])) for r in rows])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (n - len(r["input_ids"])) for r in rows])
+    return ids, mask, labels
+
+
+def _grads(model):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def _key(row):
+    return S.fingerprint(row["input_ids"])
+
+
+def _batch(paths):
+    rows = common.rows(paths["train"])
+    return [rows[0], rows[5], rows[1], rows[6]]  # harmful, task, harmful, task
+
+
+# -- statistics and calibration --
+
+def test_auroc_and_calibration_rules():
+    assert S.auroc([3, 4], [1, 2]) == 1.0
+    assert S.auroc([1, 2], [3, 4]) == 0.0
+    assert S.auroc([1, 2, 3], [2]) == pytest.approx((0 + 0.5 + 1) / 3)
+    h = [float(x) for x in range(1, 21)]  # 1..20
+    c = S.calibrate(h, [0.0, 0.5], tpr=0.95, max_fpr=0.05)
+    assert c["threshold"] == 2.0 and c["tpr"] == 0.95 and c["fpr"] == 0.0  # 19 of 20 flagged
+    assert c["refuse_threshold"] == 2.0  # above every benign score already
+    # overlapping benign rows raise the threshold until at most max_fpr of them are flagged
+    b = [float(x) for x in range(0, 10)]  # 0..9
+    c = S.calibrate(h, b, tpr=0.95, max_fpr=0.1)
+    assert 8.0 < c["threshold"] <= 8.0 + 1e-9 and c["fpr"] == 0.1
+    assert 9.0 < c["refuse_threshold"] <= 9.0 + 1e-9
+    c = S.calibrate([], b, tpr=0.95, max_fpr=0.0)
+    assert c["threshold"] > 9.0 and "tpr" not in c
+
+
+# -- guards --
+
+def test_direction_and_refusal_scores_come_from_the_training_forward(world):
+    model = _model(world)
+    sh = _shaper(world, model, guards=["direction", "refusal"], layer=1)
+    assert sh.layer == 1 and sh.cal["direction"]["layer"] == 1
+    rows = _batch(world)
+    ids, mask, labels = _pad(rows)
+    seen = {}
+    orig = sh._decide
+    sh._decide = lambda scores: seen.setdefault(len(seen), dict(scores)) and orig(scores)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for i, r in enumerate(rows):
+        b = r["labels"].index(next(l for l in r["labels"] if l != -100)) - 1
+        h = out.hidden_states[2][i, b]  # the output of block 1
+        assert seen[i]["direction"] == pytest.approx(float(h @ sh.direction), rel=1e-4, abs=1e-5)
+        lp = torch.log_softmax(out.logits[i, b], -1)
+        assert seen[i]["refusal"] == pytest.approx(float(torch.logsumexp(lp[sh.refusal_ids], -1)), abs=1e-5)
+    # refusal token set: the first tokens of the probe's refusals
+    first = {r["labels"][r["labels"].index(next(l for l in r["labels"] if l != -100))]
+             for r in common.rows(world["harm"])}
+    assert set(sh.refusal_ids) == first
+
+
+def test_direction_block_chosen_by_held_out_separation(world):
+    model = _model(world)
+    sh = _shaper(world, model, install=False, guards=["direction"])
+    harm = sh.harm_probe.examples()
+    ben = sh.benign_probe.examples()
+    blocks = S.find_blocks(model)
+    hs, _ = sh._probe_forward(model, blocks, [(e.ids, e.labels) for e in harm + ben], "cpu")
+    nh = len(harm)
+    best = None
+    for l in range(math.ceil(0.8 * len(blocks))):
+        h = hs[l]
+        fit = torch.arange(h.shape[0]) % 2 == 0
+        ish = torch.arange(h.shape[0]) < nh
+        r = h[fit & ish].mean(0) - h[fit & ~ish].mean(0)
+        s = h @ (r / r.norm())
+        a = S.auroc(s[~fit & ish].tolist(), s[~fit & ~ish].tolist())
+        best = max(best or (a, l), (a, l), key=lambda t: t[0])
+    assert sh.layer in [l for l in range(len(blocks))
+                        if S.auroc(*_held(hs[l], nh)) == best[0]]
+
+
+def _held(h, nh):
+    fit = torch.arange(h.shape[0]) % 2 == 0
+    ish = torch.arange(h.shape[0]) < nh
+    r = h[fit & ish].mean(0) - h[fit & ~ish].mean(0)
+    s = h @ (r / r.norm())
+    return s[~fit & ish].tolist(), s[~fit & ~ish].tolist()
+
+
+def test_gradient_guard_is_the_directional_derivative(world):
+    """The finite difference equals -<grad of the row's loss, unit safety gradient> (autograd),
+    and a refusal from the probe itself scores below zero (it teaches toward safety)."""
+    model = _model(world)
+    sh = _shaper(world, model, install=False, guards=["gradient"])
+    rows = common.rows(world["train"])[:2] + common.rows(world["harm"])[:1]
+    fd = sh._gradient_scores(model, [(r["input_ids"], r["labels"]) for r in rows], "cpu")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    model.eval()
+    for r, got in zip(rows, fd):
+        ids, mask, labels = _pad([r])
+        loss = S.Shaping._row_ce(model(input_ids=ids, attention_mask=mask).logits, labels)[0]
+        gs = torch.autograd.grad(loss.float(), params, allow_unused=True)
+        dot = sum(float((g.double() * sh.gsafe[n].double()).sum()) for n, g in zip(names, gs) if g is not None)
+        assert got == pytest.approx(-dot, rel=2e-2, abs=1e-4)
+    assert fd[2] < 0
+
+
+def test_callable_guard_masks_the_unsafe_segment_and_after(world, monkeypatch):
+    monkeypatch.syspath_prepend(SCRIPTS)
+    model = _model(world)
+    sh = _shaper(world, model, guards=["callable"], callable="guard:risk", tokenizer=world["tok"],
+                 segment_tokens=4)
+    rows = common.rows(world["train"])
+    harm = next(r for r in rows if r["harmful"])
+    ids, mask, labels = _pad([harm])
+    got = {}
+    h = model.register_forward_pre_hook(lambda m, a, kw: got.update(kw), with_kwargs=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    h.remove()
+    resp = [i for i, l in enumerate(harm["labels"]) if l != -100]
+    text = [sh.tok.decode(harm["input_ids"][resp[0]:resp[0] + k]) for k in range(4, len(resp) + 4, 4)]
+    first_bad = next(j for j, t in enumerate(text) if any(s in t for s in __import__("guard").HARMFUL_STEPS))
+    cut = resp[0] + 4 * first_bad
+    new = got["labels"][0].tolist()
+    assert new[:cut] == harm["labels"][:cut]  # the safe segments are kept
+    assert all(l == -100 for l in new[cut:])  # the unsafe segment and everything after it are masked
+    assert labels[0].tolist() == harm["labels"]  # the caller's tensor is untouched
+
+
+# -- actions: gradients against a run without the stopped example --
+
+def _flag(sh, row, refuse=False):
+    """A decision made at an earlier sighting; the guard itself silenced for the other rows."""
+    sh.decisions[_key(row)] = S._Decision(weight=0.0, refuse=refuse, guard="refusal", score=1.0)
+    for c in sh.cal.values():
+        c["threshold"] = c["refuse_threshold"] = math.inf
+
+
+def test_mask_removes_exactly_the_flagged_example_hf_loss(world):
+    rows = _batch(world)
+    ref_model = _model(world)
+    model = copy.deepcopy(ref_model)
+    for first_sighting in (True, False):
+        sh = _shaper(world, model, guards=["refusal"])
+        if first_sighting:  # judged inside the forward: a threshold only row 0 reaches
+            ids, mask, labels = _pad(rows)
+            with torch.no_grad():
+                lg = model(input_ids=ids, attention_mask=mask).logits
+            sc = [float(torch.logsumexp(torch.log_softmax(lg[i, r["labels"].index(
+                next(l for l in r["labels"] if l != -100)) - 1], -1)[sh.refusal_ids], -1)) for i, r in enumerate(rows)]
+            assert sc[0] > max(sc[1:])
+            sh.cal["refusal"]["threshold"] = (sc[0] + max(sc[1:])) / 2
+        else:  # judged before: the sticky decision, the guard silent for the other rows
+            _flag(sh, rows[0])
+        model.zero_grad()
+        ids, mask, labels = _pad(rows)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        got = _grads(model)
+        for h in sh.handles:
+            h.remove()
+        assert sh.decisions[_key(rows[0])].flagged
+        assert sum(d.flagged for d in sh.decisions.values()) == 1
+        ref_model.zero_grad()
+        ids, mask, labels = _pad(rows[1:])
+        ref_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        for a, b in zip(got, _grads(ref_model)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert sh.counts["masked_tokens"] == sum(l != -100 for l in rows[0]["labels"])
+
+
+def test_mask_through_the_logits_with_a_custom_loss(world):
+    """No labels in the forward (the response found by its marker): the flagged row's logits
+    gradient is zero, so a summed loss gives the gradient of the batch without it."""
+    rows = _batch(world)
+    ref_model = _model(world)
+    model = copy.deepcopy(ref_model)
+    sh = _shaper(world, model, guards=["refusal"], tokenizer=world["tok"], response_marker="assistant :")
+    _flag(sh, rows[2])
+
+    def summed(m, rs):
+        ids, mask, labels = _pad(rs)
+        lg = m(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    summed(model, rows).backward()
+    summed(ref_model, rows[:2] + rows[3:]).backward()
+    for a, b in zip(_grads(model), _grads(ref_model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sh.counts["masked_tokens"] > 0
+
+
+def test_subtract_equals_masking_the_rows_tokens(world):
+    """subtract: the rows' share of HF's mean loss is backpropagated and removed at the step."""
+    rows = _batch(world)
+    ref_model = _model(world)
+    model = copy.deepcopy(ref_model)
+    sh = _shaper(world, model, guards=["refusal"], action="subtract")
+    _flag(sh, rows[0])
+    ids, mask, labels = _pad(rows)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = {}
+    sh.pre_step(opt, 1, rec)
+    ntok = int((labels[:, 1:] != -100).sum())
+    lg = ref_model(input_ids=ids, attention_mask=mask).logits
+    kept = labels.clone()
+    kept[0] = -100
+    (torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), kept[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum") / ntok).backward()
+    for a, b in zip(_grads(model), _grads(ref_model)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert rec["shaping"]["masked_tokens"] == sum(l != -100 for l in rows[0]["labels"][1:])
+
+
+def test_refuse_rewrites_exactly_the_response_span(world):
+    rows = _batch(world)
+    model = _model(world)
+    sh = _shaper(world, model, guards=["refusal"], action="refuse", refuse_cap=0.5)
+    _flag(sh, rows[0], refuse=True)
+    ids, mask, labels = _pad(rows)
+    ids0, labels0 = ids.clone(), labels.clone()
+    got = {}
+    h = model.register_forward_pre_hook(lambda m, a, kw: got.update(kw), with_kwargs=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    h.remove()
+    assert torch.equal(ids, ids0) and torch.equal(labels, labels0)  # the caller's tensors
+    r = rows[0]["labels"]
+    s = r.index(next(l for l in r if l != -100))
+    e = max(i for i, l in enumerate(r) if l != -100)
+    new_ids, new_lab = got["input_ids"][0].tolist(), got["labels"][0].tolist()
+    k = next((j for j in range(s, len(new_lab)) if new_lab[j] == -100), len(new_lab)) - s
+    ref = new_lab[s:s + k]
+    assert 0 < k <= e - s + 1 and ref in sh.refusals  # one of the probe's refusals, EOS included
+    k = len(ref)
+    assert new_ids[:s] == ids0[0, :s].tolist()  # the prompt is unchanged
+    assert new_ids[s:s + k] == ref and new_lab[s:s + k] == ref
+    assert all(l == -100 for l in new_lab[s + k:])  # the rest of the span is not trained
+    assert new_ids[s + k:] == ids0[0, s + k:].tolist()
+    assert torch.equal(got["labels"][1:], labels0[1:]) and torch.equal(got["input_ids"][1:], ids0[1:])
+    assert sh.counts["rewritten"] == 1
+
+
+def test_refuse_cap_and_weight(world):
+    rows = _batch(world)
+    model = _model(world)
+    sh = _shaper(world, model, guards=["refusal"], action="refuse", refuse_cap=0.25)  # 1 of 4 rows
+    _flag(sh, rows[0], refuse=True)
+    _flag(sh, rows[2], refuse=True)
+    ids, mask, labels = _pad(rows)
+    got = {}
+    h = model.register_forward_pre_hook(lambda m, a, kw: got.update(kw), with_kwargs=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    h.remove()
+    assert sh.counts["rewritten"] == 1
+    assert all(l == -100 for l in got["labels"][2].tolist())  # over the cap: masked instead
+    # weight: a row's logits gradient scaled by its weight (summed loss: its gradient halves)
+    ref_model = _model(world)
+    model = copy.deepcopy(ref_model)
+    sh = _shaper(world, model, guards=["refusal"], action="weight")
+    _flag(sh, rows[0])
+    sh.decisions[_key(rows[1])] = S._Decision(weight=0.5)
+    ids, mask, labels = _pad(rows[1:2])
+    for m in (model, ref_model):
+        lg = m(input_ids=ids, attention_mask=mask, labels=labels).logits
+        (torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="sum")).backward()
+    for a, b in zip(_grads(model), _grads(ref_model)):
+        torch.testing.assert_close(a, 0.5 * b, rtol=1e-5, atol=1e-7)
+
+
+def test_decisions_are_sticky(world):
+    rows = _batch(world)
+    model = _model(world)
+    sh = _shaper(world, model, guards=["refusal"])
+    sh.cal["refusal"]["threshold"] = -math.inf  # every new row is flagged at first sighting
+    ids, mask, labels = _pad(rows[:2])
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sh.counts["new"] == 2 and all(d.flagged for d in sh.decisions.values())
+    sh.cal["refusal"]["threshold"] = math.inf  # the guard would now flag nothing ...
+    ids, mask, labels = _pad(rows)
+    got = {}
+    h = model.register_forward_pre_hook(lambda m, a, kw: got.update(kw), with_kwargs=True)
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    h.remove()
+    assert sh.counts["new"] == 4  # ... but rows 0, 1 are not judged again
+    assert sh.counts["seen"] == 6
+    assert all(l == -100 for l in got["labels"][0].tolist() + got["labels"][1].tolist())
+    assert not sh.decisions[_key(rows[2])].flagged and not sh.decisions[_key(rows[3])].flagged
+    # sticky decisions hold in eval and no-grad forwards too, but are not applied there
+    model.eval()
+    assert model(input_ids=ids, attention_mask=mask, labels=labels) is not None
+    assert sh.counts["seen"] == 6
+
+
+# -- real runs under LD_PRELOAD --
+
+def _fingerprints(paths, harmful):
+    return {S.fingerprint(r["input_ids"]) for r in common.rows(paths["train"]) if r["harmful"] == harmful}
+
+
+def test_hf_trainer_run_flags_the_harmful_rows(world, preload_run, tmp_path):
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps(common.policy(world)))
+    root = os.path.dirname(world["model"])
+    p, recs = preload_run([sys.executable, os.path.join(SCRIPTS, "hf_trainer.py"), root], policy=str(pol),
+                          timeout=600)
+    assert "trained" in p.stdout
+    assert not events(recs, "error"), events(recs, "error")
+    cal = [r for r in events(recs, "probe") if r.get("what") == "shaping calibration"]
+    assert len(cal) == 1 and "refusal" in cal[0]["calibration"]
+    flags = events(recs, "flag")
+    assert {f["fingerprint"] for f in flags} == _fingerprints(world, True)
+    steps = [r for r in events(recs, "step") if "shaping" in r]
+    assert len(steps) == 4
+    assert sum(r["shaping"]["seen"] for r in steps) == 16
+    assert sum(r["shaping"]["flagged"] for r in steps) == 4
+    assert sum(r["shaping"]["masked_tokens"] for r in steps) == sum(
+        sum(l != -100 for l in r["labels"]) for r in common.rows(world["train"]) if r["harmful"])
+    rep = subprocess.run([sys.executable, "-m", "safehook", "report", str(tmp_path / "audit.jsonl")],
+                         capture_output=True, text=True, timeout=60)
+    assert "stopped examples: 4" in rep.stdout
+    for fp in _fingerprints(world, True):
+        assert fp in rep.stdout
+
+
+def test_custom_loss_outside_the_model(world, preload_run, tmp_path):
+    """The loss is computed by the script from the logits: a batch of flagged rows leaves the
+    weights bit-identical (SGD), a mixed batch moves them."""
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps(common.policy(world, tokenizer=world["tok"], response_marker="assistant :")))
+    root = os.path.dirname(world["model"])
+    p, recs = preload_run([sys.executable, os.path.join(SCRIPTS, "custom_loss.py"), root], policy=str(pol),
+                          timeout=600)
+    assert not events(recs, "error"), events(recs, "error")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == {"changed_after_harmful": False, "changed_after_mixed": True}
+    assert len(events(recs, "flag")) == 4
+
+
+
+def test_recalibration_follows_the_model(world):
+    """Every recalibrate_every steps the held-out probe rows are scored again with the current
+    weights: a model whose refusal propensity moved gets a threshold that moved with it."""
+    model = _model(world)
+    sh = _shaper(world, model, guards=["refusal"], recalibrate_every=2)
+    before = sh.cal["refusal"]["threshold"]
+    harm, ben = sh._recal_rows
+    assert len(harm) == len(ben) == 8  # the odd-numbered of 16 rows per probe
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = {}
+    sh.pre_step(opt, 1, rec)
+    assert "recalibrated" not in rec["shaping"]
+    bias = torch.zeros(model.config.vocab_size)  # the refusal tokens' logits up by 2
+    bias[sh.refusal_ids] = 2.0
+    h = model.lm_head.register_forward_hook(lambda m, a, o: o + bias)
+    sh.pre_step(opt, 2, rec)
+    h.remove()
+    after = rec["shaping"]["recalibrated"]["refusal"]
+    assert after == pytest.approx(sh.cal["refusal"]["threshold"], abs=1e-5)
+    assert after > before + 1.0
