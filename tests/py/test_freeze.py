@@ -218,10 +218,10 @@ def test_peft_lora_adapters_inside_frozen_blocks_are_frozen(tmp_path, lib, stack
     assert not any(f["requires_grad"][1]) and not any(f["requires_grad"][2])
     frs = by_event(records, "freeze")
     # peft_late: the base model's forward before the LoRA wrap binds nothing (no optimizer trains
-    # it yet); the optimizer's adapters are inside it (PEFT injects them in place), so it is the
-    # model, bound when the optimizer is built, frozen once with its adapters
+    # it yet); the optimizer is built on the PEFT model's parameters, so the PEFT model is the
+    # model (the root owning them), bound when the optimizer is built, frozen once with its adapters
     (fr,) = frs
-    assert fr["blocks"]["path"] == ("base_model.model.model.layers" if stack == "peft" else "model.layers")
+    assert fr["blocks"]["path"] == "base_model.model.model.layers"
     assert fr["adapters"] == 8 and fr["were_trainable"] == 8  # only the adapters were trainable there
     assert fr["when"] == "optimizer_init"
     assert not by_event(records, "violation")
