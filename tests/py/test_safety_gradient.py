@@ -27,6 +27,9 @@ class _Ctx:
     def on_model(self, cb):
         pass
 
+    def model_for(self, optimizer):
+        return None  # the test hands SafeGrad its model through on_model's info
+
     def fail(self, msg):
         raise AssertionError(msg)
 
