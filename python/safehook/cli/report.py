@@ -92,8 +92,8 @@ def posthoc_summary(recs):
                                                           if p.get("layers") else
                                                           "threshold %s" % p.get("threshold")),
                 "nlsr": "restore (NLSR, %s%% neurons, p in [%s, %s], seed %s, %s direction)" % (
-                    round(100 * (p.get("neuron_fraction") or 0)), _num(p, "rate", -1, "epsilon"),
-                    _num(p, "rate", 1, "epsilon"), p.get("seed"), p.get("direction"))}.get(m, m)
+                    round(100 * (p.get("neuron_fraction") or 0)), _span(p, "rate", -1, "epsilon"),
+                    _span(p, "rate", 1, "epsilon"), p.get("seed"), p.get("direction"))}.get(m, m)
         lines.append("posthoc: %s -> %s" % (what, p.get("out")))
         lines.append("  %d tensors considered, %d changed%s" % (
             len(ts), len(ch), "" if end else " (no end record: interrupted)"))
@@ -117,7 +117,7 @@ def posthoc_summary(recs):
     return lines
 
 
-def _num(p, a, sign, b):
+def _span(p, a, sign, b):
     try:
         return round(p[a] + sign * p[b], 6)
     except (KeyError, TypeError):
