@@ -30,10 +30,11 @@ def test_cleared_hook_tables_are_recorded_and_put_back(preload_run, tmp_path):
     p, recs = preload_run([sys.executable, SCRIPT, out, "clear_hooks"], policy=_policy(tmp_path))
     v = [r for r in events(recs, "violation") if r.get("kind") == "hooks_removed"]
     assert len(v) == 1 and v[0]["where"] == "forward"
-    # 40 steps taken; the watch starts at the first forward's end, so its 16th forward is the
-    # 17th: steps 1-3 and 17-40 went through the hooks, the 13 between did not
+    # 40 steps taken; the model is bound when its optimizer is built, so the watch counts from
+    # the first forward and its 16th forward is the 16th: steps 1-3 and 16-40 went through the
+    # hooks, the 12 between did not
     steps = [r["step"] for r in events(recs, "step")]
-    assert steps[:3] == [1, 2, 3] and steps[-1] == 3 + 24
+    assert steps[:3] == [1, 2, 3] and steps[-1] == 3 + 25
     assert events(recs, "end")[0]["tamper"] == {"hooks_removed": 1}
     ck = [r for r in events(recs, "checkpoint") if r["path"] == out]
     assert len(ck) == 1 and ck[0]["hooks"] == "ok" and ck[0]["frozen"] == "ok"
