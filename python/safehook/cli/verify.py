@@ -21,16 +21,16 @@ import os
 import re
 import sys
 
-_STRIP = ("module.", "_orig_mod.", "base_model.model.")
+_PEFT = "base_model.model."
 
 
 def _norm(name):
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
+    """A checkpoint name as the base model's: wrapper prefixes (DDP, torch.compile, FSDP: the
+    runtime's own strip_name) and PEFT's base_model.model. / .base_layer. taken off."""
+    from ..runtime.model import strip_name
+    name = strip_name(name)
+    while name.startswith(_PEFT):
+        name = strip_name(name[len(_PEFT):])
     return name.replace(".base_layer.", ".")
 
 
