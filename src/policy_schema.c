@@ -131,6 +131,7 @@ static const sh_field SHAPING[] = {
     {"tokenizer", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"response_marker", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"recalibrate_every", COUNT(1), "10", SH_T_LE, NULL},
+    {"max_flag_rate", SH_K_NUM, SH_F_LO_OPEN, 0, 1, NULL, "0.3", SH_T_GE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

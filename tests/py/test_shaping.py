@@ -411,3 +411,78 @@ def test_recalibration_follows_the_model(world):
     after = rec["shaping"]["recalibrated"]["refusal"]
     assert after == pytest.approx(sh.cal["refusal"]["threshold"], abs=1e-5)
     assert after > before + 1.0
+
+
+# -- the training stream's check --
+
+def test_stream_check_rules():
+    harm = {"good": [float(x) for x in range(10, 20)], "bad": [0.0] * 10}
+    # the stream: 70 task rows scoring 0..6.9 and 30 harmful-like rows scoring 10..12.9
+    task = [x / 10 for x in range(70)]
+    stream = {"good": task + [10 + x / 10 for x in range(30)], "bad": [1.0 + x for x in range(100)]}
+    c = S.stream_check(harm, stream, 0.3)
+    # 30 rows at or above the bound, not 31: the bound sits just above the 70th row from the top
+    assert sum(v >= c["good"]["bound"] for v in stream["good"]) == 30
+    assert 6.9 < c["good"]["bound"] <= 10.0
+    pairs = [(p > s) + 0.5 * (p == s) for p in harm["good"] for s in stream["good"]]
+    assert c["good"]["auroc"] == pytest.approx(sum(pairs) / len(pairs))
+    assert not c["good"]["suspended"]
+    assert c["bad"]["auroc"] == 0.0 and c["bad"]["suspended"]
+    assert c["bad"]["rows"] == 100
+    # the best guard always stays, even below the AUROC floor
+    c = S.stream_check({"bad": [0.0] * 10}, {"bad": [1.0] * 40}, 0.3)
+    assert not c["bad"]["suspended"]
+
+
+class _Rec(S._Offline):
+    def __init__(self):
+        self.recs = []
+
+    def audit(self, event, fields=None, step=None):
+        self.recs.append((event, dict(fields or {})))
+
+
+def test_stream_check_suspends_a_guard_the_task_fools(world, monkeypatch):
+    """A guard calibrated on the probes that flags the whole training stream (the task does not
+    look like the benign probe) is suspended once the stream has been seen; the decisions it made
+    before are withdrawn, with a record; a rewrite needs every active guard to agree."""
+    monkeypatch.setattr(S, "STREAM_MIN", 12)
+    rows = common.rows(world["train"])
+    model = _model(world)
+    rt = _Rec()
+    sh = S.Shaping(common.policy(world, guards=["direction", "refusal"], action="refuse"), rt)
+    sh._prepare(model)
+    sh._install(model)
+    sh.cal["refusal"]["threshold"] = -math.inf  # the refusal guard flags every row ...
+    sh.probe_harm["refusal"] = [-1e9] * 8       # ... and ranks the harmful probe below all of them
+    ids, mask, labels = _pad(rows[:8])
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert all(sh.decisions[_key(r)].flagged for r in rows[:8])
+    assert not sh.checked
+    ids, mask, labels = _pad(rows[8:16])
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sh.checked and sh.suspended == {"refusal"}
+    chk = [f for e, f in rt.recs if e == "probe" and f.get("what") == "shaping stream check"]
+    assert len(chk) == 1 and chk[0]["guards"]["refusal"]["suspended"]
+    assert not chk[0]["guards"]["direction"]["suspended"]  # the better guard always stays
+    # the direction alone now decides; what the refusal guard alone flagged is withdrawn
+    for r in rows[:16]:
+        d = sh.decisions[_key(r)]
+        direction_flags = d.scores["direction"] >= sh._threshold("direction")
+        assert d.flagged == direction_flags
+        if d.flagged:
+            assert d.guard == "direction"
+    revoked = [f for e, f in rt.recs if e == "flag" and f.get("revoked")]
+    assert chk[0]["revoked"] == len(revoked) > 0
+    # with both guards active, one guard's flag is a mask, not a rewrite
+    sh.suspended = set()
+    t = sh._threshold("direction")
+    d = sh._decide({"direction": t + 1.0, "refusal": sh._threshold("refusal") - 1.0 if math.isfinite(
+        sh._threshold("refusal")) else -math.inf})
+    assert d.flagged and not d.refuse
+    sh.cal["refusal"]["threshold"] = 0.0
+    d = sh._decide({"direction": t + 1.0, "refusal": 1.0 + max(0.0, sh._threshold("refusal"))})
+    assert d.flagged and d.refuse
+    # the bound: no guard flags more than max_flag_rate of the stream it has seen
+    for g, v in sh.stream.items():
+        assert sum(x >= sh.bound[g] for x in v) <= math.floor(0.3 * len(v))

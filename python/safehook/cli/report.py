@@ -222,7 +222,17 @@ def _shaping(recs, steps, limit=50):
         tot = {k: sum(s.get(k, 0) for s in shaped) for k in ("seen", "new", "flagged", "rewritten", "masked_tokens")}
         out.append("  over %d steps: %d rows seen (%d new), %d flagged, %d rewritten into refusals, %d tokens masked"
                    % (len(shaped), tot["seen"], tot["new"], tot["flagged"], tot["rewritten"], tot["masked_tokens"]))
-    out.append("  stopped examples: %d" % len(flags))
+    for c in [r for r in recs if r["event"] == "probe" and r.get("what") == "shaping stream check"]:
+        parts = []
+        for g, v in sorted((c.get("guards") or {}).items()):
+            parts.append("%s %s (AUROC vs probe %s, threshold %s)" % (
+                g, "suspended" if v.get("suspended") else "active", _num(v.get("auroc_vs_probe")),
+                _num(v.get("threshold"))))
+        out.append("  stream check at step %s (at most %s of the rows flagged): %s; %d decisions withdrawn"
+                   % (c.get("step"), _num(c.get("max_flag_rate")), "; ".join(parts), c.get("revoked") or 0))
+    revoked = [r for r in flags if r.get("revoked")]
+    flags = [r for r in flags if not r.get("revoked")]
+    out.append("  stopped examples: %d (%d withdrawn by the stream check)" % (len(flags) - len(revoked), len(revoked)))
     for r in flags[:limit]:
         out.append("    step %-6s %s  %-9s score %s (threshold %s) -> %s" % (
             r.get("step"), r.get("fingerprint"), r.get("guard"), _num(r.get("score")), _num(r.get("threshold")),

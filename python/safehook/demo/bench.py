@@ -214,9 +214,19 @@ def detector_quality(base_dir, work, data_path, cfg, log):
     pol["shaping"]["guards"] = ["direction", "refusal", "gradient"]  # measure every guard
     out = S.detector_quality(pol, model, rows, truth)
     for g, q in out.items():
-        log("detector %-9s AUROC %.3f, TPR at 5%% FPR %.3f; at its calibrated threshold: TPR %.3f, FPR %.3f"
-            % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"]))
+        log("detector %-9s AUROC %.3f, TPR at 5%% FPR %.3f; at its calibrated threshold: TPR %.3f, FPR %.3f%s"
+            % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"], _stream_note(q)))
     return out
+
+
+def _stream_note(q):
+    """The detector's figures after the training stream's check (shaping.stream_check)."""
+    st = q.get("stream")
+    if not st:
+        return ""
+    if st.get("suspended"):
+        return "; stream check: suspended (AUROC vs probe %.3f)" % st["auroc_vs_probe"]
+    return "; after the stream check: TPR %.3f, FPR %.3f" % (st["tpr"], st["fpr"])
 
 
 def _evalset(world, cfg):
@@ -306,8 +316,8 @@ def table(results):
         lines.append("shaping guards on the harmful-mix fine-tuning set (scored by the base model, ground truth"
                      " of the world):")
         for g, q in det.items():
-            lines.append("  %-9s AUROC %.3f, TPR at 5%% FPR %.3f; calibrated threshold: TPR %.3f, FPR %.3f"
-                         % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"]))
+            lines.append("  %-9s AUROC %.3f, TPR at 5%% FPR %.3f; calibrated threshold: TPR %.3f, FPR %.3f%s"
+                         % (g, q["auroc"], q["tpr_at_5fpr"], q["tpr"], q["fpr"], _stream_note(q)))
     return "\n".join(lines)
 
 

@@ -94,7 +94,11 @@ ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
 GUARDS = ("direction", "refusal", "gradient", "callable")
 IN_FORWARD = ("direction", "refusal")
 DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
-            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10}
+            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3}
+STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
+STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
+SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
+STREAM_GUARDS = ("direction", "refusal", "gradient")  # the callable's 0.5 is the user's own scale
 _BLOCK_LISTS = ("layers", "h", "blocks", "layer")
 
 
@@ -156,6 +160,32 @@ def calibrate(harmful, benign, tpr, max_fpr):
     return out
 
 
+def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
+    """What the training stream says of each guard. HARMFUL: {guard: scores of the harmful probe
+    rows}; STREAM: {guard: scores of the training rows at their first sighting}. The stream is
+    mostly the user's own task, which the benign probe need not resemble (measured on the demo
+    world, seed 1: the direction flagged 41% of the task rows at its probe threshold, and the
+    refusal guard, AUROC 1.0 on the probes, ranked the task rows above the harmful ones).
+    Per guard: ``auroc`` of harmful probe rows against stream rows (a guard that separates the
+    harmful rows from the task ranks the probe above most of the stream: about 1 - p/2 for a
+    harmful share p), ``bound``, the lowest threshold that flags at most MAX_FLAG_RATE of the
+    stream, and ``suspended`` when the AUROC is under MIN_AUROC: that guard cannot tell this
+    stream's rows from harmful ones. The guard with the highest AUROC is never suspended."""
+    out = {}
+    for g, v in stream.items():
+        a = auroc(harmful.get(g) or [], v)
+        out[g] = {"auroc": a, "bound": fpr_bound(v, max_flag_rate), "rows": len(v),
+                  "suspended": a is not None and a < min_auroc}
+    if out and all(c["suspended"] for c in out.values()):
+        best = max(out, key=lambda g: out[g]["auroc"])
+        out[best]["suspended"] = False
+    return out
+
+
+def _r(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 6)
+
+
 def fingerprint(tokens):
     """A row's key: 16 hex digits of a hash of its token ids."""
     return hashlib.blake2b(",".join(map(str, tokens)).encode(), digest_size=8).hexdigest()
@@ -185,10 +215,11 @@ def find_blocks(root):
 
 
 class _Decision:
-    __slots__ = ("weight", "refuse", "guard", "score", "seg")
+    __slots__ = ("weight", "refuse", "guard", "score", "seg", "scores")
 
-    def __init__(self, weight=1.0, refuse=False, guard=None, score=None, seg=None):
+    def __init__(self, weight=1.0, refuse=False, guard=None, score=None, seg=None, scores=None):
         self.weight, self.refuse, self.guard, self.score, self.seg = weight, refuse, guard, score, seg
+        self.scores = scores  # the guard scores it was made from (re-judged at the first stream check)
         # weight: 1.0 keep, 0.0 remove, a float in between, or per response token (callable guard)
 
     @property
@@ -251,6 +282,11 @@ class Shaping:
         self.rotate = 0
         self.pending_sub = []   # (ids, mask, labels, batch tokens) of rows to subtract
         self.forwards = 0
+        self.probe_harm = {}    # guard -> latest scores of the harmful probe rows
+        self.stream = {}        # guard -> recent first-sighting scores of the training rows
+        self.bound = {}         # guard -> the stream's bound on its threshold
+        self.suspended = set()
+        self.checked = False
         self._reset()
         self.totals = {"seen": 0, "flagged": 0, "rewritten": 0, "masked_tokens": 0}
         rt.on_model(self._on_model)
@@ -332,6 +368,7 @@ class Shaping:
             hs, ref = self._probe_forward(root, blocks, rows, dev)
             if "refusal" in self.guards:
                 self.cal["refusal"] = calibrate(ref[:nh], ref[nh:], tpr, fpr)
+                self.probe_harm["refusal"] = ref[:nh]
             if "direction" in self.guards:
                 self._fit_direction(hs, nh, len(blocks), tpr, fpr)
         if "gradient" in self.guards:
@@ -397,6 +434,7 @@ class Shaping:
                 best = (key, l, r, pos, neg)
         (_, l, r, pos, neg) = best
         self.layer, self.direction = l, r
+        self.probe_harm["direction"] = pos
         c = calibrate(pos, neg, tpr, fpr)
         c["layer"] = l
         self.cal["direction"] = c
@@ -421,6 +459,7 @@ class Shaping:
         if not neg:
             raise ValueError("the 'gradient' guard needs shaping.benign (its threshold is set on benign rows)")
         self.cal["gradient"] = calibrate(pos, neg, tpr, fpr)
+        self.probe_harm["gradient"] = pos
 
     def _gradient_scores(self, root, rows, dev):
         """-<g_row, g_s>/|g_s| by a central difference along the unit safety gradient."""
@@ -584,6 +623,7 @@ class Shaping:
                 rows.append((ids_r.tolist(), lab_r.tolist()))
             dev = bt.ids.device
             scores["gradient"] = self._gradient_scores(self.root, rows, dev)
+            self._observe([{"gradient": v} for v in scores["gradient"]])
         segs = {}
         if "callable" in self.guards:
             for j, (row, b, e, key) in enumerate(sub):
@@ -630,26 +670,84 @@ class Shaping:
         return _Decision(weight=w if self.action in ("mask", "weight") else 0.0, refuse=refuse,
                          guard="callable", score=score, seg=flagged_at)
 
+    def _threshold(self, g):
+        """Guard G's flag threshold: its calibrated one, raised to the stream's bound."""
+        return max(self.cal[g]["threshold"], self.bound.get(g, -math.inf))
+
     def _decide(self, scores):
-        """A decision from guard scores (each compared with its calibrated thresholds)."""
-        flag, top = None, None
-        for g, s in scores.items():
-            c = self.cal[g]
-            if s >= c["threshold"] and (flag is None or s - c["threshold"] > top):
-                flag, top = g, s - c["threshold"]
+        """A decision from guard scores (each compared with its thresholds; suspended guards
+        are not asked). ``refuse`` teaches a refusal, so it takes two independent signals: where
+        two or more guards score the row, every one of them must flag it; a policy with one
+        guard rewrites at its refusal threshold (above every benign calibration score)."""
+        active = dict((g, s) for g, s in scores.items() if g not in self.suspended)
+        flag, top, hits = None, None, 0
+        for g, s in active.items():
+            t = self._threshold(g)
+            if s >= t:
+                hits += 1
+                if flag is None or s - t > top:
+                    flag, top = g, s - t
         if flag is None:
             if self.action == "weight":
                 w = 1.0
-                for g, s in scores.items():
+                for g, s in active.items():
                     c = self.cal[g]
-                    span = c["threshold"] - c["low"]
+                    span = self._threshold(g) - c["low"]
                     if span > 0 and math.isfinite(span):
                         w = min(w, 1.0 - min(max((s - c["low"]) / span, 0.0), 1.0))
-                return _Decision(weight=w)
-            return _Decision()
-        s = scores[flag]
-        refuse = self.action == "refuse" and s >= self.cal[flag]["refuse_threshold"]
-        return _Decision(weight=0.0, refuse=refuse, guard=flag, score=s)
+                return _Decision(weight=w, scores=scores)
+            return _Decision(scores=scores)
+        s = active[flag]
+        refuse = False
+        if self.action == "refuse":
+            if len(active) >= 2:
+                refuse = hits == len(active)
+            elif len(self.guards) == 1:
+                refuse = s >= max(self.cal[flag]["refuse_threshold"], self._threshold(flag))
+        return _Decision(weight=0.0, refuse=refuse, guard=flag, score=s, scores=scores)
+
+    def _observe(self, scores):
+        """First-sighting scores of training rows, for the stream check."""
+        for sc in scores:
+            for g, v in sc.items():
+                if g in STREAM_GUARDS:
+                    w = self.stream.setdefault(g, [])
+                    w.append(v)
+                    if len(w) > STREAM_WINDOW:
+                        del w[:len(w) - STREAM_WINDOW]
+        if not self.checked and self.stream and min(len(v) for v in self.stream.values()) >= STREAM_MIN:
+            self._stream_check(first=True)
+
+    def _stream_check(self, first=False):
+        """Bound each guard's threshold by the training stream and suspend a guard that cannot
+        tell the stream from the harmful probe (see stream_check). At the first check the rows
+        judged so far are judged again (their later sightings get the new decision; a bound only
+        raises thresholds, so a decision can only be withdrawn or a rewrite become a mask)."""
+        chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]))
+        self.bound = dict((g, c["bound"]) for g, c in chk.items())
+        before = set(self.suspended)
+        self.suspended = set(g for g, c in chk.items() if c["suspended"])
+        self.checked = True
+        revoked = 0
+        if first:
+            for key, d in list(self.decisions.items()):
+                if d.scores is None or not d.flagged:
+                    continue
+                nd = self._decide(d.scores)
+                if not nd.flagged:
+                    revoked += 1
+                    self.rt.audit("flag", {"fingerprint": key, "guard": d.guard, "action": "none",
+                                           "revoked": "stream check"}, self.step + 1)
+                self.decisions[key] = nd
+        report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
+                           "threshold": _r(self._threshold(g)) if g in self.cal else None,
+                           "suspended": c["suspended"], "rows": c["rows"]}) for g, c in chk.items())
+        if first or self.suspended != before:
+            self.rt.audit("probe", {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
+                                    "guards": report, "revoked": revoked}, self.step + 1)
+            if self.suspended - before:
+                debug("shaping: guard(s) %s suspended by the stream check" % sorted(self.suspended - before))
+        return report
 
     def _apply_pre(self, bt, ids, labels):
         """Copies of input_ids and labels with the known decisions applied (masks, refusals)."""
@@ -780,6 +878,7 @@ class Shaping:
                 if d.flagged and self.action != "subtract" and bt.labels_given:
                     self.counts["masked_tokens"] += int((bt.labels[row, b + 1:e + 1] != -100).sum())
                     bt.labels[row, :] = -100  # the copy the model computes its loss from
+            self._observe([sc for sc in scores if sc])
         self.counts["flagged"] += sum(1 for d in bt.decided.values() if d.flagged)
         if self.action == "subtract":
             self._stash(bt)
@@ -850,6 +949,7 @@ class Shaping:
                 continue
             v = (hs[0] @ self.direction.to(hs[0].device)).tolist() if g == "direction" else ref
             c = calibrate(v[:nh], v[nh:], tpr, fpr)
+            self.probe_harm[g] = v[:nh]
             for k in ("threshold", "refuse_threshold", "low"):
                 self.cal[g][k] = c[k]
             out[g] = round(c["threshold"], 6) if math.isfinite(c["threshold"]) else None
@@ -864,6 +964,9 @@ class Shaping:
                 self.counts["recalibrated"] = self._recalibrate()
             except Exception as e:
                 self._fail("step %d: cannot recalibrate: %s: %s" % (step, type(e).__name__, e))
+        if every and step % every == 0 and self.checked and not self.failed:
+            rep = self._stream_check()
+            self.counts["stream"] = dict((g, "suspended" if c["suspended"] else c["threshold"]) for g, c in rep.items())
         if self.pending_sub and not self.failed:
             try:
                 self._subtract(opt)
@@ -924,6 +1027,9 @@ class Shaping:
         t = dict(self.totals)
         t["examples_judged"] = len(self.decisions)
         t["examples_flagged"] = sum(1 for d in self.decisions.values() if d.flagged)
+        if self.checked:
+            t["suspended"] = sorted(self.suspended)
+            t["bounds"] = dict((g, _r(b)) for g, b in self.bound.items())
         fields["shaping"] = t
 
 
@@ -975,8 +1081,12 @@ def detector_quality(policy, model, rows, truth, fpr=0.05):
     scores, sh = score_rows(policy, model, rows)
     pos_i = [i for i, t in enumerate(truth) if t]
     neg_i = [i for i, t in enumerate(truth) if not t]
+    # the stream check as a job would make it, with these rows as the training stream
+    chk = stream_check(sh.probe_harm, dict((g, v) for g, v in scores.items() if g in STREAM_GUARDS),
+                       float(sh.cfg["max_flag_rate"]))
     out = {}
     flagged = [False] * len(rows)
+    flagged_s = [False] * len(rows)
     for g, v in scores.items():
         pos, neg = [v[i] for i in pos_i], [v[i] for i in neg_i]
         t = sh.cal[g]["threshold"]
@@ -986,10 +1096,21 @@ def detector_quality(policy, model, rows, truth, fpr=0.05):
                   "threshold": t, "calibration": {k: x for k, x in sh.cal[g].items()
                                                   if not (isinstance(x, float) and not math.isfinite(x))}}
         flagged = [f or x >= t for f, x in zip(flagged, v)]
+        if g in chk:
+            c = chk[g]
+            ts = max(t, c["bound"])
+            out[g]["stream"] = {"auroc_vs_probe": c["auroc"], "suspended": c["suspended"], "threshold": ts,
+                                "tpr": sum(x >= ts for x in pos) / max(len(pos), 1),
+                                "fpr": sum(x >= ts for x in neg) / max(len(neg), 1)}
+            if not c["suspended"]:
+                flagged_s = [f or x >= ts for f, x in zip(flagged_s, v)]
     if scores:
         out["any"] = {"auroc": float("nan"), "tpr_at_5fpr": float("nan"),
                       "tpr": sum(flagged[i] for i in pos_i) / max(len(pos_i), 1),
                       "fpr": sum(flagged[i] for i in neg_i) / max(len(neg_i), 1)}
+        if chk:
+            out["any"]["stream"] = {"tpr": sum(flagged_s[i] for i in pos_i) / max(len(pos_i), 1),
+                                    "fpr": sum(flagged_s[i] for i in neg_i) / max(len(neg_i), 1)}
     return out
 
 
