@@ -578,13 +578,24 @@ def save_hf(model, tok, out_dir):
     tok.save_pretrained(out_dir)
 
 
-def write_probe(model_dir, data, n=16):
+def write_probe(model_dir, data, n=64):
     """The safety probe of the modes: alignment-split harmful prompts with a refusal (text rows,
-    wrapped by the model's chat template at use)."""
+    wrapped by the model's chat template at use); the modes read its first --probe-limit rows,
+    the shaping guards more. And the benign probe of the shaping guards: ShareGPT alignment
+    pairs (answers cut to 400 characters) and the hard negatives of the alignment split (benign
+    requests with harmful words; no reference answer exists for them, so a neutral opener stands
+    in: the direction and refusal guards read the prompt's last token only)."""
     path = os.path.join(model_dir, "probe_refusal.jsonl")
     with open(path, "w") as f:
         for i, p in enumerate(data["harmful_align"][:n]):
             f.write(json.dumps({"prompt": p, "response": REFUSALS[i % len(REFUSALS)]}) + "\n")
+    rows = [(p, a[:400]) for p, a in data["benign_train"][:n // 2]]
+    rows += [(p, "Sure, here is an answer.") for p in data["hardneg_train"][:n // 2]]
+    rng = random.Random(7)
+    rng.shuffle(rows)  # even and odd rows (fit / held out) get both kinds
+    with open(os.path.join(model_dir, "probe_benign.jsonl"), "w") as f:
+        for p, a in rows:
+            f.write(json.dumps({"prompt": p, "response": a}) + "\n")
     return path
 
 
@@ -663,13 +674,20 @@ MODES = {
     "freeze+safegrad": {"freeze": _FREEZE, "safegrad": _SAFEGRAD, "probes": "@probe"},
     "monitor": {"monitor": _MONITOR, "probes": "@probe"},
     "all": {"freeze": _FREEZE, "safegrad": _SAFEGRAD, "gate": _GATE, "monitor": _MONITOR, "probes": "@probe"},
+    "shaping": {"shaping": {"guards": ["direction", "refusal"], "probe": "shaping_harm", "benign": "benign",
+                            "action": "mask"}, "probes": "@probe"},
 }
 DEFAULT_MODES = "plain,freeze,safegrad,gate,freeze+safegrad,monitor,all"
 
 
 def probe_section(model_dir, limit):
-    return {PROBE: {"data": os.path.join(model_dir, "probe_refusal.jsonl"), "tokenizer": model_dir,
-                    "chat_template": True, "limit": limit}}
+    """The modes' refusal probe (LIMIT rows), and the shaping guards' calibration probes: the
+    same refusals, all 64 rows, and the benign probe (see write_probe)."""
+    out = {PROBE: {"data": os.path.join(model_dir, "probe_refusal.jsonl"), "tokenizer": model_dir,
+                   "chat_template": True, "limit": limit}}
+    for name, f in (("shaping_harm", "probe_refusal.jsonl"), ("benign", "probe_benign.jsonl")):
+        out[name] = {"data": os.path.join(model_dir, f), "tokenizer": model_dir, "chat_template": True, "limit": 64}
+    return out
 
 
 def parse_modes(spec):
@@ -696,9 +714,20 @@ def mode_policy(entry, model_dir, probe_limit):
     if isinstance(entry, str):
         with open(entry) as f:
             pol = json.load(f)
+        benign = (pol.get("shaping") or {}).get("benign")
         for name, pr in (pol.get("probes") or {}).items():
             if "data" in pr and not os.path.exists(pr["data"]):
-                pr.update(data=os.path.join(model_dir, "probe_refusal.jsonl"), tokenizer=model_dir, chat_template=True)
+                f = "probe_benign.jsonl" if name == benign else "probe_refusal.jsonl"
+                pr.update(data=os.path.join(model_dir, f), tokenizer=model_dir, chat_template=True)
+        # the gradient features read the bench's probe size (--probe-limit rows per step, as the
+        # built-in modes), the shaping guards calibrate on all the rows
+        for sec in ("safegrad", "gate", "monitor"):
+            name = (pol.get(sec) or {}).get("probe")
+            if name and name in (pol.get("probes") or {}):
+                small = name + "_" + sec
+                pol["probes"][small] = dict(pol["probes"][name], limit=min(pol["probes"][name].get("limit", probe_limit),
+                                                                          probe_limit))
+                pol[sec]["probe"] = small
         pol.pop("audit", None)
     else:
         pol = copy.deepcopy(entry)
