@@ -61,6 +61,15 @@ The refusal threshold of ``refuse`` is above every benign calibration score (and
 flag threshold). A ``probe`` record (``what: "shaping calibration"``) gives each guard's
 threshold, block, and the TPR, FPR and AUROC it reached on the calibration rows.
 
+The training stream checks the probes (``stream_check``): once ``STREAM_MIN`` (32) training
+rows have been scored, and at every recalibration after, each guard's threshold is raised where
+needed so that it flags at most ``max_flag_rate`` (default 0.3) of the most recent 256 training
+rows, and a guard whose AUROC of harmful probe rows against training rows is under 0.65, or more
+than 0.1 under the best guard's, is suspended (the best one never is). At that first check the
+``direction`` is fitted again, against the training rows instead of the benign probe (see
+``_refit_direction``), and the rows judged so far are judged again. A ``probe`` record
+(``what: "shaping stream check"``) gives each guard's AUROC, bound and state.
+
 The model drifts as it learns (arXiv 2509.06795 measures the refusal direction moving most in
 the first steps), and a row seen for the first time at step 500 is judged by the model of step
 500: every ``recalibrate_every`` steps (default 10) the first 16 held-out rows of each probe are
@@ -98,6 +107,7 @@ DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
+SUSPEND_GAP = 0.1     # ... and so is one more than this behind the best guard
 STREAM_GUARDS = ("direction", "refusal", "gradient")  # the callable's 0.5 is the user's own scale
 _BLOCK_LISTS = ("layers", "h", "blocks", "layer")
 
@@ -169,13 +179,17 @@ def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
     Per guard: ``auroc`` of harmful probe rows against stream rows (a guard that separates the
     harmful rows from the task ranks the probe above most of the stream: about 1 - p/2 for a
     harmful share p), ``bound``, the lowest threshold that flags at most MAX_FLAG_RATE of the
-    stream, and ``suspended`` when the AUROC is under MIN_AUROC: that guard cannot tell this
-    stream's rows from harmful ones. The guard with the highest AUROC is never suspended."""
+    stream, and ``suspended`` when the AUROC is under MIN_AUROC (that guard cannot tell this
+    stream's rows from harmful ones) or more than SUSPEND_GAP under the best guard's (in the
+    union it would only add false flags). The guard with the highest AUROC is never suspended."""
     out = {}
     for g, v in stream.items():
-        a = auroc(harmful.get(g) or [], v)
-        out[g] = {"auroc": a, "bound": fpr_bound(v, max_flag_rate), "rows": len(v),
-                  "suspended": a is not None and a < min_auroc}
+        out[g] = {"auroc": auroc(harmful.get(g) or [], v), "bound": fpr_bound(v, max_flag_rate), "rows": len(v)}
+    known = [c["auroc"] for c in out.values() if c["auroc"] is not None]
+    # a guard well behind the best one only adds false flags to the union
+    floor = max(min_auroc, max(known) - SUSPEND_GAP) if known else min_auroc
+    for c in out.values():
+        c["suspended"] = c["auroc"] is not None and c["auroc"] < floor
     if out and all(c["suspended"] for c in out.values()):
         best = max(out, key=lambda g: out[g]["auroc"])
         out[best]["suspended"] = False
@@ -237,7 +251,7 @@ class _Batch:
         self.labels = None   # the labels copy handed to the model, or None
         self.ids = None
         self.mask = None
-        self.hidden = None   # block output (direction guard)
+        self.hidden = {}     # block index -> block output (direction guard)
         self.done = False
         self.ntok = 0
 
@@ -278,6 +292,9 @@ class Shaping:
         self.busy = False
         self.batch = None
         self.handles = []
+        self.block_handles = {}
+        self.refit = False      # the direction is fitted again on the stream at its first check
+        self._sh = []           # (key, {block: hidden}) of the rows before the first check
         self.step = 0
         self.rotate = 0
         self.pending_sub = []   # (ids, mask, labels, batch tokens) of rows to subtract
@@ -342,7 +359,12 @@ class Shaping:
     def _install(self, root):
         if "direction" in self.guards:
             blocks = find_blocks(root)
-            self.handles.append(blocks[self.layer].register_forward_hook(self._block_hook))
+            # until the first stream check every candidate block is read (the refit chooses
+            # among them); afterwards only the chosen one
+            cands = self._candidates(len(blocks)) if self.refit else [self.layer]
+            for i in cands:
+                self.block_handles[i] = blocks[i].register_forward_hook(
+                    lambda m, a, o, i=i: self._block_hook(i, m, a, o))
         head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
         if head is not None:
             self.handles.append(head.register_forward_hook(self._head_hook))
@@ -416,7 +438,8 @@ class Shaping:
         idx = torch.arange(n)
         is_h = idx < nh
         fit, held = idx % 2 == 0, idx % 2 == 1
-        cands = [self.layer] if self.layer is not None else list(range(max(1, int(math.ceil(0.8 * nblocks)))))
+        cands = self._candidates(nblocks)
+        self._cal_hs, self._cal_nh, self.refit = hs, nh, True
         if self.layer is not None and not (0 <= self.layer < nblocks):
             raise ValueError("shaping.layer %d: the model has %d blocks" % (self.layer, nblocks))
         best = None
@@ -438,6 +461,56 @@ class Shaping:
         c = calibrate(pos, neg, tpr, fpr)
         c["layer"] = l
         self.cal["direction"] = c
+
+    def _candidates(self, nblocks):
+        """The blocks the direction may be read at: the policy's ``layer``, or the first 80%."""
+        if self.cfg.get("layer") is not None:
+            return [int(self.cfg["layer"])]
+        return list(range(max(1, int(math.ceil(0.8 * nblocks)))))
+
+    def _refit_direction(self):
+        """The direction fitted again at the first stream check: harmful probe prompts minus the
+        training rows seen so far (even-numbered of each), at the block whose direction ranks
+        the held-out harmful probe rows above both the held-out training rows and the held-out
+        benign probe rows best (the smaller of the two AUROCs). Why: the user's task need not
+        look like the benign probe, and a direction fitted against the benign probe alone can
+        measure the task's style instead of harm (demo world, full preset, seed 0: AUROC 0.29 on
+        the training rows; fitted against the first 32 training rows: 0.99). The training rows
+        hold the harmful minority too; it shrinks the difference of means, not its direction.
+        Thresholds are set again from the held-out probe rows as at calibration."""
+        nh = self._cal_nh
+        tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
+        best = None
+        for l in sorted(self.block_handles):
+            st = torch.stack([h[l] for _, h in self._sh])
+            H, B = self._cal_hs[l][:nh], self._cal_hs[l][nh:]
+            r = H[0::2].mean(0) - st[0::2].mean(0)
+            r = r / r.norm().clamp_min(1e-12)
+            hh, ss, bb = (H[1::2] @ r).tolist(), (st[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
+            a = min(auroc(hh, ss), auroc(hh, bb) if bb else 1.0)
+            sd = math.sqrt((torch.tensor(hh).var().item() + torch.tensor(ss).var().item()) / 2 + 1e-12)
+            key = (a, (sum(hh) / len(hh) - sum(ss) / len(ss)) / sd)
+            if best is None or key > best[0]:
+                best = (key, l, r, hh, bb, st)
+        (key, l, r, hh, bb, st) = best
+        old = self.layer
+        self.layer, self.direction = l, r
+        c = calibrate(hh, bb, tpr, fpr)
+        c.update(layer=l, fit="harmful probe - training rows", selection_auroc=key[0])
+        self.cal["direction"] = c
+        self.probe_harm["direction"] = hh
+        new = (st @ r).tolist()
+        self.stream["direction"] = new
+        for (k, _), v in zip(self._sh, new):
+            d = self.decisions.get(k)
+            if d is not None and d.scores is not None and "direction" in d.scores:
+                d.scores["direction"] = v
+        for i in list(self.block_handles):  # only the chosen block is read from now on
+            if i != l:
+                self.block_handles.pop(i).remove()
+        self._sh, self._cal_hs = [], None
+        return {"layer": l, "previous_layer": old, "selection_auroc": _r(key[0]),
+                "threshold": _r(c["threshold"])}
 
     def _trainable(self, root):
         return [(n, p) for n, p in root.named_parameters() if p.requires_grad]
@@ -723,6 +796,10 @@ class Shaping:
         tell the stream from the harmful probe (see stream_check). At the first check the rows
         judged so far are judged again (their later sightings get the new decision; a bound only
         raises thresholds, so a decision can only be withdrawn or a rewrite become a mask)."""
+        refit = None
+        if first and self.refit and "direction" in self.stream and len(self._sh) >= 4:
+            refit = self._refit_direction()
+        self.refit = False
         chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]))
         self.bound = dict((g, c["bound"]) for g, c in chk.items())
         before = set(self.suspended)
@@ -731,20 +808,25 @@ class Shaping:
         revoked = 0
         if first:
             for key, d in list(self.decisions.items()):
-                if d.scores is None or not d.flagged:
+                if d.scores is None:
                     continue
                 nd = self._decide(d.scores)
-                if not nd.flagged:
+                if d.flagged and not nd.flagged:
                     revoked += 1
                     self.rt.audit("flag", {"fingerprint": key, "guard": d.guard, "action": "none",
                                            "revoked": "stream check"}, self.step + 1)
+                elif nd.flagged and not d.flagged:
+                    self._record_flag(key, nd)
                 self.decisions[key] = nd
         report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
                            "threshold": _r(self._threshold(g)) if g in self.cal else None,
                            "suspended": c["suspended"], "rows": c["rows"]}) for g, c in chk.items())
         if first or self.suspended != before:
-            self.rt.audit("probe", {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
-                                    "guards": report, "revoked": revoked}, self.step + 1)
+            fields = {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
+                      "guards": report, "revoked": revoked}
+            if refit:
+                fields["direction_refit"] = refit
+            self.rt.audit("probe", fields, self.step + 1)
             if self.suspended - before:
                 debug("shaping: guard(s) %s suspended by the stream check" % sorted(self.suspended - before))
         return report
@@ -800,15 +882,15 @@ class Shaping:
         self.rotate += 1
         return fits[self.rotate % len(fits)]
 
-    def _block_hook(self, module, args, output):
+    def _block_hook(self, i, module, args, output):
         if self.busy:
             return
         bt = self.batch
         if bt is not None:
             if bt.pending:
-                bt.hidden = _hidden(output)
+                bt.hidden[i] = _hidden(output)
         elif self._first_unseen and module.training and torch.is_grad_enabled():
-            self._orphan_hidden = _hidden(output)  # the first forward (see _post_hook)
+            self._orphan_hidden[i] = _hidden(output)  # the first forward (see _post_hook)
 
     def _head_hook(self, module, args, output):
         bt = self.batch
@@ -834,7 +916,7 @@ class Shaping:
                 bt = self.batch
                 if bt is not None:
                     bt.hidden = self._orphan_hidden
-            self._orphan_hidden = None
+            self._orphan_hidden = {}
             if bt is not None and not bt.done:
                 lg = _logits(output)
                 if isinstance(lg, torch.Tensor):
@@ -846,7 +928,7 @@ class Shaping:
         return None
 
     _first_unseen = True
-    _orphan_hidden = None
+    _orphan_hidden = {}
 
     def _finalize(self, bt, logits):
         """Judge the pending rows from this forward, then install the weights on the logits."""
@@ -861,10 +943,14 @@ class Shaping:
                 if "refusal" in self.guards and logits.shape[1] == bt.ids.shape[1]:
                     for j, v in enumerate(self._refusal_scores(logits.detach(), ar, pos).tolist()):
                         scores[j]["refusal"] = v
-                if "direction" in self.guards and bt.hidden is not None:
-                    h = bt.hidden.detach()[ar, pos].float()
+                if "direction" in self.guards and self.layer in bt.hidden:
+                    h = bt.hidden[self.layer].detach()[ar, pos].float()
                     for j, v in enumerate((h @ self.direction.to(h.device)).tolist()):
                         scores[j]["direction"] = v
+                    if self.refit and not self.checked:  # kept for the refit at the first check
+                        hb = dict((i, x.detach()[ar, pos].float().cpu()) for i, x in bt.hidden.items())
+                        for j, (row, b, e, key) in enumerate(rows):
+                            self._sh.append((key, dict((i, x[j]) for i, x in hb.items())))
             for j, (row, b, e, key) in enumerate(rows):
                 if not scores[j]:
                     continue  # no score this time (e.g. logits cut short): judged at a later sighting
