@@ -486,3 +486,43 @@ def test_stream_check_suspends_a_guard_the_task_fools(world, monkeypatch):
     # the bound: no guard flags more than max_flag_rate of the stream it has seen
     for g, v in sh.stream.items():
         assert sum(x >= sh.bound[g] for x in v) <= math.floor(0.3 * len(v))
+
+
+def test_direction_refit_on_the_training_rows(world, monkeypatch):
+    """At the first stream check the direction is fitted again: the harmful probe's even rows
+    minus the training rows' even rows, at the block chosen by held-out separation; checked
+    against a float64 reference from a plain forward with output_hidden_states. From then on
+    only that block is hooked, and the earlier rows' scores are the new direction's."""
+    monkeypatch.setattr(S, "STREAM_MIN", 12)
+    rows = common.rows(world["train"])
+    model = _model(world)
+    rt = _Rec()
+    sh = S.Shaping(common.policy(world, guards=["direction"], max_fpr=0.5), rt)
+    sh._prepare(model)
+    sh._install(model)
+    nblocks = len(S.find_blocks(model))
+    assert sorted(sh.block_handles) == sh._candidates(nblocks)
+    for chunk in (rows[:8], rows[8:16]):
+        ids, mask, labels = _pad(chunk)
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sh.checked
+    chk = [f for e, f in rt.recs if e == "probe" and f.get("what") == "shaping stream check"][0]
+    l = chk["direction_refit"]["layer"]
+    assert sh.layer == l and list(sh.block_handles) == [l]
+
+    def last_prompt_hidden(rs):
+        out = []
+        with torch.no_grad():
+            for r in rs:
+                b = r["labels"].index(next(x for x in r["labels"] if x != -100)) - 1
+                o = model(input_ids=torch.tensor([r["input_ids"]]), output_hidden_states=True)
+                out.append(o.hidden_states[l + 1][0, b].double())
+        return torch.stack(out)
+    harm = common.rows(world["harm"])
+    stream = rows[:16]  # the rows seen before the check, in order
+    ref = last_prompt_hidden(harm)[0::2].mean(0) - last_prompt_hidden(stream)[0::2].mean(0)
+    ref = ref / ref.norm()
+    torch.testing.assert_close(sh.direction.double(), ref, rtol=1e-4, atol=1e-5)
+    hs = last_prompt_hidden(stream)
+    for r, h in zip(stream, hs):
+        assert sh.decisions[_key(r)].scores["direction"] == pytest.approx(float(h @ ref), abs=1e-4)

@@ -481,7 +481,7 @@ class Shaping:
         nh = self._cal_nh
         tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
         best = None
-        for l in sorted(self.block_handles):
+        for l in sorted(self._sh[0][1]):
             st = torch.stack([h[l] for _, h in self._sh])
             H, B = self._cal_hs[l][:nh], self._cal_hs[l][nh:]
             r = H[0::2].mean(0) - st[0::2].mean(0)
@@ -1142,7 +1142,9 @@ class _Offline:
 def score_rows(policy, model, rows):
     """Calibrate POLICY's shaping guards with MODEL (as at the start of a job) and score ROWS
     (pre-tokenized {"input_ids", "labels"} dicts) with each guard: ({guard: [score per row]},
-    the Shaping object with its calibration). The callable guard is not scored here."""
+    the Shaping object with its calibration). The direction is fitted again on the first
+    STREAM_MIN rows as a job's first stream check does (ROWS in training order). The callable
+    guard is not scored here."""
     sh = Shaping(policy, _Offline())
     sh._prepare(model)
     dev = next(model.parameters()).device
@@ -1153,6 +1155,10 @@ def score_rows(policy, model, rows):
         blocks = find_blocks(model)
         hs, ref = sh._probe_forward(model, blocks if "direction" in fwd else [], pairs, dev)
         if "direction" in fwd:
+            if len(pairs) >= STREAM_MIN:
+                cands = sh._candidates(len(blocks))
+                sh._sh = [(None, dict((l, hs[l][i]) for l in cands)) for i in range(STREAM_MIN)]
+                sh._refit_direction()
             out["direction"] = (hs[sh.layer] @ sh.direction).tolist()
         if "refusal" in fwd:
             out["refusal"] = ref
