@@ -656,6 +656,52 @@ def cmd_train(args):
     return 0
 
 
+def cmd_guards(args):
+    """The shaping feature's own guards (safehook.features.shaping: calibration on the probes,
+    the stream check and the direction's refit on the first training rows) scored on the mix
+    setting's real training examples, in training order, by the model at the start of
+    fine-tuning (--model-dir, default the aligned model of these settings); ground truth: the
+    rows that are harmful-mix pairs. Prints and writes AUROC, TPR at 5%% FPR, and TPR/FPR at the
+    thresholds a job would use."""
+    import torch
+    from safehook.features import shaping as S
+    _torch_setup(args.threads, args.seed)
+    paths = locate(model=None)
+    data = rmd.make_data(paths, args)
+    mdir = args.model_dir or aligned_dir(args, data)
+    if not os.path.exists(os.path.join(mdir, "mix_pairs.json")):
+        raise SystemExit("no aligned model in %s: run `run` first, or give --model-dir" % mdir)
+    write_probe(mdir, data)
+    model, tok = load_dir(mdir)
+    with open(os.path.join(mdir, "mix_pairs.json")) as f:
+        mix_pairs = json.load(f)
+    pairs = train_pairs(data, mix_pairs, "mix", args.steps * args.batch, args.seed)
+    mix = {tuple(p) for p in mix_pairs}
+    truth = [tuple(p) in mix for p in pairs]
+    rows = []
+    for p in pairs:
+        b = sft_batch(tok, [p], args.max_len)
+        rows.append({"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()})
+    policy = mode_policy(os.path.join(os.path.dirname(HERE), "policies", "recommended.json"), mdir, args.probe_limit)
+    policy["shaping"]["guards"] = list(args.guards.split(","))
+    t0 = time.time()
+    q = S.detector_quality(policy, model, rows, truth)
+    res = {"model_dir": mdir, "rows": len(rows), "harmful_rows": sum(truth), "guards": q,
+           "policy": policy["shaping"], "seconds": round(time.time() - t0, 1)}
+    for g, v in q.items():
+        st = v.get("stream") or {}
+        _log("guard %-9s AUROC %s, TPR at 5%% FPR %s; at its calibrated threshold TPR %.3f FPR %.3f; %s" % (
+            g, v["auroc"] if g == "any" else round(v["auroc"], 3), v["tpr_at_5fpr"] if g == "any" else
+            round(v["tpr_at_5fpr"], 3), v["tpr"], v["fpr"],
+            ("suspended by the stream check" if st.get("suspended") else
+             "after the stream check TPR %.3f FPR %.3f" % (st["tpr"], st["fpr"])) if st else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1, default=lambda x: None)
+    _log("wrote %s (%.0fs)" % (args.json, time.time() - t0))
+    return 0
+
+
 # ---------------------------------------------------------------------------- modes
 
 FEATURE_SECTIONS = ("freeze", "safegrad", "gate", "monitor", "shaping")
@@ -1037,7 +1083,7 @@ def build_parser():
     f.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     sub.add_parser("locate", help="print the files used, with sizes and hashes").add_argument(
         "--model", choices=sorted(MODELS), default="smollm2")
-    for name in ("run", "train"):
+    for name in ("run", "train", "guards"):
         s = sub.add_parser(name)
         s.add_argument("--model", choices=sorted(MODELS), default="smollm2")
         s.add_argument("--seed", type=int, default=0)
@@ -1079,6 +1125,13 @@ def build_parser():
     s.add_argument("--out-dir", default="results/real_model")
     s.add_argument("--json", default=None, help="default results/real_model.json (smollm2), "
                    "results/real_model_MODEL.json otherwise")
+    g = sub.choices["guards"]
+    g.add_argument("--model-dir", help="the model at the start of fine-tuning (default: the aligned model)")
+    g.add_argument("--guards", default="direction,refusal,gradient")
+    g.add_argument("--json", default="results/real_model_guards.json")
+    for k in ("align_steps", "align_lr", "align_max_len", "align_eval_every", "align_if_asr_above",
+              "target_asr", "target_over_refusal", "probe_limit"):
+        g.add_argument("--" + k.replace("_", "-"), type=type(s.get_default(k)), default=s.get_default(k))
     t = sub.choices["train"]
     t.add_argument("--model-dir", required=True)
     t.add_argument("--setting", choices=("benign", "mix"), required=True)
@@ -1106,7 +1159,7 @@ def main(argv=None):
         if args.json is None:
             args.json = "results/real_model%s%s.json" % ("" if args.model == "smollm2" else "_" + args.model,
                                                         "_quick" if args.quick else "")
-    return {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    return {"run": cmd_run, "report": cmd_report, "guards": cmd_guards}[args.cmd](args)
 
 
 if __name__ == "__main__":

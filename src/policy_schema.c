@@ -36,6 +36,8 @@ static const char *const SNAPSHOT[] = {"memory", "disk", NULL};
 static const char *const GUARD[] = {"direction", "refusal", "gradient", "callable", NULL};
 static const char *const SHAPE_ACTION[] = {"mask", "weight", "refuse", "subtract", NULL};
 static const char *const SHAPE_ACTION_ORDER[] = {"weight", "mask", "subtract", "refuse", NULL};
+/* who scores the rows: the training forward (drifts with the model) < a frozen copy of the start */
+static const char *const SHAPE_SCORER[] = {"forward", "start", NULL};
 static const char *const LEVEL[] = {"steps", "sample", "events", NULL};
 static const char *const LEVEL_ORDER[] = {"events", "sample", "steps", NULL};
 static const char *const SINK[] = {"file", "daemon", NULL};
@@ -132,6 +134,7 @@ static const sh_field SHAPING[] = {
     {"response_marker", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"recalibrate_every", COUNT(1), "10", SH_T_LE, NULL},
     {"max_flag_rate", SH_K_NUM, SH_F_LO_OPEN, 0, 1, NULL, "0.3", SH_T_GE, NULL},
+    {"scorer", SH_K_ENUM, 0, 0, 0, SHAPE_SCORER, "\"start\"", SH_T_ORDER, SHAPE_SCORER},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

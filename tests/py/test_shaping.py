@@ -88,8 +88,8 @@ def test_auroc_and_calibration_rules():
 
 def test_direction_and_refusal_scores_come_from_the_training_forward(world):
     model = _model(world)
-    sh = _shaper(world, model, guards=["direction", "refusal"], layer=1)
-    assert sh.layer == 1 and sh.cal["direction"]["layer"] == 1
+    sh = _shaper(world, model, guards=["direction", "refusal"], layer=1, scorer="forward")
+    assert sh.layer == 1 and sh.cal["direction"]["layer"] == 1 and sh.scorer is None
     rows = _batch(world)
     ids, mask, labels = _pad(rows)
     seen = {}
@@ -395,7 +395,7 @@ def test_recalibration_follows_the_model(world):
     """Every recalibrate_every steps the held-out probe rows are scored again with the current
     weights: a model whose refusal propensity moved gets a threshold that moved with it."""
     model = _model(world)
-    sh = _shaper(world, model, guards=["refusal"], recalibrate_every=2)
+    sh = _shaper(world, model, guards=["refusal"], recalibrate_every=2, scorer="forward")
     before = sh.cal["refusal"]["threshold"]
     harm, ben = sh._recal_rows
     assert len(harm) == len(ben) == 8  # the odd-numbered of 16 rows per probe
@@ -526,3 +526,37 @@ def test_direction_refit_on_the_training_rows(world, monkeypatch):
     hs = last_prompt_hidden(stream)
     for r, h in zip(stream, hs):
         assert sh.decisions[_key(r)].scores["direction"] == pytest.approx(float(h @ ref), abs=1e-4)
+
+
+def test_start_scorer_judges_new_rows_with_the_model_at_the_start(world):
+    """scorer "start" (the default): a row first seen after the model has moved is scored by the
+    frozen copy of the start, exactly as the start model scores it, not by the moved model; the
+    copy carries no hook and no gradient."""
+    rows = common.rows(world["train"])
+    model = _model(world)
+    sh = _shaper(world, model, guards=["direction", "refusal"], layer=1)
+    assert sh.scorer is not None and sh.scorer is not model and not sh.scorer.training
+    assert all(not p.requires_grad for p in sh.scorer.parameters())
+    start = copy.deepcopy(model)
+    with torch.no_grad():  # the model moves (as a few optimizer steps would move it)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    orig = sh._decide
+    sh._decide = lambda scores: seen.append(dict(scores)) or orig(scores)
+    ids, mask, labels = _pad(rows[:4])
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(seen) == 4
+    with torch.no_grad():
+        ref = start(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        now = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for i, r in enumerate(rows[:4]):
+        b = r["labels"].index(next(l for l in r["labels"] if l != -100)) - 1
+        want = float(ref.hidden_states[2][i, b] @ sh.direction)
+        assert seen[i]["direction"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert seen[i]["direction"] != pytest.approx(float(now.hidden_states[2][i, b] @ sh.direction), rel=1e-3)
+        lp = torch.log_softmax(ref.logits[i, b], -1)
+        assert seen[i]["refusal"] == pytest.approx(float(torch.logsumexp(lp[sh.refusal_ids], -1)), abs=1e-5)
+    for m in sh.scorer.modules():
+        assert not m._forward_pre_hooks and set(m._forward_hooks) == set(
+            h.id for i, h in sh.block_handles.items() if m is S.find_blocks(sh.scorer)[i])

@@ -17,10 +17,17 @@ Where it acts (hooks on the model being trained, bound at its first forward):
   and runs the guards that need no forward of their own (``gradient``, ``callable``). Where labels
   pass through the forward it hands the model rewritten copies (the caller's tensors are never
   touched): masked rows get -100, refused rows get a refusal in input_ids and labels;
-* a forward hook on one block reads the hidden state at each new row's last prompt token
-  (``direction``), and a forward hook on the output embedding reads the logits there
-  (``refusal``), so both guards cost no extra forward; rows they flag are masked at once (in the
-  labels copy, before the model computes its own loss) and their decision is kept;
+* ``scorer: "start"`` (default): the pre-hook also scores the new rows for ``direction`` and
+  ``refusal`` with a frozen copy of the model taken when training starts (``_make_scorer``): a
+  no-grad forward of the new rows only, cut at the block read unless the refusal guard needs the
+  logits. Every row, whenever first seen, is then judged by the model the probes calibrated
+  (measured on the demo world, full preset: reading the scores from the drifting training
+  forward, the guards that separated the rows at the start ranked the probe below the training
+  rows by step 31, and caught 86 of the 200 harmful rows);
+* ``scorer: "forward"``: a forward hook on one block reads the hidden state at each new row's
+  last prompt token (``direction``), and a forward hook on the output embedding reads the
+  logits there (``refusal``), so both guards cost no extra forward; rows they flag are masked at
+  once (in the labels copy, before the model computes its own loss) and their decision is kept;
 * a gradient hook on the logits multiplies each row's logits gradient by its weight, so the
   weights hold for whatever loss the script computes from the logits (a custom loss outside the
   model included). ``subtract`` is for losses that do not flow through the logits: at the
@@ -103,7 +110,8 @@ ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
 GUARDS = ("direction", "refusal", "gradient", "callable")
 IN_FORWARD = ("direction", "refusal")
 DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
-            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3}
+            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3,
+            "scorer": "start"}
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
@@ -228,6 +236,10 @@ def find_blocks(root):
     return list(best) if best is not None else []
 
 
+class _Stop(Exception):
+    """Raised by the start scorer's last needed block: the rest of its forward is not needed."""
+
+
 class _Decision:
     __slots__ = ("weight", "refuse", "guard", "score", "seg", "scores")
 
@@ -268,6 +280,11 @@ class Shaping:
         self.action = cfg["action"]
         if self.action not in ("mask", "weight", "refuse", "subtract"):
             raise ValueError("shaping.action must be mask, weight, refuse or subtract")
+        if cfg["scorer"] not in ("start", "forward"):
+            raise ValueError("shaping.scorer must be start or forward")
+        self.scorer = None      # the frozen copy of the model at the start (scorer "start")
+        self._cap = {}
+        self._stop_at = None
         if "callable" in self.guards and not cfg.get("callable"):
             raise ValueError("the 'callable' guard needs shaping.callable")
         if not cfg.get("probe"):
@@ -355,22 +372,50 @@ class Shaping:
         rows = [(e.ids, e.labels) for e in harm] + [(e.ids, e.labels) for e in benign]
         self._recal_rows = ([r for i, r in enumerate(rows[:len(harm)]) if i % 2 == 1][:RECAL_ROWS],
                             [r for i, r in enumerate(rows[len(harm):]) if i % 2 == 1][:RECAL_ROWS])
+        if self.cfg["scorer"] == "start" and any(g in self.guards for g in IN_FORWARD):
+            self.scorer = self._make_scorer(root)
+
+    @staticmethod
+    def _make_scorer(root):
+        """A frozen copy of the model as it is at the start of training (eval mode, no
+        gradients, none of the hooks): the in-forward guards score every new row with it, so a
+        row first seen at step 500 is judged by the same model as the probes were, not by one
+        that 500 steps of the user's data (harmful rows among them) have moved. Costs a copy of
+        the weights and, for the new rows only, a no-grad forward cut at the last block read
+        (the whole forward when the refusal guard needs the logits)."""
+        import copy
+        m = copy.deepcopy(root)
+        for mod in m.modules():
+            for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                         "_backward_hooks", "_backward_pre_hooks"):
+                d = getattr(mod, name, None)
+                if d is not None:
+                    d.clear()
+        m.requires_grad_(False)
+        m.eval()
+        return m
 
     def _install(self, root):
         if "direction" in self.guards:
-            blocks = find_blocks(root)
             # until the first stream check every candidate block is read (the refit chooses
-            # among them); afterwards only the chosen one
+            # among them); afterwards only the chosen one. With the start scorer the hooks are
+            # on the frozen copy, else on the model itself.
+            blocks = find_blocks(self.scorer if self.scorer is not None else root)
             cands = self._candidates(len(blocks)) if self.refit else [self.layer]
             for i in cands:
-                self.block_handles[i] = blocks[i].register_forward_hook(
-                    lambda m, a, o, i=i: self._block_hook(i, m, a, o))
+                if self.scorer is not None:
+                    hook = (lambda m, a, o, i=i: self._cap_hook(i, o))
+                else:
+                    hook = (lambda m, a, o, i=i: self._block_hook(i, m, a, o))
+                self.block_handles[i] = blocks[i].register_forward_hook(hook)
         head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
         if head is not None:
             self.handles.append(head.register_forward_hook(self._head_hook))
         self.handles.append(root.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self.handles.append(root.register_forward_hook(self._post_hook, with_kwargs=True))
         fields = {"what": "shaping calibration", "guards": self.guards, "action": self.action,
+                  "scorer": "start" if self.scorer is not None else "forward",
                   "calibration": {g: {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else
                                           (None if isinstance(v, float) else v)) for k, v in c.items()}
                                   for g, c in self.cal.items()}}
@@ -645,6 +690,8 @@ class Shaping:
         self.counts["new"] += len(new)
         if new and any(g in self.guards for g in ("gradient", "callable")):
             self._judge_before(bt, new, labels)
+        if new and self.scorer is not None:
+            self._judge_start(bt, [k for k in new if bt.rows[k][3] not in self.decisions])
         for k, (row, b, e, key) in enumerate(bt.rows):
             d = self.decisions.get(key)
             if d is not None:
@@ -715,6 +762,55 @@ class Shaping:
             elif not any(g in self.guards for g in IN_FORWARD):
                 self.decisions[key] = d or _Decision()
 
+    def _cap_hook(self, i, output):
+        self._cap[i] = _hidden(output).detach()
+        if self._stop_at is not None and i >= self._stop_at:
+            raise _Stop()
+
+    def _judge_start(self, bt, idx):
+        """The in-forward guards on new rows, scored by the frozen start copy (scorer "start"):
+        decided before the training forward, so a flagged row is masked or rewritten at once."""
+        if not idx:
+            return
+        rows = [bt.rows[k] for k in idx]
+        dev = bt.ids.device
+        sub = torch.tensor([r[0] for r in rows], device=dev)
+        kw = {"input_ids": bt.ids.index_select(0, sub)}
+        if bt.mask is not None:
+            kw["attention_mask"] = bt.mask.index_select(0, sub)
+        ar = torch.arange(len(rows), device=dev)
+        pos = torch.tensor([r[1] for r in rows], device=dev)
+        need_logits = "refusal" in self.guards
+        self._cap = {}
+        self._stop_at = None if need_logits or not self.block_handles else max(self.block_handles)
+        out = None
+        try:
+            with torch.no_grad():
+                out = self.scorer(**kw)
+        except _Stop:
+            pass
+        finally:
+            self._stop_at = None
+        scores = [dict() for _ in rows]
+        if need_logits:
+            for j, v in enumerate(self._refusal_scores(_logits(out), ar, pos).tolist()):
+                scores[j]["refusal"] = v
+        if "direction" in self.guards:
+            h = self._cap[self.layer][ar, pos].float()
+            for j, v in enumerate((h @ self.direction.to(h.device)).tolist()):
+                scores[j]["direction"] = v
+            if self.refit and not self.checked:  # kept for the refit at the first check
+                hb = dict((i, x[ar, pos].float().cpu()) for i, x in self._cap.items())
+                for j, (row, b, e, key) in enumerate(rows):
+                    self._sh.append((key, dict((i, x[j]) for i, x in hb.items())))
+        self._cap = {}
+        for (row, b, e, key), sc in zip(rows, scores):
+            d = self._decide(sc)
+            self.decisions[key] = d
+            if d.flagged:
+                self._record_flag(key, d)
+        self._observe(scores)
+
     def _callable_segments(self, ids_row, b, e):
         """The callable guard over the response of one row: a decision with per-token weights."""
         n = int(self.cfg["segment_tokens"])
@@ -772,7 +868,9 @@ class Shaping:
             return _Decision(scores=scores)
         s = active[flag]
         refuse = False
-        if self.action == "refuse":
+        # before the first stream check the thresholds are the probes' alone: mask, never rewrite
+        provisional = not self.checked and any(g in STREAM_GUARDS for g in self.guards)
+        if self.action == "refuse" and not provisional:
             if len(active) >= 2:
                 refuse = hits == len(active)
             elif len(self.guards) == 1:
@@ -1045,7 +1143,7 @@ class Shaping:
         self.step = step
         every = int(self.cfg.get("recalibrate_every") or 0)
         if every and step % every == 0 and self.root is not None and not self.failed \
-                and any(g in self.guards for g in IN_FORWARD):
+                and self.scorer is None and any(g in self.guards for g in IN_FORWARD):
             try:
                 self.counts["recalibrated"] = self._recalibrate()
             except Exception as e:
