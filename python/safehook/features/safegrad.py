@@ -158,6 +158,8 @@ class SafeGrad:
             self._step(opt, step, record)
         except PolicyError:
             raise
+        except _Partitions as e:
+            self._fail(str(e))
         except Exception as e:  # the projection could not be applied to this step
             self._fail("step %d: %s: %s" % (step, type(e).__name__, e))
 

@@ -154,6 +154,26 @@ class Context:
                 _core.set_pending_error(msg)
 
 
+def zero_partitions(params):
+    """True when PARAMS (what an optimizer steps) are DeepSpeed ZeRO's flat partitions rather
+    than a model's parameters: deepspeed is loaded, some model is bound, and none of PARAMS
+    belongs to a bound model. Such a partition carries no parameter names and a slice of many
+    tensors; a probe's backward outside the engine never reaches it (and breaks ZeRO's gradient
+    reduction), and restoring the model's weights does not restore it."""
+    import sys
+    if "deepspeed" not in sys.modules or not params:
+        return False
+    from . import model
+    infos = model.models()
+    if not infos:
+        return False
+    known = {id(p) for info in infos for p in info.params.values()}
+    return not any(id(p) in known for p in params)
+
+
+ZERO_HINT = "use DDP or FSDP2 (fully_shard) for this feature"
+
+
 _OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
 
 
