@@ -15,8 +15,13 @@ Holds:  a pre-step feature (order 10) drops any gradient a frozen parameter carr
         and, with freeze.restore, undone from the CPU snapshot taken at freeze time.
 
 Cases it cannot handle (documented, detected where possible):
-- FSDP (v1) FlatParameters: blocks inside a flat parameter cannot be frozen one by one after
-  wrapping; freeze before wrapping (or use DDP). Detected: the policy cannot be applied.
+- FSDP1 (FullyShardedDataParallel, FlatParameters): blocks inside a flat parameter cannot be
+  frozen one by one. Detected when the model is bound: the policy cannot be applied (one line
+  naming FSDP1; FSDP2's fully_shard and DDP work). SafeGrad, the gate and the monitor refuse it
+  the same way (runtime.context.fsdp1).
+- DeepSpeed ZeRO-3 partitions the parameters after the freeze: the checksums and snapshots move
+  to each rank's slice (follow_partitions). A ZeRO-3 parameter kept whole on every rank
+  (persistent, below stage3_param_persistence_threshold) is checked through its slice only.
 - A model wrapped in DDP before safehook was installed: DDP's reducer already expects gradients
   for every parameter, so the parameters keep requires_grad and their gradients are dropped
   before each step instead (mode "grad_none"): the weights still do not move, the backward
@@ -31,7 +36,7 @@ import re
 import sys
 
 from .. import _core
-from ..runtime.context import debug, strip_name, unwrap
+from ..runtime.context import FSDP1_HINT, debug, fsdp1, strip_name, unwrap
 
 # Paths (relative to the model root, matched as a suffix) of the block list of known families:
 # Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and
@@ -169,6 +174,13 @@ def checksums(tensors):
     return out
 
 
+class _Bound:
+    """The two modules fsdp1() looks at, for a model not bound through a ModelInfo (DDP init)."""
+
+    def __init__(self, root, called):
+        self.root, self.called = root, called if called is not None else root
+
+
 def _partition_rank(p):
     """This rank's index in the group DeepSpeed ZeRO-3 partitions P over."""
     import torch.distributed as dist
@@ -213,11 +225,10 @@ class Freezer:
                                                                             type(self.model).__name__))
             return
         self.model = root
-        flat = [n for n, p in root.named_parameters() if getattr(p, "_is_flat_param", False)]
-        if flat or "FullyShardedDataParallel" in (_wrapper_name(called) or ""):
-            self.rt.fail("freeze: the model is wrapped in FSDP flat parameters (%s); its blocks cannot "
-                         "be frozen after wrapping: freeze before FSDP, or use DDP"
-                         % (flat[0] if flat else _wrapper_name(called)))
+        what = fsdp1(_Bound(root, called))
+        if what:
+            self.rt.fail("freeze: FSDP1 (%s) is not supported: its flat parameters mix the tensors of "
+                         "several blocks, so blocks cannot be frozen one by one; %s" % (what, FSDP1_HINT))
             return
         spec = self.cfg.get("layers")
         globs = list(self.cfg.get("params") or [])

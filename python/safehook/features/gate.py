@@ -52,7 +52,7 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import ZERO_HINT, agree, debug, zero_partitions
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
@@ -225,6 +225,13 @@ class Gate:
         self.on_error = rt.on_error
 
     def on_model(self, info):
+        what = fsdp1(info)
+        if what and not self.dead:
+            self.dead = True
+            self.rt.fail("gate: FSDP1 (%s) is not supported: the probe cannot call its inner module without "
+                         "the wrapper gathering the flat shards, and its updates are flat shards of several "
+                         "tensors; %s" % (what, FSDP1_HINT))
+            return
         self.info = info
 
     def _params(self, opt):

@@ -29,7 +29,7 @@ import time
 
 from .. import _core, probes
 from . import snapshot as _snapshot
-from ..runtime.context import ZERO_HINT, agree, debug, zero_partitions
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
 
 
 class SafetyStop(_core.SafehookError):
@@ -218,6 +218,14 @@ class Monitor:
 
     # -- wiring --
     def on_model(self, info):
+        what = fsdp1(info)
+        if what:
+            if not self.dead:
+                self.dead = True
+                self.rt.fail("monitor: FSDP1 (%s) is not supported: the probe cannot call its inner module "
+                             "without the wrapper gathering the flat shards, and a snapshot of them cannot be "
+                             "restored; %s" % (what, FSDP1_HINT))
+            return
         self.info = info
         self.fp_handle = info.root.register_forward_pre_hook(self.fp.hook, with_kwargs=True)
 
