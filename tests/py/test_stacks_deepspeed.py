@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks under torchrun and the preload (issue 13).
+"""DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks under torchrun and the preload (issue 13).
 DeepSpeed wraps the user's torch SGD; its shared-memory comm op is declared unavailable in the
 script, so no DeepSpeed op is compiled and gloo does every collective.
 
@@ -31,7 +31,7 @@ def results(tmp_path):
     return [torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_freeze_and_anchor_projection(lib, tmp_path, stage):
     """Frozen blocks bit-identical, the rest moved, replicas identical, the update equal to the
     single-process float64 reference with projection (and not to the one without), one step

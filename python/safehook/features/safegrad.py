@@ -182,8 +182,8 @@ class SafeGrad:
             return
         flat = [p for p in params if getattr(p, "_is_flat_param", False)]
         if flat:
-            self._fail("FSDP (v1) flat parameters hold several tensors each, sharded across ranks: a "
-                       "per-tensor safety gradient cannot be matched to them; use FSDP2 (fully_shard) or DDP")
+            self._fail("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
+                       "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
             return
         zero = self.partitions(params)
         with torch.no_grad():
