@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks under torchrun and the preload (issue 13).
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU, 2 gloo ranks under torchrun and the preload (issue 13).
 DeepSpeed wraps the user's torch SGD; its shared-memory comm op is declared unavailable in the
 script, so no DeepSpeed op is compiled and gloo does every collective.
 
@@ -31,15 +31,16 @@ def results(tmp_path):
     return [torch.load(str(tmp_path / ("result_%d.pt" % r))) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_freeze_and_anchor_projection(lib, tmp_path, stage):
+@pytest.mark.parametrize("stage,opt", [(2, "torch"), (3, "torch"), (3, "config")])
+def test_zero_freeze_and_anchor_projection(lib, tmp_path, stage, opt):
     """Frozen blocks bit-identical, the rest moved, replicas identical, the update equal to the
     single-process float64 reference with projection (and not to the one without), one step
-    record per rank and step, the same decision on both ranks. ZeRO-3: a write into a frozen
+    record per rank and step, the same decision on both ranks; with the user's torch SGD and
+    with the one DeepSpeed builds from its config. ZeRO-3: a write into a frozen
     slice after the last step is caught by the exit check on that slice and restored (before:
     the freeze-time checksum of the whole tensor was compared with the slice, a false violation
     whose restore rebound the slice to the whole tensor and broke ZeRO-3's all-gather)."""
-    extra = ["tamper"] if stage == 3 else []
+    extra = (["tamper"] if stage == 3 and opt == "torch" else []) + (["dsopt"] if opt == "config" else [])
     _, recs = ds_run(lib, tmp_path, stage, stacknet.policy(str(tmp_path / "p.json")), *extra)
     r0, r1 = results(tmp_path)
     for n in r0["final"]:
@@ -56,7 +57,7 @@ def test_zero_freeze_and_anchor_projection(lib, tmp_path, stage):
     assert sum(1 for r in st if r["projected"]) >= 2 and all(r["freeze_check"] == "ok" for r in st)
     assert not events(recs, "error")
     v = events(recs, "violation")
-    if stage == 3:
+    if "tamper" in extra:
         assert len(v) == 2 and all(x["at_exit"] and x["restored"] and x["params"] == ["layers.1.weight"] for x in v), v
         assert all(e["freeze"]["repartitioned"] == 4 for e in events(recs, "end"))
     else:

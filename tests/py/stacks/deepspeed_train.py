@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO on CPU (gloo) under torchrun, 2 ranks. argv[1]: ZeRO stage (1, 2, 3),
-argv[2]: steps, argv[3] (optional) "tamper": after the result is saved, write into this rank's
-slice of a frozen weight (ZeRO-3: its ds_tensor), which only safehook's exit check can see.
-ZeRO-3 keeps no parameter whole (persistence threshold 0). The user builds the torch SGD optimizer; DeepSpeed wraps it (no DeepSpeed op is
-compiled). Each rank trains on its half of each batch; result_R.pt: full weights (ZeRO-3
-gathered), initial, the float64 reference, and the same reference without projection."""
+argv[2]: steps, then flags: "tamper": after the result is saved, write into this rank's slice of
+a frozen weight (ZeRO-3: its ds_tensor), which only safehook's exit check can see; "dsopt":
+DeepSpeed builds the SGD optimizer from its config (zero_force_ds_cpu_optimizer false), else
+the user builds a torch SGD and DeepSpeed wraps it. No DeepSpeed op is compiled. ZeRO-3 keeps
+no parameter whole (persistence threshold 0). Each rank trains on its half of each batch;
+result_R.pt: full weights (ZeRO-3 gathered), initial, the float64 reference, and the same
+reference without projection."""
 import copy
 import os
 import sys
@@ -24,7 +26,7 @@ import deepspeed.ops  # noqa: E402
 deepspeed.ops.__compatible_ops__ = {}
 
 stage, steps = int(sys.argv[1]), int(sys.argv[2])
-tamper = sys.argv[3:] == ["tamper"]
+tamper, dsopt = "tamper" in sys.argv[3:], "dsopt" in sys.argv[3:]
 deepspeed.init_distributed(dist_backend="gloo")
 import torch.distributed as dist  # noqa: E402
 rank, n = dist.get_rank(), dist.get_world_size()
@@ -32,11 +34,14 @@ model = stacknet.make()
 ref_model = copy.deepcopy(model)
 init = stacknet.weights(model)
 data = stacknet.batches(steps)
-opt = torch.optim.SGD(model.parameters(), lr=stacknet.LR)
+opt = None if dsopt else torch.optim.SGD(model.parameters(), lr=stacknet.LR)
 cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True,
        "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-engine, dsopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+if dsopt:
+    cfg.update(optimizer={"type": "SGD", "params": {"lr": stacknet.LR}}, zero_force_ds_cpu_optimizer=False)
+engine, dsopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
+                                             model_parameters=model.parameters())
 for x, y in data:
     half = x.shape[0] // n
     part = (x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
