@@ -1,6 +1,8 @@
 """The Hugging Face rows of the stack matrix (issue 13), on a tiny Llama under the preload with
 freeze "1-2" of 4 blocks and SafeGrad (anchor, global): HF Trainer with gradient accumulation,
-TRL SFTTrainer, PEFT LoRA, Accelerate with gradient accumulation, autocast bf16 + GradScaler.
+TRL SFTTrainer, PEFT LoRA, Accelerate with gradient accumulation (in process, and through
+`accelerate launch --cpu` with one process; `--cpu --num_processes 2` started one process here,
+so several CPU processes through the launcher are not tested), autocast bf16 + GradScaler.
 
 Each checks: frozen blocks bit-identical, every other trained tensor changed, one `step` record
 per optimizer step (not per micro-batch), and that SafeGrad's projection reached the optimizer:
@@ -66,6 +68,7 @@ MODES = [
         not (_have("trl") and _have("datasets")), reason="trl not installed (tests/requirements.txt)")),
     pytest.param("peft", id="peft_lora"),
     pytest.param("accelerate", id="accelerate_accum"),
+    pytest.param("accelerate_launch", id="accelerate_launch_accum"),
     pytest.param("amp", id="amp_bf16_scaler"),
 ]
 
@@ -74,6 +77,11 @@ MODES = [
 def test_hf_stack_freeze_and_safegrad(lib, tmp_path, mode):
     steps = 5
     argv = [sys.executable, os.path.join(STACKS, "hf_stacks.py"), mode, str(steps)]
+    if mode == "accelerate_launch":  # the same script through the launcher (one CPU process)
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                os.path.join(STACKS, "hf_stacks.py"), "accelerate", str(steps)]
+        mode = "accelerate"
     _, recs = stack_run(lib, tmp_path, argv, policy=stacknet.policy(str(tmp_path / "p.json")))
     res = torch.load(str(tmp_path / "result.pt"))
     check_weights(res, trained=(lambda n: "lora_" in n) if mode == "peft" else (lambda n: True))
