@@ -192,3 +192,34 @@ def test_torchrun_two_nodes_c10d_rendezvous(lib, tmp_path):
     check_frozen(r0["final"], r0["init"])
     assert close(r0["final"], r0["ref"], tol=5e-6)
     assert len(steps_of(recs)) == 6 and len({r["pid"] for r in events(recs, "freeze")}) == 2
+
+
+@pytest.mark.parametrize("params", ["flat", "orig"])
+def test_fsdp1_refused_by_every_feature_under_an_enforced_policy(tmp_path, params):
+    """FSDP1 (FullyShardedDataParallel, flat parameters or use_orig_params views), 2 gloo ranks,
+    an enforced system policy with freeze, SafeGrad, gate and monitor: each feature refuses with
+    one line naming FSDP1 and what to use instead, when the model is bound (before: SafeGrad
+    refused only at its first step, the gate and the monitor called the inner module without the
+    wrapper's gather), and the first step raises PolicyError with the weights untouched."""
+    import json
+    audit = tmp_path / "system-audit.jsonl"
+    system = tmp_path / "system.json"
+    system.write_text(json.dumps({
+        "version": 1, "enforce": True, "on_error": "abort", "freeze": {"layers": "1-2"},
+        "safegrad": {"source": "anchor"}, "probes": {"safety": {"callable": "stacknet:probe_loss"}},
+        "gate": {"probe": "safety"}, "monitor": {"probe": "safety", "every": 1, "progress": False},
+        "audit": {"path": str(audit)}}))
+    env = base_env(PYTHONPATH=STACKS, STACK_OUT=str(tmp_path))
+    p = run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "fsdp1_train.py"), str(system), params], env,
+            cwd=str(tmp_path), timeout=300)
+    hint = "use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP"
+    errs = events(read_audit(str(audit)), "error")
+    assert sorted(e["message"].split(":")[0] for e in errs) == sorted(["freeze", "safegrad", "gate", "monitor"] * 2)
+    assert all(e["message"].count("\n") == 0 and "FSDP1" in e["message"] and e["message"].endswith(hint)
+               for e in errs), errs
+    lines = [l for l in p.stderr.splitlines() if l.startswith("safehook:")]
+    assert len(lines) == 8 and all("FSDP1" in l and hint in l for l in lines), p.stderr[-3000:]
+    assert not steps_of(read_audit(str(audit)))
+    for r in (0, 1):
+        res = torch.load(str(tmp_path / ("result_%d.pt" % r)))
+        assert res["error"] and "FSDP1" in res["error"] and res["same"], res

@@ -15,8 +15,13 @@ Holds:  a pre-step feature (order 10) drops any gradient a frozen parameter carr
         and, with freeze.restore, undone from the CPU snapshot taken at freeze time.
 
 Cases it cannot handle (documented, detected where possible):
-- FSDP (v1) FlatParameters: blocks inside a flat parameter cannot be frozen one by one after
-  wrapping; freeze before wrapping (or use DDP). Detected: the policy cannot be applied.
+- FSDP1 (FullyShardedDataParallel, FlatParameters): blocks inside a flat parameter cannot be
+  frozen one by one. Detected when the model is bound: the policy cannot be applied (one line
+  naming FSDP1; FSDP2's fully_shard and DDP work). SafeGrad, the gate and the monitor refuse it
+  the same way (runtime.context.fsdp1).
+- DeepSpeed ZeRO-3 partitions the parameters after the freeze: the checksums and snapshots move
+  to each rank's slice (follow_partitions). A ZeRO-3 parameter kept whole on every rank
+  (persistent, below stage3_param_persistence_threshold) is checked through its slice only.
 - A model wrapped in DDP before safehook was installed: DDP's reducer already expects gradients
   for every parameter, so the parameters keep requires_grad and their gradients are dropped
   before each step instead (mode "grad_none"): the weights still do not move, the backward
@@ -31,7 +36,7 @@ import re
 import sys
 
 from .. import _core
-from ..runtime.context import debug, strip_name, unwrap
+from ..runtime.context import FSDP1_HINT, debug, fsdp1, strip_name, unwrap
 
 # Paths (relative to the model root, matched as a suffix) of the block list of known families:
 # Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and
@@ -169,6 +174,21 @@ def checksums(tensors):
     return out
 
 
+class _Bound:
+    """The two modules fsdp1() looks at, for a model not bound through a ModelInfo (DDP init)."""
+
+    def __init__(self, root, called):
+        self.root, self.called = root, called if called is not None else root
+
+
+def _partition_rank(p):
+    """This rank's index in the group DeepSpeed ZeRO-3 partitions P over."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return 0
+    return dist.get_rank(group=getattr(p, "ds_process_group", None))
+
+
 def _wrapper_name(mod):
     return type(mod).__name__ if mod is not None else None
 
@@ -193,6 +213,8 @@ class Freezer:
         self.rescanned = False
         self.unfreeze = []        # parameters this freezer set requires_grad=False on
         self.counts = {"violations": 0, "dropped_grads": 0, "changed": 0, "restored": 0, "checks": 0}
+        self.partitioned = {}     # index -> (start, count) of a ZeRO-3 slice in the flat tensor, or None
+        self.follow = True        # some frozen parameter may still get partitioned (ZeRO-3)
 
     # -- freezing --
     def apply(self, root, called, when):
@@ -203,11 +225,10 @@ class Freezer:
                                                                             type(self.model).__name__))
             return
         self.model = root
-        flat = [n for n, p in root.named_parameters() if getattr(p, "_is_flat_param", False)]
-        if flat or "FullyShardedDataParallel" in (_wrapper_name(called) or ""):
-            self.rt.fail("freeze: the model is wrapped in FSDP flat parameters (%s); its blocks cannot "
-                         "be frozen after wrapping: freeze before FSDP, or use DDP"
-                         % (flat[0] if flat else _wrapper_name(called)))
+        what = fsdp1(_Bound(root, called))
+        if what:
+            self.rt.fail("freeze: FSDP1 (%s) is not supported: its flat parameters mix the tensors of "
+                         "several blocks, so blocks cannot be frozen one by one; %s" % (what, FSDP1_HINT))
             return
         spec = self.cfg.get("layers")
         globs = list(self.cfg.get("params") or [])
@@ -294,6 +315,7 @@ class Freezer:
             self.names.append(n)
             self.params.append(p)
         ps = [p for _, p in new]
+        self.follow = True
         self.sums.extend(checksums(ps))
         if self.restore:
             self.snaps.extend(local(p).detach().to("cpu", copy=True) for p in ps)
@@ -328,11 +350,47 @@ class Freezer:
             self.last_check = step
             self.check(step, record)
 
+    def follow_partitions(self):
+        """DeepSpeed ZeRO-3 partitions the parameters after they were frozen (the freeze happens
+        when the optimizer is built; deepspeed.initialize partitions later): each rank then holds
+        one slice of the flattened tensor (ds_tensor, padded at the end), and the checks run on
+        that slice. Once per parameter, the reference moves to the slice: its checksum and
+        snapshot become the slice's, when the slice holds the frozen values (compared with the
+        freeze-time snapshot); a slice that differs keeps the full-tensor reference, so the check
+        that follows records it and restores it from the snapshot's slice. Without snapshots
+        (freeze.restore false) the slice is taken as it is, counted in 'repartitioned'."""
+        import torch
+        for i, p in enumerate(self.params):
+            ds = getattr(p, "ds_tensor", None)
+            if ds is None or i in self.partitioned:
+                continue
+            self.partitioned[i] = None
+            snap = self.snaps[i] if self.snaps else None
+            part = ds.detach().reshape(-1)
+            if snap is not None and snap.numel() == part.numel():
+                continue  # frozen after partitioning: the reference is the slice already
+            if snap is not None:
+                rank = _partition_rank(p)
+                flat = snap.reshape(-1)
+                start = rank * part.numel()
+                n = max(0, min(part.numel(), flat.numel() - start))
+                mine = flat[start:start + n].to(part.dtype)
+                self.partitioned[i] = (start, n)
+                if not torch.equal(part[:n].cpu(), mine):
+                    continue  # changed before the first check: the check records and restores it
+                self.snaps[i] = local(p).detach().to("cpu", copy=True)
+            self.sums[i] = checksums([p])[0]
+            self.counts["repartitioned"] = self.counts.get("repartitioned", 0) + 1
+        if self.partitioned and len(self.partitioned) == len(self.params):
+            self.follow = False
+
     def check(self, step, record, where=None):
         """Compare the frozen tensors with their freeze-time checksums; record (and restore)
         the ones that changed. WHERE names a check made outside a step (a checkpoint save)."""
         import torch
         self.counts["checks"] += 1
+        if self.follow and "deepspeed" in sys.modules:
+            self.follow_partitions()
         now = checksums(self.params)
         bad = [i for i, (a, b) in enumerate(zip(now, self.sums)) if a != b]
         record["freeze_check"] = "changed" if bad else "ok"
@@ -343,6 +401,14 @@ class Freezer:
             with torch.no_grad():
                 for i in bad:
                     p = local(self.params[i])
+                    cut = self.partitioned.get(i)
+                    if cut is not None and self.snaps[i].numel() != p.numel():
+                        # a ZeRO-3 slice that differed when first seen: its part of the snapshot
+                        start, n = cut
+                        p.reshape(-1)[:n].copy_(self.snaps[i].reshape(-1)[start:start + n])
+                        self.snaps[i] = p.detach().to("cpu", copy=True)
+                        self.sums[i] = checksums([self.params[i]])[0]
+                        continue
                     if p.shape != self.snaps[i].shape or p.dtype != self.snaps[i].dtype:
                         p.data = self.snaps[i].to(p.device, copy=True)  # a rebinding p.data = other
                     else:

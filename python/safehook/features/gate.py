@@ -52,7 +52,7 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import agree, debug
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
@@ -225,6 +225,13 @@ class Gate:
         self.on_error = rt.on_error
 
     def on_model(self, info):
+        what = fsdp1(info)
+        if what and not self.dead:
+            self.dead = True
+            self.rt.fail("gate: FSDP1 (%s) is not supported: the probe cannot call its inner module without "
+                         "the wrapper gathering the flat shards, and its updates are flat shards of several "
+                         "tensors; %s" % (what, FSDP1_HINT))
+            return
         self.info = info
 
     def _params(self, opt):
@@ -303,6 +310,16 @@ class Gate:
                 raise _core.PolicyError("safehook: gate: no model seen before the first optimizer step")
             return
         if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+            return
+        if zero_partitions(self._params(opt)):
+            # the probe's backward would not reach the partitions (delta 0: every update let
+            # through unchecked) and would break ZeRO's gradient reduction: refuse
+            self.dead = True
+            msg = ("gate: the optimizer steps DeepSpeed ZeRO's flat partitions, which the probe's gradient "
+                   "cannot reach: updates cannot be checked; " + ZERO_HINT)
+            self.rt.fail(msg)
+            if self.on_error == "abort":
+                raise _core.PolicyError("safehook: " + msg)
             return
         if found_inf(opt):  # GradScaler found inf/NaN: the fused optimizer skips this step itself
             record["gate"] = {"found_inf": True, "action": "none"}

@@ -29,7 +29,7 @@ import time
 
 from .. import _core, probes
 from . import snapshot as _snapshot
-from ..runtime.context import agree, debug
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
 
 
 class SafetyStop(_core.SafehookError):
@@ -218,6 +218,14 @@ class Monitor:
 
     # -- wiring --
     def on_model(self, info):
+        what = fsdp1(info)
+        if what:
+            if not self.dead:
+                self.dead = True
+                self.rt.fail("monitor: FSDP1 (%s) is not supported: the probe cannot call its inner module "
+                             "without the wrapper gathering the flat shards, and a snapshot of them cannot be "
+                             "restored; %s" % (what, FSDP1_HINT))
+            return
         self.info = info
         self.fp_handle = info.root.register_forward_pre_hook(self.fp.hook, with_kwargs=True)
 
@@ -247,6 +255,12 @@ class Monitor:
         if self.info is None:
             return self._cannot("no forward of a model was seen before the first optimizer step, "
                                 "so there is nothing to measure")
+        if self.cfg["action"] in ("rollback", "both") and zero_partitions(
+                [p for g in opt.param_groups for p in g["params"] if p.grad is not None]):
+            return self._cannot("action %r: the optimizer steps DeepSpeed ZeRO's flat partitions, which a "
+                                "snapshot of the model does not hold, so a rollback would be undone at the next "
+                                "step; use action 'reduce_lr' or 'stop', or %s"
+                                % (self.cfg["action"], ZERO_HINT.replace("this feature", "rollback")))
         self.primary = id(opt)
         t0 = time.perf_counter()
         res = self._evaluate()

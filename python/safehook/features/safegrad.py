@@ -20,7 +20,9 @@ Where the safety gradient comes from (policy ``safegrad.source``):
   object. ``safety_shared`` in the step record: another feature computed it at these weights.
 
 Several ranks: one decision for all. DDP replicas average their dot products over the world
-(one all_reduce), FSDP2 shards sum theirs over the mesh; FSDP (v1) flat parameters are refused.
+(one all_reduce), FSDP2 shards sum theirs over the mesh; FSDP1 (flat parameters) is refused
+when the model is bound. DeepSpeed ZeRO's flat partitions: anchor/global only (summed over the
+ranks), the rest refused.
 
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
@@ -33,7 +35,7 @@ import re
 from .. import probes
 from ..probes import gradient
 from . import projection
-from ..runtime.context import current_model, debug, world
+from ..runtime.context import FSDP1_HINT, current_model, debug, fsdp1, world
 
 ORDER = 20
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -103,6 +105,12 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
+        what = fsdp1(info)
+        if what:
+            self._fail("FSDP1 (%s) is not supported: its flat parameters are shards of several tensors "
+                       "each, so a per-tensor safety gradient cannot be matched to them; %s" % (what, FSDP1_HINT),
+                       raise_now=False)
+            return
         if self.info is None:
             self.info = info
         self.names.update({id(p): n for n, p in info.params.items()})
@@ -158,6 +166,8 @@ class SafeGrad:
             self._step(opt, step, record)
         except PolicyError:
             raise
+        except _Partitions as e:
+            self._fail(str(e))
         except Exception as e:  # the projection could not be applied to this step
             self._fail("step %d: %s: %s" % (step, type(e).__name__, e))
 
@@ -172,8 +182,8 @@ class SafeGrad:
             return
         flat = [p for p in params if getattr(p, "_is_flat_param", False)]
         if flat:
-            self._fail("FSDP (v1) flat parameters hold several tensors each, sharded across ranks: a "
-                       "per-tensor safety gradient cannot be matched to them; use FSDP2 (fully_shard) or DDP")
+            self._fail("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
+                       "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
             return
         zero = self.partitions(params)
         with torch.no_grad():

@@ -154,6 +154,46 @@ class Context:
                 _core.set_pending_error(msg)
 
 
+def zero_partitions(params):
+    """True when PARAMS (what an optimizer steps) are DeepSpeed ZeRO's flat partitions rather
+    than a model's parameters: deepspeed is loaded, some model is bound, and none of PARAMS
+    belongs to a bound model. Such a partition carries no parameter names and a slice of many
+    tensors; a probe's backward outside the engine never reaches it (and breaks ZeRO's gradient
+    reduction), and restoring the model's weights does not restore it."""
+    import sys
+    if "deepspeed" not in sys.modules or not params:
+        return False
+    from . import model
+    infos = model.models()
+    if not infos:
+        return False
+    known = {id(p) for info in infos for p in info.params.values()}
+    return not any(id(p) in known for p in params)
+
+
+ZERO_HINT = "use DDP or FSDP2 (fully_shard) for this feature"
+
+FSDP1_HINT = "use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP"
+
+
+def fsdp1(info):
+    """What makes the model of INFO (a ModelInfo) an FSDP1 model, or None: a
+    FullyShardedDataParallel module in it, or flat parameters (FSDP1's FlatParameter). Its
+    parameters are flat shards of several tensors each, and its inner module cannot be called
+    without the wrapper gathering them, so no feature that needs per-tensor gradients or calls
+    the model for a probe can act on it; each refuses with one line naming FSDP1."""
+    mods = [m for m in (getattr(info, "called", None), getattr(info, "root", None)) if m is not None]
+    for m in mods:
+        for sub in m.modules():
+            if type(sub).__name__ == "FullyShardedDataParallel":
+                return "FullyShardedDataParallel"
+    for m in mods[-1:]:
+        for n, p in m.named_parameters():
+            if getattr(p, "_is_flat_param", False):
+                return "flat parameter %s" % n
+    return None
+
+
 _OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
 
 

@@ -91,3 +91,9 @@ def policy(path, safegrad=True, layers="1-2", **extra):
 def strip(name):
     """A parameter name without wrapper prefixes (DDP's module.)."""
     return name[len("module."):] if name.startswith("module.") else name
+
+
+def probe_loss(model):
+    """A callable probe ("stacknet:probe_loss"): the loss on a fixed batch the task never sees."""
+    x, y = batches(1, seed=7)[0]
+    return nn.functional.mse_loss(model(x), y)
