@@ -447,6 +447,7 @@ def test_stream_check_suspends_a_guard_the_task_fools(world, monkeypatch):
     look like the benign probe) is suspended once the stream has been seen; the decisions it made
     before are withdrawn, with a record; a rewrite needs every active guard to agree."""
     monkeypatch.setattr(S, "STREAM_MIN", 12)
+    monkeypatch.setattr(S, "REFIT_ROWS", 16)
     rows = common.rows(world["train"])
     model = _model(world)
     rt = _Rec()
@@ -494,6 +495,7 @@ def test_direction_refit_on_the_training_rows(world, monkeypatch):
     against a float64 reference from a plain forward with output_hidden_states. From then on
     only that block is hooked, and the earlier rows' scores are the new direction's."""
     monkeypatch.setattr(S, "STREAM_MIN", 12)
+    monkeypatch.setattr(S, "REFIT_ROWS", 16)  # the first check comes with the 16th row: one refit, the last
     rows = common.rows(world["train"])
     model = _model(world)
     rt = _Rec()

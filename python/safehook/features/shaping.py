@@ -74,7 +74,7 @@ needed so that it flags at most ``max_flag_rate`` (default 0.3) of the most rece
 rows, and a guard whose AUROC of harmful probe rows against training rows is under 0.65, or more
 than 0.1 under the best guard's, is suspended (the best one never is). At that first check the
 ``direction`` is fitted again, against the training rows instead of the benign probe (see
-``_refit_direction``), and the rows judged so far are judged again. A ``probe`` record
+``_refit_direction``; once more at 128 rows), and the rows judged so far are judged again. A ``probe`` record
 (``what: "shaping stream check"``) gives each guard's AUROC, bound and state.
 
 The model drifts as it learns (arXiv 2509.06795 measures the refusal direction moving most in
@@ -113,6 +113,7 @@ DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "
             "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3,
             "scorer": "start"}
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
+REFIT_ROWS = 128      # training rows of the direction's last refit (a first one at STREAM_MIN)
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
 SUSPEND_GAP = 0.1     # ... and so is one more than this behind the best guard
@@ -513,7 +514,7 @@ class Shaping:
             return [int(self.cfg["layer"])]
         return list(range(max(1, int(math.ceil(0.8 * nblocks)))))
 
-    def _refit_direction(self):
+    def _refit_direction(self, final=True):
         """The direction fitted again at the first stream check: harmful probe prompts minus the
         training rows seen so far (even-numbered of each), at the block whose direction ranks
         the held-out harmful probe rows above both the held-out training rows and the held-out
@@ -522,7 +523,11 @@ class Shaping:
         measure the task's style instead of harm (demo world, full preset, seed 0: AUROC 0.29 on
         the training rows; fitted against the first 32 training rows: 0.99). The training rows
         hold the harmful minority too; it shrinks the difference of means, not its direction.
-        Thresholds are set again from the held-out probe rows as at calibration."""
+        Thresholds are set again from the held-out probe rows as at calibration. Fitted at the
+        first stream check (STREAM_MIN rows) and again, for the last time, on REFIT_ROWS rows
+        (the first fit rests on a handful of rows of each kind; measured on the demo world, full
+        preset, seed 0: 134 of the 200 harmful rows flagged with the 32-row fit, where the same
+        guard scored over the whole set flags 94%)."""
         nh = self._cal_nh
         tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
         best = None
@@ -550,12 +555,13 @@ class Shaping:
             d = self.decisions.get(k)
             if d is not None and d.scores is not None and "direction" in d.scores:
                 d.scores["direction"] = v
-        for i in list(self.block_handles):  # only the chosen block is read from now on
-            if i != l:
-                self.block_handles.pop(i).remove()
-        self._sh, self._cal_hs = [], None
+        if final:
+            for i in list(self.block_handles):  # only the chosen block is read from now on
+                if i != l:
+                    self.block_handles.pop(i).remove()
+            self._sh, self._cal_hs = [], None
         return {"layer": l, "previous_layer": old, "selection_auroc": _r(key[0]),
-                "threshold": _r(c["threshold"])}
+                "threshold": _r(c["threshold"]), "rows": len(new), "final": final}
 
     def _trainable(self, root):
         return [(n, p) for n, p in root.named_parameters() if p.requires_grad]
@@ -799,7 +805,7 @@ class Shaping:
             h = self._cap[self.layer][ar, pos].float()
             for j, v in enumerate((h @ self.direction.to(h.device)).tolist()):
                 scores[j]["direction"] = v
-            if self.refit and not self.checked:  # kept for the refit at the first check
+            if self.refit:  # kept for the refits (first stream check, REFIT_ROWS)
                 hb = dict((i, x[ar, pos].float().cpu()) for i, x in self._cap.items())
                 for j, (row, b, e, key) in enumerate(rows):
                     self._sh.append((key, dict((i, x[j]) for i, x in hb.items())))
@@ -869,7 +875,7 @@ class Shaping:
         s = active[flag]
         refuse = False
         # before the first stream check the thresholds are the probes' alone: mask, never rewrite
-        provisional = not self.checked and any(g in STREAM_GUARDS for g in self.guards)
+        provisional = (not self.checked or self.refit) and any(g in STREAM_GUARDS for g in self.guards)
         if self.action == "refuse" and not provisional:
             if len(active) >= 2:
                 refuse = hits == len(active)
@@ -888,6 +894,8 @@ class Shaping:
                         del w[:len(w) - STREAM_WINDOW]
         if not self.checked and self.stream and min(len(v) for v in self.stream.values()) >= STREAM_MIN:
             self._stream_check(first=True)
+        elif self.refit and len(self._sh) >= REFIT_ROWS:
+            self._stream_check()
 
     def _stream_check(self, first=False):
         """Bound each guard's threshold by the training stream and suspend a guard that cannot
@@ -895,16 +903,19 @@ class Shaping:
         judged so far are judged again (their later sightings get the new decision; a bound only
         raises thresholds, so a decision can only be withdrawn or a rewrite become a mask)."""
         refit = None
-        if first and self.refit and "direction" in self.stream and len(self._sh) >= 4:
-            refit = self._refit_direction()
-        self.refit = False
+        if self.refit and "direction" in self.stream and len(self._sh) >= 4 and (first or len(self._sh) >= REFIT_ROWS):
+            final = len(self._sh) >= REFIT_ROWS
+            refit = self._refit_direction(final)
+            self.refit = not final
+        elif first:
+            self.refit = False
         chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]))
         self.bound = dict((g, c["bound"]) for g, c in chk.items())
         before = set(self.suspended)
         self.suspended = set(g for g, c in chk.items() if c["suspended"])
         self.checked = True
         revoked = 0
-        if first:
+        if first or refit:
             for key, d in list(self.decisions.items()):
                 if d.scores is None:
                     continue
@@ -919,7 +930,7 @@ class Shaping:
         report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
                            "threshold": _r(self._threshold(g)) if g in self.cal else None,
                            "suspended": c["suspended"], "rows": c["rows"]}) for g, c in chk.items())
-        if first or self.suspended != before:
+        if first or refit or self.suspended != before:
             fields = {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
                       "guards": report, "revoked": revoked}
             if refit:
@@ -1045,7 +1056,7 @@ class Shaping:
                     h = bt.hidden[self.layer].detach()[ar, pos].float()
                     for j, v in enumerate((h @ self.direction.to(h.device)).tolist()):
                         scores[j]["direction"] = v
-                    if self.refit and not self.checked:  # kept for the refit at the first check
+                    if self.refit:  # kept for the refits (first stream check, REFIT_ROWS)
                         hb = dict((i, x.detach()[ar, pos].float().cpu()) for i, x in bt.hidden.items())
                         for j, (row, b, e, key) in enumerate(rows):
                             self._sh.append((key, dict((i, x[j]) for i, x in hb.items())))
@@ -1241,7 +1252,7 @@ def score_rows(policy, model, rows):
     """Calibrate POLICY's shaping guards with MODEL (as at the start of a job) and score ROWS
     (pre-tokenized {"input_ids", "labels"} dicts) with each guard: ({guard: [score per row]},
     the Shaping object with its calibration). The direction is fitted again on the first
-    STREAM_MIN rows as a job's first stream check does (ROWS in training order). The callable
+    first REFIT_ROWS rows as a job's last refit does (ROWS in training order). The callable
     guard is not scored here."""
     sh = Shaping(policy, _Offline())
     sh._prepare(model)
@@ -1255,7 +1266,8 @@ def score_rows(policy, model, rows):
         if "direction" in fwd:
             if len(pairs) >= STREAM_MIN:
                 cands = sh._candidates(len(blocks))
-                sh._sh = [(None, dict((l, hs[l][i]) for l in cands)) for i in range(STREAM_MIN)]
+                n = min(REFIT_ROWS, len(pairs))
+                sh._sh = [(None, dict((l, hs[l][i]) for l in cands)) for i in range(n)]
                 sh._refit_direction()
             out["direction"] = (hs[sh.layer] @ sh.direction).tolist()
         if "refusal" in fwd:
