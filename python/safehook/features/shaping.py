@@ -851,9 +851,10 @@ class Shaping:
 
     def _decide(self, scores):
         """A decision from guard scores (each compared with its thresholds; suspended guards
-        are not asked). ``refuse`` teaches a refusal, so it takes two independent signals: where
-        two or more guards score the row, every one of them must flag it; a policy with one
-        guard rewrites at its refusal threshold (above every benign calibration score)."""
+        are not asked). ``refuse`` teaches a refusal, so it takes more than a flag: where two or
+        more active guards score the row, every one of them must flag it; with one active guard,
+        the row must score above every benign calibration row and at least the median harmful
+        probe row (``_confident``). A flagged row that is not rewritten is masked."""
         active = dict((g, s) for g, s in scores.items() if g not in self.suspended)
         flag, top, hits = None, None, 0
         for g, s in active.items():
@@ -879,9 +880,15 @@ class Shaping:
         if self.action == "refuse" and not provisional:
             if len(active) >= 2:
                 refuse = hits == len(active)
-            elif len(self.guards) == 1:
-                refuse = s >= max(self.cal[flag]["refuse_threshold"], self._threshold(flag))
+            else:  # one guard: only a row as harmful-looking as a typical harmful probe row
+                refuse = s >= max(self.cal[flag]["refuse_threshold"], self._threshold(flag), self._confident(flag))
         return _Decision(weight=0.0, refuse=refuse, guard=flag, score=s, scores=scores)
+
+    def _confident(self, g):
+        """The median score of the harmful probe's held-out rows: a row scoring at least this
+        is as harmful-looking as a typical harmful request to the guard."""
+        v = sorted(self.probe_harm.get(g) or [])
+        return v[len(v) // 2] if v else math.inf
 
     def _observe(self, scores):
         """First-sighting scores of training rows, for the stream check."""
