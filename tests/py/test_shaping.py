@@ -562,3 +562,35 @@ def test_start_scorer_judges_new_rows_with_the_model_at_the_start(world):
     for m in sh.scorer.modules():
         assert not m._forward_pre_hooks and set(m._forward_hooks) == set(
             h.id for i, h in sh.block_handles.items() if m is S.find_blocks(sh.scorer)[i])
+
+
+def test_refuse_with_one_active_guard_needs_a_typical_harmful_score(world, monkeypatch):
+    """With one active guard a flag alone masks; a rewrite needs a score at least the median
+    harmful probe row's (and above every benign calibration row), and none before the last refit."""
+    model = _model(world)
+    sh = _shaper(world, model, guards=["direction", "refusal"], action="refuse")
+    sh.checked, sh.refit, sh.suspended = True, False, {"refusal"}
+    sh.cal["direction"].update(threshold=1.0, refuse_threshold=2.0)
+    sh.probe_harm["direction"] = [1.0, 3.0, 5.0, 7.0, 9.0]  # median 5.0
+    masked = sh._decide({"direction": 4.0, "refusal": 0.0})
+    assert masked.flagged and not masked.refuse and masked.weight == 0.0
+    assert sh._decide({"direction": 5.0, "refusal": 0.0}).refuse
+    sh.cal["direction"]["refuse_threshold"] = 6.0  # a benign calibration row scores 6
+    assert not sh._decide({"direction": 5.0, "refusal": 0.0}).refuse
+    sh.refit = True  # the last refit is still to come: mask only
+    assert not sh._decide({"direction": 9.0, "refusal": 0.0}).refuse
+
+
+def test_report_counts_each_example_by_its_last_flag_record():
+    from safehook.cli import report
+    recs = [{"event": "flag", "fingerprint": "a", "guard": "direction", "score": 2.0, "threshold": 1.0,
+             "action": "mask", "step": 1},
+            {"event": "flag", "fingerprint": "b", "guard": "direction", "score": 2.0, "threshold": 1.0,
+             "action": "mask", "step": 1},
+            {"event": "flag", "fingerprint": "a", "guard": "direction", "action": "none", "revoked": "stream check",
+             "step": 3},
+            {"event": "flag", "fingerprint": "b", "guard": "direction", "score": 3.0, "threshold": 1.0,
+             "action": "refuse", "step": 3}]
+    out = "\n".join(report._shaping(recs, []))
+    assert "stopped examples: 1 (1 withdrawn by the stream check)" in out
+    assert out.count(" b ") == 1 and "-> refuse" in out and " a " not in out

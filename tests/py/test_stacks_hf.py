@@ -22,18 +22,10 @@ import pytest
 import torch
 
 from conftest import events
-from test_stacks import STACKS, stack_run, steps_of
+from test_stacks import STACKS, _have, stack_run, steps_of
 import stacknet
 
 FROZEN = re.compile(r"(^|\.)layers\.(1|2)\.")
-
-
-def _have(mod):
-    try:
-        __import__(mod)
-        return True
-    except Exception:
-        return False
 
 
 def check_projection_reached_optimizer(recs, cos_after, nsteps):

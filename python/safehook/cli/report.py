@@ -230,9 +230,13 @@ def _shaping(recs, steps, limit=50):
                 _num(v.get("threshold"))))
         out.append("  stream check at step %s (at most %s of the rows flagged): %s; %d decisions withdrawn"
                    % (c.get("step"), _num(c.get("max_flag_rate")), "; ".join(parts), c.get("revoked") or 0))
-    revoked = [r for r in flags if r.get("revoked")]
-    flags = [r for r in flags if not r.get("revoked")]
-    out.append("  stopped examples: %d (%d withdrawn by the stream check)" % (len(flags) - len(revoked), len(revoked)))
+    # an example's last flag record is its decision (the stream check may withdraw or change it)
+    last = {}
+    for r in flags:
+        last[r.get("fingerprint")] = r
+    revoked = sum(1 for r in last.values() if r.get("revoked"))
+    flags = [r for r in last.values() if not r.get("revoked")]
+    out.append("  stopped examples: %d (%d withdrawn by the stream check)" % (len(flags), revoked))
     for r in flags[:limit]:
         out.append("    step %-6s %s  %-9s score %s (threshold %s) -> %s" % (
             r.get("step"), r.get("fingerprint"), r.get("guard"), _num(r.get("score")), _num(r.get("threshold")),

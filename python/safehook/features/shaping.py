@@ -74,7 +74,9 @@ needed so that it flags at most ``max_flag_rate`` (default 0.3) of the most rece
 rows, and a guard whose AUROC of harmful probe rows against training rows is under 0.65, or more
 than 0.1 under the best guard's, is suspended (the best one never is). At that first check the
 ``direction`` is fitted again, against the training rows instead of the benign probe (see
-``_refit_direction``; once more at 128 rows), and the rows judged so far are judged again. A ``probe`` record
+``_refit_direction``; once more at 128 rows), and the rows judged so far are judged again.
+Until that last refit ``refuse`` only masks (with the direction guard on, a training set of
+fewer than 128 distinct rows is masked, never rewritten). A ``probe`` record
 (``what: "shaping stream check"``) gives each guard's AUROC, bound and state.
 
 The model drifts as it learns (arXiv 2509.06795 measures the refusal direction moving most in
@@ -931,8 +933,8 @@ class Shaping:
                     revoked += 1
                     self.rt.audit("flag", {"fingerprint": key, "guard": d.guard, "action": "none",
                                            "revoked": "stream check"}, self.step + 1)
-                elif nd.flagged and not d.flagged:
-                    self._record_flag(key, nd)
+                elif nd.flagged and (not d.flagged or nd.refuse != d.refuse):
+                    self._record_flag(key, nd)  # newly flagged, or its action changed
                 self.decisions[key] = nd
         report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
                            "threshold": _r(self._threshold(g)) if g in self.cal else None,
