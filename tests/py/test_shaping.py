@@ -82,6 +82,45 @@ def test_auroc_and_calibration_rules():
     assert 9.0 < c["refuse_threshold"] <= 9.0 + 1e-9
     c = S.calibrate([], b, tpr=0.95, max_fpr=0.0)
     assert c["threshold"] > 9.0 and "tpr" not in c
+    # a midpoint under the quantile lowers the threshold, never under the benign bound
+    c = S.calibrate(h, [0.0, 0.5], tpr=0.95, max_fpr=0.05, midpoint=0.75)
+    assert c["threshold"] == 0.75 and c["tpr"] == 1.0 and c["midpoint"] == 0.75
+    c = S.calibrate(h, b, tpr=0.95, max_fpr=0.1, midpoint=4.0)
+    assert 8.0 < c["threshold"] <= 8.0 + 1e-9
+    c = S.calibrate(h, [0.0, 0.5], tpr=0.95, max_fpr=0.05, midpoint=7.0)
+    assert c["threshold"] == 2.0  # the quantile is lower
+
+
+def test_shrunk_covariance_and_fisher_direction():
+    """Ledoit-Wolf's weight against a float64 reference written from the paper's formulas, and
+    Fisher's direction C^-1 (mp - mn) with its midpoint."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([3., 1, 1, .5, .2, .1], dtype=torch.float64))
+    X = X - X.mean(0)
+    C, a = S.shrunk_covariance(X)
+    n, d = X.shape
+    Sm = sum(torch.outer(x, x) for x in X) / n
+    m = float(torch.trace(Sm)) / d
+    d2 = float(torch.linalg.matrix_norm(Sm - m * torch.eye(d, dtype=torch.float64)) ** 2)
+    b2 = sum(float(torch.linalg.matrix_norm(torch.outer(x, x) - Sm) ** 2) for x in X) / n ** 2
+    ref_a = min(b2, d2) / d2
+    assert a == pytest.approx(ref_a, rel=1e-9) and 0 < a < 1
+    torch.testing.assert_close(C, (1 - ref_a) * Sm + ref_a * m * torch.eye(d, dtype=torch.float64))
+    # two classes differing along a low-variance axis under a high-variance nuisance axis
+    P = torch.randn(50, 2, generator=g) * torch.tensor([5.0, 0.1]) + torch.tensor([0.0, 1.0])
+    N = torch.randn(60, 2, generator=g) * torch.tensor([5.0, 0.1])
+    w, a, mid = S.fisher_direction(P, N)
+    Pd, Nd = P.double(), N.double()
+    Cr, _ = S.shrunk_covariance(torch.cat([Pd - Pd.mean(0), Nd - Nd.mean(0)]))
+    ref = torch.linalg.solve(Cr, Pd.mean(0) - Nd.mean(0))
+    ref = ref / ref.norm()
+    torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-6)
+    assert abs(float(w[1])) > 0.99  # the difference of means alone would lean on the noisy axis
+    assert mid == pytest.approx(float((Pd.mean(0) + Nd.mean(0)) @ ref) / 2, abs=1e-5)
+    assert S.auroc((P @ w).tolist(), (N @ w).tolist()) > 0.99
+    # degenerate input: no variance at all
+    C0, a0 = S.shrunk_covariance(torch.zeros(4, 3, dtype=torch.float64))
+    assert a0 == 1.0 and torch.equal(C0, torch.eye(3, dtype=torch.float64))
 
 
 # -- guards --
@@ -490,10 +529,12 @@ def test_stream_check_suspends_a_guard_the_task_fools(world, monkeypatch):
 
 
 def test_direction_refit_on_the_training_rows(world, monkeypatch):
-    """At the first stream check the direction is fitted again: the harmful probe's even rows
-    minus the training rows' even rows, at the block chosen by held-out separation; checked
-    against a float64 reference from a plain forward with output_hidden_states. From then on
-    only that block is hooked, and the earlier rows' scores are the new direction's."""
+    """At the first stream check the direction is fitted again: Fisher's discriminant of the
+    harmful probe's even rows against the training rows' and the benign probe's even rows, at
+    the block chosen by held-out separation; checked against a float64 reference from a plain
+    forward with output_hidden_states. From then on only that block is hooked, the earlier
+    rows' scores are the new direction's, and the threshold is the lower of the quantile and
+    the class means' midpoint."""
     monkeypatch.setattr(S, "STREAM_MIN", 12)
     monkeypatch.setattr(S, "REFIT_ROWS", 16)  # the first check comes with the 16th row: one refit, the last
     rows = common.rows(world["train"])
@@ -513,18 +554,35 @@ def test_direction_refit_on_the_training_rows(world, monkeypatch):
     assert sh.layer == l and list(sh.block_handles) == [l]
 
     def last_prompt_hidden(rs):
-        out = []
-        with torch.no_grad():
-            for r in rs:
-                b = r["labels"].index(next(x for x in r["labels"] if x != -100)) - 1
-                o = model(input_ids=torch.tensor([r["input_ids"]]), output_hidden_states=True)
-                out.append(o.hidden_states[l + 1][0, b].double())
+        # block l's own output (output_hidden_states gives the last block's after the final norm)
+        out, got = [], []
+        h = S.find_blocks(model)[l].register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            with torch.no_grad():
+                for r in rs:
+                    b = r["labels"].index(next(x for x in r["labels"] if x != -100)) - 1
+                    model(input_ids=torch.tensor([r["input_ids"]]))
+                    out.append(got.pop()[0, b].double())
+        finally:
+            h.remove()
         return torch.stack(out)
     harm = common.rows(world["harm"])
+    benign = common.rows(world["benign"])
     stream = rows[:16]  # the rows seen before the check, in order
-    ref = last_prompt_hidden(harm)[0::2].mean(0) - last_prompt_hidden(stream)[0::2].mean(0)
+    P = last_prompt_hidden(harm)[0::2]
+    N = torch.cat([last_prompt_hidden(stream)[0::2], last_prompt_hidden(benign)[0::2]])
+    X = torch.cat([P - P.mean(0), N - N.mean(0)])
+    C = X.T @ X / X.shape[0]
+    d = C.shape[0]
+    m = torch.trace(C) / d
+    a = sh.cal["direction"]["shrinkage"]
+    Cs = (1 - a) * C + a * m * torch.eye(d, dtype=C.dtype)
+    ref = torch.linalg.solve(Cs, P.mean(0) - N.mean(0))
     ref = ref / ref.norm()
-    torch.testing.assert_close(sh.direction.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sh.direction.double(), ref, rtol=1e-3, atol=1e-4)
+    mid = float((P.mean(0) + N.mean(0)) @ ref) / 2
+    assert sh.cal["direction"]["midpoint"] == pytest.approx(mid, abs=1e-3)
+    assert sh.cal["direction"]["threshold"] <= mid + 1e-3
     hs = last_prompt_hidden(stream)
     for r, h in zip(stream, hs):
         assert sh.decisions[_key(r)].scores["direction"] == pytest.approx(float(h @ ref), abs=1e-4)

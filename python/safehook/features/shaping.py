@@ -158,12 +158,16 @@ def fpr_bound(neg, fpr):
     return math.nextafter(s[len(s) - k - 1], math.inf)
 
 
-def calibrate(harmful, benign, tpr, max_fpr):
-    """The guard's thresholds from its scores on harmful and benign calibration rows."""
+def calibrate(harmful, benign, tpr, max_fpr, midpoint=None):
+    """The guard's thresholds from its scores on harmful and benign calibration rows. MIDPOINT
+    (the refitted direction's): the threshold is the lower of the TPR quantile and MIDPOINT,
+    never under the benign bound."""
     t = -math.inf
     if harmful:
         s = sorted(harmful)
         t = s[int(math.floor((1.0 - tpr) * len(s) + 1e-9))] if tpr < 1 else s[0]
+    if midpoint is not None and math.isfinite(midpoint):
+        t = min(t, midpoint)
     if benign:
         t = max(t, fpr_bound(benign, max_fpr))
         refuse = max(t, math.nextafter(max(benign), math.inf))
@@ -178,7 +182,38 @@ def calibrate(harmful, benign, tpr, max_fpr):
         out["fpr"] = sum(v >= t for v in benign) / len(benign)
     if harmful and benign:
         out["auroc"] = auroc(harmful, benign)
+    if midpoint is not None:
+        out["midpoint"] = midpoint
     return out
+
+
+def shrunk_covariance(X):
+    """Covariance of the rows of X (n x d, already centered), shrunk towards a multiple of the
+    identity by Ledoit and Wolf's estimate of the weight (J. Multivariate Anal. 88, 2004):
+    (1 - a) S + a tr(S)/d I. Invertible whenever tr(S) > 0, also for n < d."""
+    n, d = X.shape
+    S = X.T @ X / n
+    eye = torch.eye(d, dtype=X.dtype, device=X.device)
+    mu = torch.trace(S) / d
+    if not float(mu) > 0:
+        return eye, 1.0
+    d2 = float(((S - mu * eye) ** 2).sum())
+    b2 = float(((X.norm(dim=1) ** 4).sum() - n * (S ** 2).sum()) / (n * n))
+    a = 1.0 if d2 <= 0 else min(max(b2 / d2, 0.0), 1.0)
+    return (1 - a) * S + a * mu * eye, a
+
+
+def fisher_direction(pos, neg):
+    """The unit direction w = C^-1 (mean(POS) - mean(NEG)) (Fisher's discriminant), C the
+    pooled within-class covariance of POS and NEG (rows: float hidden states), shrunk
+    (shrunk_covariance); computed in float64. Returns (w, shrinkage, midpoint), the midpoint
+    being the projection of the two class means' midpoint (Fisher's rule with equal priors)."""
+    P, N = pos.double(), neg.double()
+    mp, mn = P.mean(0), N.mean(0)
+    C, a = shrunk_covariance(torch.cat([P - mp, N - mn]))
+    w = torch.linalg.solve(C, (mp - mn).unsqueeze(1)).squeeze(1)
+    w = w / w.norm().clamp_min(1e-300)
+    return w.to(pos.dtype), a, float((mp + mn) @ w) / 2
 
 
 def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
@@ -315,6 +350,7 @@ class Shaping:
         self.block_handles = {}
         self.refit = False      # the direction is fitted again on the stream at its first check
         self._sh = []           # (key, {block: hidden}) of the rows before the first check
+        self._mid_offset = None  # median harmful probe score minus the refit's midpoint
         self.step = 0
         self.rotate = 0
         self.pending_sub = []   # (ids, mask, labels, batch tokens) of rows to subtract
@@ -517,39 +553,50 @@ class Shaping:
         return list(range(max(1, int(math.ceil(0.8 * nblocks)))))
 
     def _refit_direction(self, final=True):
-        """The direction fitted again at the first stream check: harmful probe prompts minus the
-        training rows seen so far (even-numbered of each), at the block whose direction ranks
-        the held-out harmful probe rows above both the held-out training rows and the held-out
-        benign probe rows best (the smaller of the two AUROCs). Why: the user's task need not
-        look like the benign probe, and a direction fitted against the benign probe alone can
-        measure the task's style instead of harm (demo world, full preset, seed 0: AUROC 0.29 on
-        the training rows; fitted against the first 32 training rows: 0.99). The training rows
-        hold the harmful minority too; it shrinks the difference of means, not its direction.
-        Thresholds are set again from the held-out probe rows as at calibration. Fitted at the
-        first stream check (STREAM_MIN rows) and again, for the last time, on REFIT_ROWS rows
-        (the first fit rests on a handful of rows of each kind; measured on the demo world, full
-        preset, seed 0: 134 of the 200 harmful rows flagged with the 32-row fit, where the same
-        guard scored over the whole set flags 94%)."""
+        """The direction fitted again at the first stream check, on the training rows seen so far:
+        Fisher's discriminant (fisher_direction) of the harmful probe prompts against the
+        training rows and the benign probe prompts together (even-numbered rows of each), at the
+        block whose direction ranks the held-out harmful probe rows above both the held-out
+        training rows and the held-out benign probe rows best (the smaller of the two AUROCs;
+        ties by the standardized gap to the training rows). The threshold is the lower of the
+        TPR quantile of the held-out harmful rows and the midpoint of the two fitted class means,
+        never under the benign bound (calibrate). Fitted at the first stream check (STREAM_MIN
+        rows) and again, for the last time, on REFIT_ROWS rows.
+        Why the training rows: the user's task need not look like the benign probe, and a
+        direction fitted against the benign probe alone can measure the task's style instead of
+        harm (demo world, full preset, seed 0: AUROC 0.29 on the training rows). Why the benign
+        probe too, and the covariance: against the training rows alone a difference of means
+        also measures "not the task", and the benign probe, requests in the harmful rows' own
+        style, scores on the harmful side of it; whitening by the shrunk covariance removes
+        the directions along which rows of one kind merely vary. Why the midpoint: with the
+        quantile alone the guard flags about TPR of the harmful rows however well they separate.
+        Measured on the demo world's harmful-mix training sets scored by the base model (seed
+        1, 6 blocks, p = 0.1 / 0.2; seed 0, 8 blocks, p = 0.1): a difference of means against the
+        training rows flagged 91% / 92% / 94% of the harmful rows at 1.7% / 1.2% / 7.8% of the
+        task rows; this fit 97-100% at under 0.1%. The training rows hold the harmful minority
+        too; it shrinks the difference of means, not its direction."""
         nh = self._cal_nh
         tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
         best = None
         for l in sorted(self._sh[0][1]):
-            st = torch.stack([h[l] for _, h in self._sh])
-            H, B = self._cal_hs[l][:nh], self._cal_hs[l][nh:]
-            r = H[0::2].mean(0) - st[0::2].mean(0)
-            r = r / r.norm().clamp_min(1e-12)
+            st = torch.stack([h[l] for _, h in self._sh]).float()
+            H, B = self._cal_hs[l][:nh].float(), self._cal_hs[l][nh:].float()
+            neg = torch.cat([st[0::2], B[0::2]]) if B.shape[0] else st[0::2]
+            r, shrink, mid = fisher_direction(H[0::2], neg)
             hh, ss, bb = (H[1::2] @ r).tolist(), (st[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
             a = min(auroc(hh, ss), auroc(hh, bb) if bb else 1.0)
             sd = math.sqrt((torch.tensor(hh).var().item() + torch.tensor(ss).var().item()) / 2 + 1e-12)
             key = (a, (sum(hh) / len(hh) - sum(ss) / len(ss)) / sd)
             if best is None or key > best[0]:
-                best = (key, l, r, hh, bb, st)
-        (key, l, r, hh, bb, st) = best
+                best = (key, l, r, hh, bb, st, mid, shrink)
+        (key, l, r, hh, bb, st, mid, shrink) = best
         old = self.layer
         self.layer, self.direction = l, r
-        c = calibrate(hh, bb, tpr, fpr)
-        c.update(layer=l, fit="harmful probe - training rows", selection_auroc=key[0])
+        c = calibrate(hh, bb, tpr, fpr, midpoint=mid)
+        c.update(layer=l, fit="Fisher: harmful probe vs training rows and benign probe",
+                 selection_auroc=key[0], shrinkage=shrink)
         self.cal["direction"] = c
+        self._mid_offset = sorted(hh)[len(hh) // 2] - mid  # for the forward scorer's recalibration
         self.probe_harm["direction"] = hh
         new = (st @ r).tolist()
         self.stream["direction"] = new
@@ -563,7 +610,8 @@ class Shaping:
                     self.block_handles.pop(i).remove()
             self._sh, self._cal_hs = [], None
         return {"layer": l, "previous_layer": old, "selection_auroc": _r(key[0]),
-                "threshold": _r(c["threshold"]), "rows": len(new), "final": final}
+                "threshold": _r(c["threshold"]), "midpoint": _r(mid), "shrinkage": _r(shrink),
+                "rows": len(new), "final": final}
 
     def _trainable(self, root):
         return [(n, p) for n, p in root.named_parameters() if p.requires_grad]
@@ -1152,7 +1200,10 @@ class Shaping:
             if g not in self.guards:
                 continue
             v = (hs[0] @ self.direction.to(hs[0].device)).tolist() if g == "direction" else ref
-            c = calibrate(v[:nh], v[nh:], tpr, fpr)
+            mid = None
+            if g == "direction" and self._mid_offset is not None:  # the midpoint moves with the probe
+                mid = sorted(v[:nh])[nh // 2] - self._mid_offset
+            c = calibrate(v[:nh], v[nh:], tpr, fpr, midpoint=mid)
             self.probe_harm[g] = v[:nh]
             for k in ("threshold", "refuse_threshold", "low"):
                 self.cal[g][k] = c[k]
