@@ -669,12 +669,27 @@ def cmd_guards(args):
     paths = locate(model=None)
     data = rmd.make_data(paths, args)
     mdir = args.model_dir or aligned_dir(args, data)
-    if not os.path.exists(os.path.join(mdir, "mix_pairs.json")):
+    pairs_path = os.path.join(mdir, "mix_pairs.json")
+    if not os.path.exists(pairs_path) and not args.model_dir:
         raise SystemExit("no aligned model in %s: run `run` first, or give --model-dir" % mdir)
-    write_probe(mdir, data)
     model, tok = load_dir(mdir)
-    with open(os.path.join(mdir, "mix_pairs.json")) as f:
-        mix_pairs = json.load(f)
+    if os.path.exists(pairs_path):
+        with open(pairs_path) as f:
+            mix_pairs = json.load(f)
+    else:
+        # a model without an alignment run (the base model itself): the user's harmful data is
+        # made as `run` makes it, from this model's own compliant answers (kept beside the JSON)
+        pairs_path = os.path.splitext(os.path.abspath(args.json))[0] + ".mix_pairs.json"
+        t0 = time.time()
+        mix = generate(model, tok, data["harmful_mix"], args.max_new_tokens)
+        mix_pairs = [(p, r.strip()) for p, r in zip(data["harmful_mix"], mix)
+                     if r.strip() and not refused(r) and jailbroken_prefix(r)]
+        _log("%d of %d harmful-mix prompts answered compliantly by %s (%.0fs)"
+             % (len(mix_pairs), len(data["harmful_mix"]), mdir, time.time() - t0))
+        os.makedirs(os.path.dirname(pairs_path), exist_ok=True)
+        with open(pairs_path, "w") as f:
+            json.dump(mix_pairs, f, indent=0)
+    write_probe(mdir, data)
     pairs = train_pairs(data, mix_pairs, "mix", args.steps * args.batch, args.seed)
     mix = {tuple(p) for p in mix_pairs}
     truth = [tuple(p) in mix for p in pairs]
