@@ -22,7 +22,7 @@ MODES = [
     ("plain_safelora", "plain SFT + Safe LoRA", ()),
     ("plain_nlsr", "plain SFT + NLSR", ()),
     ("shaping", "shaping (DSS)", ("shaping", "probes")),
-    ("recommended", "recommended", ("shaping", "safegrad", "probes")),
+    ("recommended", "recommended", ("shaping", "safegrad", "gate", "probes")),
 ]
 LABELS = {name: label for name, label, _ in MODES}
 PROBE = "refusals"
