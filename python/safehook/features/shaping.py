@@ -73,7 +73,8 @@ rows have been scored, and at every recalibration after, each guard's threshold 
 needed so that it flags at most ``max_flag_rate`` (default 0.3) of the most recent 256 training
 rows, and a guard whose AUROC of harmful probe rows against training rows is under 0.65, or more
 than 0.1 under the best guard's, is suspended (the best one never is). At that first check the
-``direction`` is fitted again, against the training rows instead of the benign probe (see
+``direction`` is fitted again, against the training rows and the benign probe together
+(Fisher's discriminant, its threshold down to the class means' midpoint: see
 ``_refit_direction``; once more at 128 rows), and the rows judged so far are judged again.
 Until that last refit ``refuse`` only masks (with the direction guard on, a training set of
 fewer than 128 distinct rows is masked, never rewritten). A ``probe`` record
