@@ -471,6 +471,14 @@ def test_stream_check_rules():
     # the best guard always stays, even below the AUROC floor
     c = S.stream_check({"bad": [0.0] * 10}, {"bad": [1.0] * 40}, 0.3)
     assert not c["bad"]["suspended"]
+    # a guard without harmful probe scores cannot be judged: suspended beside one that can,
+    # kept (bounded) when it is the only kind
+    c = S.stream_check({"good": harm["good"]}, {"good": stream["good"], "blind": [1.0 + x for x in range(100)]}, 0.3)
+    assert c["blind"]["auroc"] is None and c["blind"]["suspended"] and not c["good"]["suspended"]
+    c = S.stream_check({"bad": [0.0] * 10}, {"bad": [1.0] * 40, "blind": [1.0] * 40}, 0.3)
+    assert not c["bad"]["suspended"] and c["blind"]["suspended"]  # the judged one stays
+    c = S.stream_check({}, {"blind": [1.0 + x for x in range(100)]}, 0.3)
+    assert not c["blind"]["suspended"] and sum(v >= c["blind"]["bound"] for v in range(1, 101)) == 30
 
 
 class _Rec(S._Offline):

@@ -228,17 +228,21 @@ def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
     harmful share p), ``bound``, the lowest threshold that flags at most MAX_FLAG_RATE of the
     stream, and ``suspended`` when the AUROC is under MIN_AUROC (that guard cannot tell this
     stream's rows from harmful ones) or more than SUSPEND_GAP under the best guard's (in the
-    union it would only add false flags). The guard with the highest AUROC is never suspended."""
+    union it would only add false flags). A guard without harmful probe scores (no AUROC) is
+    suspended when another guard has one. The guard with the highest AUROC is never suspended."""
     out = {}
     for g, v in stream.items():
         out[g] = {"auroc": auroc(harmful.get(g) or [], v), "bound": fpr_bound(v, max_flag_rate), "rows": len(v)}
     known = [c["auroc"] for c in out.values() if c["auroc"] is not None]
-    # a guard well behind the best one only adds false flags to the union
+    # a guard well behind the best one only adds false flags to the union; so does one the
+    # stream cannot judge (no harmful probe scores: a gradient guard on a probe without harmful
+    # answers) beside one it can (measured on SmolLM2: such a gradient guard was inverted,
+    # AUROC 0.025, and flagged its bound, 33% of the stream)
     floor = max(min_auroc, max(known) - SUSPEND_GAP) if known else min_auroc
     for c in out.values():
-        c["suspended"] = c["auroc"] is not None and c["auroc"] < floor
+        c["suspended"] = c["auroc"] < floor if c["auroc"] is not None else bool(known)
     if out and all(c["suspended"] for c in out.values()):
-        best = max(out, key=lambda g: out[g]["auroc"])
+        best = max(out, key=lambda g: -1.0 if out[g]["auroc"] is None else out[g]["auroc"])
         out[best]["suspended"] = False
     return out
 
