@@ -225,7 +225,9 @@ def _stream_note(q):
     if not st:
         return ""
     if st.get("suspended"):
-        return "; stream check: suspended (AUROC vs probe %.3f)" % st["auroc_vs_probe"]
+        a = st.get("auroc_vs_probe")
+        return "; stream check: suspended (%s)" % ("AUROC vs probe %.3f" % a if a is not None else
+                                                    "no harmful probe scores to judge it by")
     return "; after the stream check: TPR %.3f, FPR %.3f" % (st["tpr"], st["fpr"])
 
 
