@@ -91,36 +91,46 @@ def test_auroc_and_calibration_rules():
     assert c["threshold"] == 2.0  # the quantile is lower
 
 
-def test_shrunk_covariance_and_fisher_direction():
-    """Ledoit-Wolf's weight against a float64 reference written from the paper's formulas, and
-    Fisher's direction C^-1 (mp - mn) with its midpoint."""
+def test_ledoit_wolf_and_fisher_direction():
+    """Ledoit-Wolf's weight against a float64 reference written from the paper's formulas on the
+    d x d covariance, and Fisher's direction (computed through an n x n solve) against the
+    explicit C^-1 (mp - mn), also with fewer rows than dimensions."""
     g = torch.Generator().manual_seed(0)
+
+    def reference_weight(X):
+        n, d = X.shape
+        Sm = sum(torch.outer(x, x) for x in X) / n
+        m = float(torch.trace(Sm)) / d
+        d2 = float(torch.linalg.matrix_norm(Sm - m * torch.eye(d, dtype=torch.float64)) ** 2)
+        b2 = sum(float(torch.linalg.matrix_norm(torch.outer(x, x) - Sm) ** 2) for x in X) / n ** 2
+        return min(b2, d2) / d2, Sm, m
+
     X = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([3., 1, 1, .5, .2, .1], dtype=torch.float64))
     X = X - X.mean(0)
-    C, a = S.shrunk_covariance(X)
-    n, d = X.shape
-    Sm = sum(torch.outer(x, x) for x in X) / n
-    m = float(torch.trace(Sm)) / d
-    d2 = float(torch.linalg.matrix_norm(Sm - m * torch.eye(d, dtype=torch.float64)) ** 2)
-    b2 = sum(float(torch.linalg.matrix_norm(torch.outer(x, x) - Sm) ** 2) for x in X) / n ** 2
-    ref_a = min(b2, d2) / d2
-    assert a == pytest.approx(ref_a, rel=1e-9) and 0 < a < 1
-    torch.testing.assert_close(C, (1 - ref_a) * Sm + ref_a * m * torch.eye(d, dtype=torch.float64))
-    # two classes differing along a low-variance axis under a high-variance nuisance axis
-    P = torch.randn(50, 2, generator=g) * torch.tensor([5.0, 0.1]) + torch.tensor([0.0, 1.0])
-    N = torch.randn(60, 2, generator=g) * torch.tensor([5.0, 0.1])
-    w, a, mid = S.fisher_direction(P, N)
-    Pd, Nd = P.double(), N.double()
-    Cr, _ = S.shrunk_covariance(torch.cat([Pd - Pd.mean(0), Nd - Nd.mean(0)]))
-    ref = torch.linalg.solve(Cr, Pd.mean(0) - Nd.mean(0))
-    ref = ref / ref.norm()
-    torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-6)
-    assert abs(float(w[1])) > 0.99  # the difference of means alone would lean on the noisy axis
-    assert mid == pytest.approx(float((Pd.mean(0) + Nd.mean(0)) @ ref) / 2, abs=1e-5)
-    assert S.auroc((P @ w).tolist(), (N @ w).tolist()) > 0.99
+    a, mu, G = S.ledoit_wolf(X)
+    ref_a, Sm, m = reference_weight(X)
+    assert a == pytest.approx(ref_a, rel=1e-9) and 0 < a < 1 and mu == pytest.approx(m, rel=1e-12)
+    for n_pos, n_neg, d in ((50, 60, 2), (6, 7, 40)):  # n > d, and n < d (a real model's case)
+        scale = torch.ones(d)
+        scale[0] = 5.0  # a high-variance nuisance axis
+        P = torch.randn(n_pos, d, generator=g) * scale * 1.0
+        P[:, 1] = P[:, 1] * 0.1 + 1.0  # the classes differ along a low-variance axis
+        N = torch.randn(n_neg, d, generator=g) * scale
+        N[:, 1] = N[:, 1] * 0.1
+        w, a, mid = S.fisher_direction(P, N)
+        Pd, Nd = P.double(), N.double()
+        Xc = torch.cat([Pd - Pd.mean(0), Nd - Nd.mean(0)])
+        ref_a, Sm, m = reference_weight(Xc)
+        assert a == pytest.approx(max(ref_a, 1e-6), rel=1e-6)
+        ref = torch.linalg.solve((1 - a) * Sm + a * m * torch.eye(d, dtype=torch.float64), Pd.mean(0) - Nd.mean(0))
+        ref = ref / ref.norm()
+        torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-6)
+        assert mid == pytest.approx(float((Pd.mean(0) + Nd.mean(0)) @ ref) / 2, abs=1e-5)
+        if n_pos > d:  # the difference of means alone would lean on the noisy axis
+            assert abs(float(w[1])) > 0.99 and S.auroc((P @ w).tolist(), (N @ w).tolist()) > 0.99
     # degenerate input: no variance at all
-    C0, a0 = S.shrunk_covariance(torch.zeros(4, 3, dtype=torch.float64))
-    assert a0 == 1.0 and torch.equal(C0, torch.eye(3, dtype=torch.float64))
+    a0, mu0, _ = S.ledoit_wolf(torch.zeros(4, 3, dtype=torch.float64))
+    assert a0 == 1.0 and mu0 == 0.0
 
 
 # -- guards --
@@ -450,6 +460,30 @@ def test_recalibration_follows_the_model(world):
     after = rec["shaping"]["recalibrated"]["refusal"]
     assert after == pytest.approx(sh.cal["refusal"]["threshold"], abs=1e-5)
     assert after > before + 1.0
+
+
+
+def test_recalibration_keeps_the_refit_midpoint(world):
+    """With the forward scorer the recalibration moves the refitted direction's midpoint with the
+    harmful probe's median (the offset the refit measured), so the threshold stays down at it
+    instead of snapping back to the TPR quantile."""
+    model = _model(world)
+    sh = _shaper(world, model, guards=["direction"], scorer="forward", tpr=0.95, max_fpr=1.0)
+    harm, ben = sh._recal_rows
+    nh = len(harm)
+    blocks = S.find_blocks(model)
+    hs, _ = sh._probe_forward(model, [blocks[sh.layer]], harm + ben, next(model.parameters()).device)
+    v = (hs[0] @ sh.direction).tolist()
+    q = S.calibrate(v[:nh], v[nh:], 0.95, 1.0)["threshold"]
+    med = sorted(v[:nh])[nh // 2]
+    lo = min(v[:nh]) - 1.0
+    assert lo < q
+    mid = (lo + q) / 2  # a midpoint under the quantile threshold (no benign bound)
+    sh._mid_offset = med - mid
+    out = sh._recalibrate()
+    want = S.calibrate(v[:nh], v[nh:], 0.95, 1.0, midpoint=mid)["threshold"]
+    assert want < q and out["direction"] == pytest.approx(want, abs=1e-5)
+    assert sh.cal["direction"]["threshold"] == pytest.approx(want, abs=1e-5)
 
 
 # -- the training stream's check --

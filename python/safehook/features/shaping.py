@@ -188,32 +188,43 @@ def calibrate(harmful, benign, tpr, max_fpr, midpoint=None):
     return out
 
 
-def shrunk_covariance(X):
-    """Covariance of the rows of X (n x d, already centered), shrunk towards a multiple of the
-    identity by Ledoit and Wolf's estimate of the weight (J. Multivariate Anal. 88, 2004):
-    (1 - a) S + a tr(S)/d I. Invertible whenever tr(S) > 0, also for n < d."""
+def ledoit_wolf(X):
+    """Ledoit and Wolf's shrinkage of the covariance S = X^T X / n of the rows of X (n x d,
+    already centered) towards mu I, mu = tr(S)/d (J. Multivariate Anal. 88, 2004): the weight a
+    of (1 - a) S + a mu I. Computed from the n x n Gram matrix G = X X^T (|S|_F = |G|_F / n,
+    |x_k|^2 = G_kk), never a d x d matrix: the training rows are far fewer than the hidden size of
+    a real model. Returns (a, mu, G)."""
     n, d = X.shape
-    S = X.T @ X / n
-    eye = torch.eye(d, dtype=X.dtype, device=X.device)
-    mu = torch.trace(S) / d
-    if not float(mu) > 0:
-        return eye, 1.0
-    d2 = float(((S - mu * eye) ** 2).sum())
-    b2 = float(((X.norm(dim=1) ** 4).sum() - n * (S ** 2).sum()) / (n * n))
+    G = X @ X.T
+    mu = float(torch.trace(G)) / (n * d)
+    if not mu > 0:
+        return 1.0, 0.0, G
+    s2 = float((G ** 2).sum()) / (n * n)                 # |S|_F^2
+    d2 = s2 - mu * mu * d                                # |S - mu I|_F^2
+    b2 = (float((torch.diagonal(G) ** 2).sum()) - n * s2) / (n * n)
     a = 1.0 if d2 <= 0 else min(max(b2 / d2, 0.0), 1.0)
-    return (1 - a) * S + a * mu * eye, a
+    return a, mu, G
 
 
 def fisher_direction(pos, neg):
     """The unit direction w = C^-1 (mean(POS) - mean(NEG)) (Fisher's discriminant), C the
-    pooled within-class covariance of POS and NEG (rows: float hidden states), shrunk
-    (shrunk_covariance); computed in float64. Returns (w, shrinkage, midpoint), the midpoint
-    being the projection of the two class means' midpoint (Fisher's rule with equal priors)."""
+    pooled within-class covariance of POS and NEG (rows: float hidden states) shrunk by
+    ledoit_wolf (weight floored at 1e-6, so C is invertible also for n < d); computed in float64
+    through Woodbury's identity, an n x n solve: C = alpha I + beta X^T X with alpha = a mu,
+    beta = (1 - a)/n, C^-1 v = (v - beta X^T (alpha I + beta G)^-1 X v) / alpha. Returns (w,
+    shrinkage, midpoint), the midpoint being the projection of the two class means' midpoint
+    (Fisher's rule with equal priors)."""
     P, N = pos.double(), neg.double()
     mp, mn = P.mean(0), N.mean(0)
-    C, a = shrunk_covariance(torch.cat([P - mp, N - mn]))
-    w = torch.linalg.solve(C, (mp - mn).unsqueeze(1)).squeeze(1)
-    w = w / w.norm().clamp_min(1e-300)
+    X = torch.cat([P - mp, N - mn])
+    a, mu, G = ledoit_wolf(X)
+    v = mp - mn
+    if mu > 0:
+        a = max(a, 1e-6)
+        alpha, beta = a * mu, (1.0 - a) / X.shape[0]
+        inner = alpha * torch.eye(X.shape[0], dtype=X.dtype, device=X.device) + beta * G
+        v = (v - beta * (X.T @ torch.linalg.solve(inner, X @ v))) / alpha
+    w = v / v.norm().clamp_min(1e-300)
     return w.to(pos.dtype), a, float((mp + mn) @ w) / 2
 
 
