@@ -26,8 +26,8 @@ ranks), the rest refused.
 
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
-``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
-``cosine_min`` and ``groups`` are added.
+``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` is still a bool (any group
+projected), and ``groups_projected``, ``groups`` and ``cosine_min`` are added.
 """
 import math
 import re
@@ -222,7 +222,8 @@ class SafeGrad:
         if self.granularity == "global":
             record["projected"] = res["projected"]
         else:
-            record["projected"] = sum(res["projected"])
+            record["projected"] = any(res["projected"])  # one type in every record: a bool
+            record["groups_projected"] = sum(res["projected"])
             record["groups"] = len(res["projected"])
             mins = [c for c in res["cosine"] if c is not None]
             record["cosine_min"] = min(mins) if mins else None
