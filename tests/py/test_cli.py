@@ -44,3 +44,21 @@ def test_reader_gone_is_silent(tmp_path, argv):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141
     assert first and err == "", err
+
+
+def test_locate_on_a_missing_folder_is_one_line_and_never_the_hub(tmp_path):
+    """A name that is not a folder (a hub id, a typo) is refused before transformers is even
+    imported: nothing can look it up on the hub."""
+    code = ("import sys; from safehook.cli import main; rc = main(sys.argv[1:]); "
+            "print('transformers imported' if 'transformers' in sys.modules else 'no transformers'); sys.exit(rc)")
+    for name, why in ((str(tmp_path / "missing"), "no such folder (locate reads local model folders only, never the hub)"),
+                      ("HuggingFaceTB/SmolLM2-135M", "no such folder (locate reads local model folders only, never the hub)"),
+                      (str(tmp_path), "no config.json (not a Hugging Face model folder)")):
+        r = subprocess.run([sys.executable, "-c", code, "locate", "--model", name], capture_output=True, text=True,
+                           timeout=120, cwd=str(tmp_path))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == "safehook locate: %s: %s\n" % (name, why)
+        assert r.stdout == "no transformers\n"
+    (tmp_path / "config.json").write_text("{}")
+    r = _safehook("locate", "--model", str(tmp_path), "--benign", str(tmp_path / "b.txt"))
+    assert r.returncode == 2 and r.stderr == "safehook locate: %s: no such file\n" % (tmp_path / "b.txt")
