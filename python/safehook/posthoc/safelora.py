@@ -10,7 +10,7 @@ bit-identical."""
 import re
 
 from . import common as C
-from .tensors import PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct, write_like
 
 
 def project(v, x):
@@ -63,6 +63,7 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
     threshold: project layers with similarity below it; layers: project the N least similar
     layers instead (the reference's 'number' mode)."""
     import torch
+    C.finite(threshold=threshold)
     check_distinct(out, base, aligned, finetuned)
     ub, ua, uf = Source(base), Source(aligned), Source(finetuned)
     if ub.kind == "adapter" or ua.kind == "adapter":
@@ -89,7 +90,8 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
         for n in targets:
             C.check_like(n, uf, ua, "aligned")
             C.check_like(n, uf, ub, "base")
-    rec = C.Record(record if record is not None else C.default_record(out), "safelora",
+    dest = Output(out, uf, [ub, ua, uf], record)
+    rec = C.Record(dest.record_path, "safelora",
                    {"base": base, "aligned": aligned, "finetuned": finetuned, "out": out,
                     "threshold": threshold, "layers": layers, "adapter": adapter,
                     "include": include, "exclude": exclude})
@@ -151,11 +153,13 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
         return ua.get(w).to(p.dtype).add_(p)
 
     try:
-        write_like(uf, out, produce, prog)
+        write_like(uf, dest.target, produce, prog)
+        rec.close(status="ok", layers=len(targets), projected=len(chosen))
+        dest.commit("restore")
     except BaseException:
         rec.close(status="failed")
+        dest.abort()
         raise
-    rec.close(status="ok", layers=len(targets), projected=len(chosen))
-    prog("done: %d of %d layers projected, record %s" % (len(chosen), len(targets), rec.path))
-    return {"layers": len(targets), "projected": len(chosen), "record": rec.path,
+    prog("done: %d of %d layers projected, record %s" % (len(chosen), len(targets), dest.record))
+    return {"layers": len(targets), "projected": len(chosen), "record": dest.record,
             "similarities": sims}
