@@ -57,6 +57,41 @@ def test_safelora_projection_and_similarity_match_explicit_matrix():
     assert safelora.similarity(torch.zeros(10, 6, dtype=torch.float64), dw)[0] is None
 
 
+@pytest.mark.parametrize("shape", [(10, 6, 6), (6, 10, 10), (6, 10, 2), (10, 6, 3), (8, 8, 8)])
+def test_safelora_projection_in_either_order_matches_float64(shape):
+    """Tall, wide (down_proj-like) and adapter-shaped (X = B, k = r) against C X formed in numpy."""
+    d_out, d_in, k = shape
+    v, x = rnd(d_out, d_in, seed=8), rnd(d_out, k, seed=9)
+    c = v.numpy() @ v.numpy().T / np.linalg.norm(v.numpy())
+    np.testing.assert_allclose(safelora.project(v, x).numpy(), c @ x.numpy(), rtol=0, atol=1e-12)
+
+
+def test_safelora_projection_of_a_wide_weight_stays_near_its_size(tmp_path):
+    """A 128 x 4096 float32 update (2 MiB): V (V^T X) would hold a 4096 x 4096 matrix (64 MiB);
+    the order chosen by shape holds 128 x 128. Peak resident memory of a fresh process, above
+    what it held before the call."""
+    code = """if 1:
+        import json, torch
+        from safehook.posthoc import safelora
+        def hwm():
+            for l in open("/proc/self/status"):
+                if l.startswith("VmHWM:"):
+                    return int(l.split()[1]) * 1024
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        v, x = torch.randn(128, 4096, generator=g), torch.randn(128, 4096, generator=g)
+        safelora.project(v[:8, :64].contiguous(), x[:8, :64].contiguous())  # warm up the kernels
+        before = hwm()
+        p = safelora.project(v, x)
+        print(json.dumps({"above": hwm() - before, "tensor": v.numel() * 4}))
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["above"] < 4 * r["tensor"], r  # 64 MiB = 32 tensors the other way
+
+
 def test_nlsr_rows_similarity_and_draw_direction():
     dr = rnd(20, 5, seed=6)
     rows = nlsr.neuron_rows(dr, 0.25)

@@ -2,7 +2,7 @@
 of each layer onto the alignment subspace where the update has drifted away from it.
 
 Per selected weight: V = W_aligned - W_base, C = V V^T / ||V||_F (the reference's projection;
-never formed here: C X = V (V^T X) / ||V||_F). With the fine-tuning update dW (W_finetuned -
+C X is computed in the order with the smaller intermediate, see project()). With the fine-tuning update dW (W_finetuned -
 W_aligned for a full model; s * B A for a PEFT LoRA adapter), the similarity is
 cos(C dW, dW). A layer whose similarity is below the threshold (or, with --layers N, one of the
 N least similar layers) gets C dW in place of dW (an adapter: B -> C B); the others are left
@@ -14,10 +14,17 @@ from .tensors import Output, PosthocError, Source, check_distinct, write_like
 
 
 def project(v, x):
-    """C X with C = V V^T / ||V||_F, without forming the d_out x d_out matrix C."""
+    """C X with C = V V^T / ||V||_F (V: d_out x d_in, X: d_out x k), in the product order whose
+    intermediate is smaller: V (V^T X) holds a d_in x k matrix, (V V^T) X a d_out x d_out one.
+    For a full-model update (k = d_in) that is min(d_out, d_in)^2 <= the tensor's own size: a
+    wide weight (down_proj, d_in = 4 d_out) would otherwise hold d_in^2, 4x the tensor; for an
+    adapter's B (k = r) V (V^T B) is tiny."""
     import torch
     n = torch.linalg.matrix_norm(v)
-    return v @ (v.T @ x) / n
+    d_out, d_in = v.shape
+    if d_in * x.shape[1] <= d_out * d_out:
+        return (v @ (v.T @ x)).div_(n)
+    return ((v @ v.T) @ x).div_(n)
 
 
 def similarity(v, dw):
