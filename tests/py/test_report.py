@@ -124,9 +124,9 @@ def test_counts_agree_with_the_demo_and_count_each_example_once(run, tmp_path):
 def test_refuses_what_is_not_an_audit_log(tmp_path, kind):
     f = tmp_path / "f"
     content, why = {
-        "policy": (b'{\n  "version": 1\n}\n', "not JSON lines"),
+        "policy": (b'{\n  "version": 1\n}\n', "not JSON"),
         "probe_rows": (b'{"prompt": "hi", "response": "no"}\n', 'a JSON object without an "event" and "time"'),
-        "binary": (bytes(range(256)) * 64, "not JSON lines"),
+        "binary": (bytes(range(256)) * 64, "not JSON"),
         "empty": (b"\n\n", None),
         "json_array": (b"[1, 2]\n", "JSON, but not an object"),
     }[kind]

@@ -53,7 +53,7 @@ def load(path):
             obj = None
         if not is_record(obj):
             what = ("a JSON object without an \"event\" and \"time\"" if isinstance(obj, dict)
-                    else "not JSON lines" if obj is None else "JSON, but not an object")
+                    else "not JSON" if obj is None else "JSON, but not an object")
             raise NotAnAuditLog("%s: not an audit log (its first line is %s)" % (path, what))
         recs.append(obj)
         for raw in f:

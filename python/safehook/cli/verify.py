@@ -91,6 +91,13 @@ def _safetensors_names(path):
 
 def _torch_state(path, required):
     """The tensors of a torch file, or None when it is not a state dict (REQUIRED: it must be)."""
+    import warnings
+    with warnings.catch_warnings():  # torch warns about pickle protocols: one line is said below
+        warnings.simplefilter("ignore")
+        return _torch_load(path, required)
+
+
+def _torch_load(path, required):
     import pickle
     import torch
     try:
@@ -103,8 +110,8 @@ def _torch_state(path, required):
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
         if not required:
             return None
-        why = str(e).strip().splitlines()
-        raise CannotVerify("%s: not a readable torch state dict: %s" % (path, why[0] if why else type(e).__name__))
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise CannotVerify("%s: not a readable torch state dict (%s)" % (path, why))
     if isinstance(h, dict) and isinstance(h.get("state_dict"), dict):
         h = h["state_dict"]
     if not isinstance(h, dict) or not any(hasattr(v, "dtype") for v in h.values()):
@@ -139,6 +146,8 @@ class Source:
         if os.path.isfile(path):
             if path.endswith(".json"):
                 return self._folder(os.path.dirname(path) or ".", only_index=path)
+            if not path.endswith((".safetensors",) + _TORCH_EXT):
+                raise CannotVerify("%s: not a .safetensors, torch (.bin, .pt, .pth) or index (.json) file" % path)
             if not path.endswith(".safetensors"):
                 self._torch[path] = _torch_state(path, True)
             self.files = [path]
