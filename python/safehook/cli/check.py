@@ -18,7 +18,6 @@ import fnmatch
 import json
 import os
 import re
-import sys
 
 SCHEMA = "safehook.check/1"
 

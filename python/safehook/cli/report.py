@@ -457,7 +457,8 @@ def plot(recs, path):
         for i, (step, _) in enumerate(s["rollbacks"]):
             a.axvline(step, color="tab:red", lw=1.2, alpha=0.7, label="rollback" if i == 0 else None)
         for step, what in s["ends"]:
-            a.axvline(step, color="black", ls="--", lw=1.2, label="training " + ("stopped" if what == "stop" else "aborted"))
+            a.axvline(step, color="black", ls="--", lw=1.2,
+                      label="training " + ("stopped" if what == "stop" else "aborted"))
         if a.get_legend_handles_labels()[0]:
             a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.suptitle("safehook: safety during training")

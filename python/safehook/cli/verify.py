@@ -399,7 +399,8 @@ def verify(base, ckpt, freeze, out=None, limit=20):
     b = Source(base)
     dup = sorted(n for n, cs in b.copies.items() if len(cs) > 1)
     if dup:
-        raise CannotVerify("the base %s is itself ambiguous: %s is stored %d times" % (base, dup[0], len(b.copies[dup[0]])))
+        raise CannotVerify("the base %s is itself ambiguous: %s is stored %d times"
+                           % (base, dup[0], len(b.copies[dup[0]])))
     if b.index_problems:
         raise CannotVerify("the base %s is itself ambiguous: %s" % (base, b.index_problems[0][1]))
     try:
