@@ -4,9 +4,9 @@ of each layer onto the alignment subspace where the update has drifted away from
 Per selected weight: V = W_aligned - W_base, C = V V^T / ||V||_F (the reference's projection;
 C X is computed in the order with the smaller intermediate, see project()). With the
 fine-tuning update dW (W_finetuned - W_aligned for a full model; s * B A for a PEFT LoRA
-adapter), the similarity is cos(C dW, dW). A layer whose similarity is below the threshold (or, with --layers N, one of the
-N least similar layers) gets C dW in place of dW (an adapter: B -> C B); the others are left
-bit-identical."""
+adapter), the similarity is cos(C dW, dW). A layer whose similarity is below the threshold
+(or, with --layers N, one of the N least similar layers) gets C dW in place of dW (an adapter:
+B -> C B); the others are left bit-identical."""
 import re
 
 from . import common as C
