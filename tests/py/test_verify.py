@@ -8,8 +8,6 @@ check reads."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -136,9 +134,19 @@ def test_cannot_check_is_exit_2(tmp_path, capsys):
     assert code == 2 and "no such file or folder" in out.err
 
 
+class _Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
 def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "safehook", "verify", *argv], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """`safehook verify ARGV` in this process (a process per call would cost a torch import each)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["verify", *argv])
+    return _Done(code, out.getvalue(), err.getvalue())
 
 
 def test_another_architecture_cannot_be_verified(tmp_path, capsys):
