@@ -97,7 +97,7 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
     ok, reason = M.available(features)
     if not ok:
         res.update(status="not available", reason=reason)
-        log("%-12s %-24s not available: %s" % (setting, label, reason))
+        log("%-15s %-15s not available: %s" % (setting, mode, reason))
         return res, None
     tag = "%s-%s" % (setting, mode)
     out = os.path.join(work, "model-" + tag)
@@ -133,7 +133,7 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
     if p.returncode != 0 or not os.path.exists(os.path.join(out, "stats.json")):
         tail = [l for l in p.stdout.strip().splitlines() if l.strip()][-3:]
         res.update(status="failed", reason="exit %d: %s" % (p.returncode, " | ".join(tail)))
-        log("%-12s %-24s FAILED (%s)" % (setting, label, res["reason"]))
+        log("%-15s %-15s FAILED (%s)" % (setting, mode, res["reason"]))
         return res, None
     with open(os.path.join(out, "stats.json")) as f:
         st = json.load(f)
@@ -280,7 +280,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     bm = _metrics(base_dir, tok, evalset, cfg)
     with open(os.path.join(base_dir, "info.json")) as f:
         info = json.load(f)
-    log("base model: ASR %s (exact %s), over-refusal %s, task %s"
+    log("base: asr_keyword %s, asr_exact %s, over_refusal %s, task_accuracy %s"
         % (_pct(bm["asr_keyword"]), _pct(bm["asr_exact"]), _pct(bm["over_refusal"]),
            _pct(bm["task_accuracy"])))
 
@@ -310,8 +310,8 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     if post:
         unaligned_dir = P.get_unaligned(cfg, cache, log)
         results["unaligned"] = dict(_metrics(unaligned_dir, tok, evalset, cfg), model_dir=unaligned_dir)
-        log("unaligned twin: ASR %s, task %s" % (_pct(results["unaligned"]["asr_keyword"]),
-                                                  _pct(results["unaligned"]["task_accuracy"])))
+        log("unaligned: asr_keyword %s, task_accuracy %s" % (_pct(results["unaligned"]["asr_keyword"]),
+                                                              _pct(results["unaligned"]["task_accuracy"])))
     if "lox_plain" in post:
         lox_dir, info = P.harden(base_dir, unaligned_dir, work, log)
         results["hardened"] = dict(_metrics(lox_dir, tok, evalset, cfg), lox=info)
@@ -337,7 +337,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     import concurrent.futures as cf
 
     def one(name, setting):
-        log("%-12s %-24s fine-tuning ..." % (setting, M.LABELS[name]))
+        log("%-15s %-15s fine-tuning ..." % (setting, name))
         start = lox_dir if name == "lox_plain" else base_dir
         return run_mode(name, setting, work, start, data[setting], probe_path, cfg, log,
                         tokenizer_dir=base_dir)
@@ -364,10 +364,10 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
                     lambda d: _metrics(d, tok, evalset, cfg), log, M.LABELS))
             if mdir:
                 shutil.rmtree(mdir, ignore_errors=True)
-                log("%-12s %-24s ASR %s, how-to %s, over-refusal %s, task %s, %.1fs"
-                    % (setting, M.LABELS[name], _pct(res["asr_keyword"]),
-                       _pct(res["harmful_howto"]), _pct(res["over_refusal"]),
-                       _pct(res["task_accuracy"]), res["wall_seconds"]))
+                log("%-15s %-15s asr_keyword %s, harmful_howto %s, over_refusal %s, task_accuracy %s, "
+                    "wall_seconds %.1f" % (setting, name, _pct(res["asr_keyword"]), _pct(res["harmful_howto"]),
+                                           _pct(res["over_refusal"]), _pct(res["task_accuracy"]),
+                                           res["wall_seconds"]))
             results["settings"][setting]["modes"][name] = res
     for setting in setting_names:
         per = results["settings"][setting]["modes"]

@@ -104,9 +104,9 @@ def after_rows(plain, mdir, setting, names, work, base_dir, unaligned_dir, metri
                    wall_seconds=round(plain.get("wall_seconds", 0) + info["seconds"], 2))
         res.update(metrics(d))
         shutil.rmtree(d, ignore_errors=True)
-        log("%-12s %-24s %s; ASR %.1f%%, task %.1f%%" % (
-            setting, labels[name], ", ".join("%s %s" % (k, info[k]) for k in
-                                             ("projected", "transplanted", "layers") if k in info),
+        log("%-15s %-15s %s; asr_keyword %.1f%%, task_accuracy %.1f%%" % (
+            setting, name, ", ".join("%s %s" % (k, info[k]) for k in
+                                     ("projected", "transplanted", "layers") if k in info),
             100 * res["asr_keyword"], 100 * res["task_accuracy"]))
         out[name] = res
     return out
