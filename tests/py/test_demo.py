@@ -51,6 +51,9 @@ def test_quick_demo_end_to_end(tmp_path):
     res = json.loads(out.read_text())
     assert res["schema"] == "safehook.alignment_tax/2"
     assert res["quick"] is True and res["seed"] == 0 and res["ratios"] == [0.1]
+    # CPU seconds of the demo with its 8 fine-tuning runs (each starts torch: > 1 s apiece), at
+    # most 3 processes at a time (2 runs and the evaluation)
+    assert 8 < res["cpu_seconds"] <= 3 * res["wall_seconds"], (res["cpu_seconds"], res["wall_seconds"])
     assert res["config"]["model"]["layers"] >= 8
     base = res["base"]
     assert base["cached"] is False  # a fresh cache: trained here

@@ -62,8 +62,9 @@ def _cmd(args):
     from ..demo import checks
     for line in checks.lines(res["checks"]):
         print(line)
-    print("results: %s\nchart:   %s\nwall:    %.0fs" % (
-        res["out"], res["chart"] or "not drawn (%s)" % res.get("chart_error"), res["wall_seconds"]))
+    print("results: %s\nchart:   %s\nwall:    %.0fs (CPU %.0fs: the demo and its fine-tuning runs)" % (
+        res["out"], res["chart"] or "not drawn (%s)" % res.get("chart_error"), res["wall_seconds"],
+        res.get("cpu_seconds", 0)))
     status, msg = exit_status(res["checks"], args.check)
     if msg:
         print(msg, file=sys.stderr)

@@ -221,6 +221,14 @@ def _pct(x):
     return "   -  " if x is None else "%5.1f%%" % (100 * x)
 
 
+def _cpu():
+    """CPU seconds (user + system) of this process and of its children that have ended: on a
+    shared machine, what the run costs whatever share of the cores it got."""
+    import resource
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def checks(results):
     """The demo's targets, evaluated on what was measured (demo/checks.py)."""
     return C.checks(results, P.POSTHOC)
@@ -265,6 +273,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     torch.set_num_threads(1)
     log = log or Progress()
     t_start = time.time()
+    cpu_start = _cpu()
     cfg = make_config(quick, seed, layers, ratios)
     setting_names = settings(cfg)
     jobs = jobs or cfg["jobs"]
@@ -379,4 +388,5 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
 
     results["checks"] = checks(results)
     results["wall_seconds"] = round(time.time() - t_start, 1)
+    results["cpu_seconds"] = round(_cpu() - cpu_start, 1)
     return write_outputs(results, out)

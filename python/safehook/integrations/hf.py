@@ -84,9 +84,15 @@ def _make_classes():
                 out["safehook/steps"] = self.steps
             return out
 
-        def _attach(self):
+        def _find(self):
             if self.trainer is None:
                 self.trainer = _find_trainer()
+            return self.trainer
+
+        def _attach(self):
+            """Receive the tap's steps from now on (from the start of training: a Trainer built
+            and never trained takes nothing)."""
+            self._find()
             if self.auto and self.trainer is not None:
                 # a SafehookCallback the user passed does the logging
                 self.quiet = any(isinstance(c, SafehookCallback) and not c.auto
@@ -103,7 +109,7 @@ def _make_classes():
                 tap.sinks().remove(self)
 
         def on_init_end(self, args, state, control, **kwargs):
-            self._attach()
+            self._find()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._reset()
