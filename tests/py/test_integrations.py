@@ -141,3 +141,29 @@ def test_accelerate_tracker_gets_every_steps_stats(tmp_path, lib):
         assert math.isclose(tb["safehook/cosine"][a["step"]], a["cosine"], rel_tol=1e-5, abs_tol=1e-6)
         assert tb["safehook/projected"][a["step"]] == (1 if a.get("projected") else 0)
     assert sorted(tb["loss"]) == list(range(1, STEPS + 1))  # the loop's own log, beside
+
+
+def test_tap_counts_flags_probe_scores_and_rollbacks_of_a_step():
+    """The records a step's features write (shaping's flags, the monitor's probe and rollback)
+    become that step's stats; a flag withdrawn by the stream check stops nothing."""
+    from safehook.integrations import tap
+    got = []
+    saved = dict(tap._state)
+    try:
+        tap._state.update(pending=tap._new(), sinks=[lambda step, stats: got.append((step, stats))],
+                          accelerator=None, looked=True)
+        tap._on_record("flag", {"fingerprint": "a", "action": "mask"}, 3)
+        tap._on_record("flag", {"fingerprint": "b", "action": "refuse"}, 3)
+        tap._on_record("flag", {"fingerprint": "a", "action": "none", "revoked": True}, 3)
+        tap._on_record("probe", {"score": -2.5, "passed": False}, 3)
+        tap._on_record("probe", {"score": -2.0, "passed": True}, 3)
+        tap._on_record("rollback", {"to_step": 1}, 3)
+        tap._pre(None, 3, {"projected": 4, "cosine": -0.25, "gate": {"action": "scale", "scale": 0.5}})
+        tap._post(None, 3, {})
+        tap._post(None, 4, {})  # nothing recorded: nothing sent
+    finally:
+        tap._state.clear()
+        tap._state.update(saved)
+    assert got == [(3, {"safehook/flagged": 2, "safehook/probe_score": -2.0, "safehook/rollbacks": 1,
+                        "safehook/projected": 4, "safehook/cosine": -0.25, "safehook/gate_skipped": 0,
+                        "safehook/gate_scaled": 1, "safehook/gate_scale": 0.5})], got

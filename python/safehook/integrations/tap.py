@@ -21,7 +21,8 @@ Stats (keys as logged; absent when the feature is off):
     safehook/safety_loss   the safety probe's loss at this step's weights
     safehook/gate_skipped, safehook/gate_scaled   1 when the gate skipped / scaled the update
     safehook/gate_scale    the gate's scale factor
-    safehook/flagged       training examples shaping flagged at this step (flag records)
+    safehook/flagged       training examples shaping stopped at this step (flag records,
+                           withdrawals by its stream check left out)
     safehook/shaping_masked_tokens, safehook/shaping_rewritten   shaping's counts of the step
     safehook/probe_score   the monitor's safety score when it measured at this step
     safehook/rollbacks     rollbacks made at this step
@@ -54,7 +55,8 @@ def _on_record(event, fields, step):
     if p is None or not isinstance(fields, dict):
         return
     if event == "flag":
-        _count(p, "safehook/flagged")
+        if fields.get("action") != "none" and not fields.get("revoked"):
+            _count(p, "safehook/flagged")  # a withdrawal (action "none") stops nothing
     elif event == "rollback":
         _count(p, "safehook/rollbacks")
     elif event == "probe" and isinstance(fields.get("score"), (int, float)) and not isinstance(fields.get("score"), bool):
