@@ -67,9 +67,23 @@ FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.featu
             (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
 
 
+def _setup_one(name, modname, policy, rt):
+    """Set up the feature MODNAME (policy section NAME; None: set up for every policy) for
+    POLICY in RT (a Runtime, or a branch of the embedded default: runtime/default.py)."""
+    import importlib
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as e:
+        _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
+        return
+    try:
+        mod.setup(policy, rt)
+    except Exception as e:
+        _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+
+
 def _setup_features():
     from .context import Runtime
-    import importlib
     policy = _state["policy"]
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
@@ -77,18 +91,14 @@ def _setup_features():
     rt = Runtime(policy, fail=_protection_failed, active=lambda: _state["active"],
                  restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
+    if (policy.get("_meta") or {}).get("origin") == "<embedded default>":
+        from . import default  # protects each model it can, falls back to freezing the others
+        default.setup(policy, rt, FEATURES, _setup_one)
+        return
     for name, modname in FEATURES:
         if name is not None and not policy.get(name):
             continue
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError as e:
-            _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
-            continue
-        try:
-            mod.setup(policy, rt)
-        except Exception as e:
-            _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+        _setup_one(name, modname, policy, rt)
 
 
 def _close_features():
