@@ -16,9 +16,12 @@ _built = {}
 def safehookd_binary(tmp_factory):
     if os.environ.get("SAFEHOOKD"):
         return os.environ["SAFEHOOKD"]
+    import glob
+    sources = sorted(glob.glob(os.path.join(ROOT, "daemon", "*.c"))) + [os.path.join(ROOT, "src", "sha256.c")]
+    newest = max(os.path.getmtime(f) for f in sources + glob.glob(os.path.join(ROOT, "daemon", "*.h")))
     for b in ("build-test", "build"):
         p = os.path.join(ROOT, b, "daemon", "safehookd")
-        if os.access(p, os.X_OK) and os.path.getmtime(p) >= os.path.getmtime(os.path.join(ROOT, "daemon", "safehookd.c")):
+        if os.access(p, os.X_OK) and os.path.getmtime(p) >= newest:
             return p
     if "bin" not in _built:
         d = str(tmp_factory.mktemp("safehookd"))
@@ -27,16 +30,64 @@ def safehookd_binary(tmp_factory):
                     '#define SH_AUDIT_LOG "/var/log/safehook/audit.jsonl"\n')
         out = os.path.join(d, "safehookd")
         subprocess.run(["cc", "-O1", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Werror", "-I", d, "-I",
-                        os.path.join(ROOT, "src"), os.path.join(ROOT, "daemon", "safehookd.c"),
-                        os.path.join(ROOT, "src", "sha256.c"), "-ljansson", "-o", out], check=True)
+                        os.path.join(ROOT, "src")] + sources + ["-ljansson", "-o", out], check=True)
         _built["bin"] = out
     return _built["bin"]
+
+
+def open_dir(prefix="safehook-server-"):
+    """A fresh folder under /tmp that every uid can traverse (pytest's own are root's only), for
+    the sockets and files other uids use. The caller removes it."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(d, 0o755)
+    return d
+
+
+def as_uid(uid, fn, background=False):
+    """Run fn() in a forked child that has dropped to UID (and gid UID, no groups); returns what
+    fn returned (JSON-able), or with background=True a function that waits for it."""
+    import json
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            out = json.dumps({"ok": fn()})
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = json.dumps({"error": "%s: %s" % (type(e).__name__, e)})
+            code = 1
+        os.write(w, out.encode())
+        os._exit(code)
+    os.close(w)
+
+    def wait():
+        chunks = []
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        os.waitpid(pid, 0)
+        res = json.loads(b"".join(chunks) or b'{"error": "no result"}')
+        if "error" in res:
+            raise AssertionError("as uid %d: %s" % (uid, res["error"]))
+        return res["ok"]
+    wait.pid = pid
+    return wait if background else wait()
 
 
 class Daemon:
     """safehookd on DIR/audit.sock writing DIR/log/audit.jsonl."""
 
-    def __init__(self, binary, d, *extra):
+    def __init__(self, binary, d, *extra, preexec_fn=None, env=None):
+        self.preexec_fn = preexec_fn
+        self.env = env
         self.dir = str(d)
         self.socket = os.path.join(self.dir, "audit.sock")
         self.log = os.path.join(self.dir, "log", "audit.jsonl")
@@ -46,8 +97,10 @@ class Daemon:
 
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
+        if os.path.exists(self.socket):  # left by a daemon that was killed
+            os.unlink(self.socket)
         self.err = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stderr=self.err)
+        self.proc = subprocess.Popen(self.argv, stderr=self.err, preexec_fn=self.preexec_fn, env=self.env)
         for _ in range(100):
             if os.path.exists(self.socket):
                 return self
