@@ -146,7 +146,8 @@ def enforced_build(tmp_factory):
     if "enforced" in _built:
         return _built["enforced"]
     d = str(tmp_factory.mktemp("enforced"))
-    system = os.path.join(d, "system.json")
+    os.makedirs(os.path.join(d, "etc"))  # a folder of its own, so that a test can hide it
+    system = os.path.join(d, "etc", "system.json")
     b = os.path.join(d, "build")
     subprocess.run(["meson", "setup", b, ROOT, "-Dsystem_policy=" + system, "-Dinstall_cli=false",
                     "-Dwerror=false", "-Ddaemon=disabled", "--buildtype=release"], check=True,
