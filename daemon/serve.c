@@ -279,7 +279,7 @@ static int reserved_event(const char *squashed) {
 }
 
 static int root_only_event(const char *squashed) {
-    static const char *const marks[] = {"jobstart", "taskstart", "taskend", "taskcheck"};
+    static const char *const marks[] = {"jobstart", "taskstart", "taskend", "stepend", "taskcheck"};
     for (size_t i = 0; i < sizeof marks / sizeof *marks; i++)
         if (!strcmp(squashed, marks[i]))
             return 1;

@@ -165,3 +165,123 @@ def enforced_build(tmp_factory):
     _built["enforced"] = {"site": site, "lib": lib, "system": system, "build": b,
                           "spank": spank if os.path.exists(spank) else None}
     return _built["enforced"]
+
+
+# ---- the root watcher's tests: an unprivileged user, a watching daemon, both deployments ----
+
+EXPOSE = os.path.join(ROOT, "tests", "server", "expose.py")
+ATTACKS = os.path.join(ROOT, "tests", "server", "attacks")
+USER = "safehook-attacker"
+
+
+def attacker_uid():
+    """The unprivileged user the attack tests run as (made once, a system user with no home)."""
+    import pwd
+    try:
+        return pwd.getpwnam(USER).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
+        return pwd.getpwnam(USER).pw_uid
+
+
+def torch_lib_dir():
+    import importlib.util
+    return os.path.join(os.path.dirname(importlib.util.find_spec("torch").origin), "lib")
+
+
+class Watched:
+    """An enforced world (enforced_build) whose system policy freezes block "0" and sends records
+    to a safehookd that watches: the installed libsafehook/_core and libtorch's files are known
+    to it, only the attacker's uid is watched outside Slurm jobs (other engineers' processes on
+    a shared machine are none of its business), model files written under the work folder are
+    checked against BASE with `safehook verify`. Commands run as the attacker in a private
+    mount namespace (tests/server/expose.py), under /etc/ld.so.preload there when asked."""
+
+    def __init__(self, tmp_factory, world, daemon_dir=None):
+        import json
+        self.world = world
+        self.uid = attacker_uid()
+        self.open = open_dir("safehook-watch-")
+        self.stash = os.path.join(self.open, "stash")
+        self.work = os.path.join(self.open, "work")
+        os.mkdir(self.stash)
+        os.mkdir(self.work)
+        os.chown(self.work, self.uid, self.uid)
+        self.base = os.path.join(self.open, "base.safetensors")
+        subprocess.run([sys.executable, os.path.join(ATTACKS, "train.py"), self.base, "base"], check=True,
+                       env=clean_env(), capture_output=True)
+        self.core = [os.path.join(world["site"], "safehook", f) for f in os.listdir(os.path.join(world["site"], "safehook"))
+                     if f.startswith("_core.") and f.endswith(".so")][0]
+        tl = torch_lib_dir()
+        self.daemon = Daemon(safehookd_binary(tmp_factory), daemon_dir or os.path.join(self.open, "d"))
+        with open(world["system"], "w") as f:
+            json.dump({"version": 1, "enforce": True, "freeze": {"params": ["0.*"]},
+                       "audit": {"sink": "daemon", "socket": self.daemon.socket}}, f)
+        os.chmod(world["system"], 0o644)
+        out = subprocess.run([sys.executable, "-c", "from safehook import _core; print(_core.system_policy_state()['digest'])"],
+                             env=dict(clean_env(), PYTHONPATH=world["site"]), capture_output=True, text=True, check=True)
+        self.digest = out.stdout.strip()
+        self.daemon.argv += ["--watch", "--torch", os.path.join(tl, "libtorch_cpu.so"),
+                             "--torch", os.path.join(tl, "libtorch_python.so"), "--torch", os.path.join(tl, "libc10.so"),
+                             "--lib", world["lib"], "--core", self.core, "--watch-uid", str(self.uid),
+                             "--watch-fs", self.work, "--verify-cmd", sys.executable + " -m safehook",
+                             "--verify-base", self.base, "--verify-policy", world["system"], "--artifact-quiet", "2"]
+        self.daemon.start()
+
+    def close(self):
+        self.daemon.stop()
+        if not os.environ.get("SAFEHOOK_TEST_KEEP"):
+            shutil.rmtree(self.open, ignore_errors=True)
+
+    def exposed(self):
+        import site
+        paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, self.world["site"],
+                 os.path.dirname(self.world["system"]), self.open, ATTACKS, torch_lib_dir()}
+        if self.world.get("spank"):  # slurmd loads it in the namespace
+            paths.add(os.path.dirname(self.world["spank"]))
+        paths.update(p for p in site.getsitepackages() if os.path.isdir(p))
+        return sorted(paths)
+
+    def wrap(self, uid=True, preload=False):
+        """The command prefix: a private mount namespace with the paths exposed (and
+        /etc/ld.so.preload naming the installed libsafehook when PRELOAD), as the attacker."""
+        argv = ["unshare", "-m", "--propagation", "private", sys.executable, EXPOSE, "--stash", self.stash]
+        for p in self.exposed():
+            argv += ["--expose", p]
+        if preload:
+            argv += ["--preload", self.world["lib"]]
+        if uid:
+            argv += ["--uid", str(self.uid)]
+        return argv + ["--"]
+
+    def mark(self):
+        return os.path.getsize(self.daemon.log)
+
+    def records_since(self, offset):
+        import json
+        with open(self.daemon.log, "rb") as f:
+            f.seek(offset)
+            return [json.loads(l) for l in f if l.endswith(b"\n")]
+
+    def wait_for(self, offset, pred, timeout=40):
+        """Records since OFFSET, once PRED(records) holds (or TIMEOUT seconds passed)."""
+        import time
+        t0 = time.time()
+        while True:
+            recs = self.records_since(offset)
+            if pred(recs) or time.time() - t0 > timeout:
+                return recs
+            time.sleep(0.25)
+
+    def frozen_changed(self, ckpt):
+        """Whether the checkpoint's frozen block differs from the base (the test's own check)."""
+        from safetensors.numpy import load_file
+        a, b = load_file(self.base), load_file(ckpt)
+        return any((a[k] != b[k]).any() for k in ("0.weight", "0.bias"))
+
+
+def clean_env(**extra):
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SAFEHOOK_", "SLURM_")) and k not in ("LD_PRELOAD", "PYTHONPATH", "LD_AUDIT")}
+    e.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+    return e
