@@ -320,6 +320,9 @@ static char handle_record(client *c, const struct ucred *sender, const char *buf
         json_object_set_new(peer, "conn_pid", json_integer(c->pid));
     if (c->uid != sender->uid)
         json_object_set_new(peer, "conn_uid", json_integer(c->uid));
+    unsigned long long start;
+    if (sh_opt.watch && !strcmp(event, "activate") && sh_proc_stat(sender->pid, &start, NULL, NULL) == 0)
+        json_object_set_new(peer, "start", json_integer((json_int_t)start)); /* a restarted daemon knows it again */
     json_object_set_new(rec, "peer", peer);
     char ev[80];
     snprintf(ev, sizeof ev, "%s", event);

@@ -18,8 +18,9 @@
  *   the step ends ("step_end"): then the daemon writes one "watch_task" verdict per task with
  *   its torch processes, its processes that outlived the step, and its checked model files
  *   (artifact.c).
- * Processes running before the daemon started cannot be judged (their activation, if any, is
- * older than this daemon): their verdict is "unverified". */
+ * A restarted daemon reads the activations of the last 64 MB of its log back (each carries its
+ * sender's start time, stamped by the daemon); other processes running before it started cannot
+ * be judged: their verdict is "unverified". */
 #include "shd.h"
 
 #include <dirent.h>
@@ -568,6 +569,43 @@ static void on_fanotify(int fd, void *unused) {
     }
 }
 
+/* Activations in the log's last 64 MB whose sender (pid and start time, both the daemon's word)
+ * still runs: a restarted daemon knows them again. */
+static void read_back(void) {
+    FILE *f = fopen(sh_opt.log_path, "re");
+    if (!f)
+        return;
+    fseeko(f, 0, SEEK_END);
+    off_t size = ftello(f), from = size > (64 << 20) ? size - (64 << 20) : 0;
+    fseeko(f, from, SEEK_SET);
+    char *line = NULL;
+    size_t cap = 0;
+    if (from)
+        getline(&line, &cap, f); /* a partial first line */
+    while (getline(&line, &cap, f) > 0) {
+        if (!strstr(line, "\"activate\""))
+            continue;
+        json_t *r = json_loads(line, 0, NULL);
+        json_t *peer = json_object_get(r, "peer");
+        pid_t pid = (pid_t)json_integer_value(json_object_get(peer, "pid"));
+        unsigned long long start = (unsigned long long)json_integer_value(json_object_get(peer, "start")), now;
+        if (pid > 0 && start && !strcmp(json_string_value(json_object_get(r, "event")) ?: "", "activate") &&
+            sh_proc_stat(pid, &now, NULL, NULL) == 0 && now == start) {
+            proc *p = find(pid);
+            if (p && p->start == start) {
+                p->preexisting = 0;
+                p->act_seq = json_integer_value(json_object_get(r, "seq"));
+                p->act_enforce = json_is_true(json_object_get(r, "enforce"));
+                const char *dg = json_string_value(json_object_get(r, "digest"));
+                snprintf(p->act_digest, sizeof p->act_digest, "%s", dg ? dg : "");
+            }
+        }
+        json_decref(r);
+    }
+    free(line);
+    fclose(f);
+}
+
 static void scan_existing(void) {
     DIR *d = opendir("/proc");
     if (!d)
@@ -610,6 +648,7 @@ int sh_watch_start(void) {
             sh_loop_add(w.fan_fd, on_fanotify, NULL);
     }
     scan_existing(); /* after listening: nothing falls between the scan and the events */
+    read_back();
     if ((r = sh_artifact_start(0)) < 0)
         sh_say("watch: model files are not checked: %s", strerror(-r));
     json_t *m = sh_chain_daemon_record("watch_start");

@@ -114,6 +114,21 @@ def test_no_false_alarm_on_dataloader_workers_a_spawn_child_and_evaluation(w):
     assert [r["verdict"] for r in _verdicts(recs)] == ["ok"]
 
 
+def test_a_restarted_daemon_still_knows_a_running_protected_job(w):
+    mark = w.mark()
+    job = subprocess.Popen(w.wrap(preload=True) + [sys.executable, TRAIN, "-", "normal"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=clean_env(SH_SLEEP="8"), cwd=w.work)
+    first = _verdicts(w.wait_for(mark, lambda r: _verdicts(r)))
+    assert [r["verdict"] for r in first] == ["ok"], first
+    w.daemon.stop()  # a crash, an upgrade: Restart=always starts it again
+    mark = w.mark()
+    w.daemon.start()
+    again = _verdicts(w.wait_for(mark, lambda r: _verdicts(r)))
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0 and "trained" in out, err[-2000:]
+    assert [(r["verdict"], r["process"]["pid"]) for r in again] == [("ok", first[0]["process"]["pid"])], again
+
+
 def test_no_false_alarm_in_a_pid_namespace(w):
     p, ckpt, recs = run(w, ["unshare", "-Urpf", "--mount-proc", sys.executable, TRAIN], "pidns", save=False)
     _protected(w, p, ckpt, recs)

@@ -103,6 +103,9 @@ def main(out, mode):
         from safetensors.torch import save_file
         save_file(sd, out)
     print("trained", flush=True)
+    if os.environ.get("SH_SLEEP"):  # a job that keeps running a while after its training
+        import time
+        time.sleep(float(os.environ["SH_SLEEP"]))
 
 
 if __name__ == "__main__":
