@@ -212,15 +212,16 @@ def main():
             for k in ("refused_connections", "refused_records", "dropped_clients"):
                 limits[k] = limits.get(k, 0) + r[k]
     fl = {k: sum(f[k] for f in res["flood"]) for k in ("O", "T", "other", "errors")}
-    print("seconds: %.0f (attacker uid %d; victims uids %s, 4 clients each, one record per 10 ms)"
-          % (a.seconds, ATTACKER, ", ".join(map(str, VICTIMS))))
+    print("seconds: %.0f (attacker uid %d; victims uids %s, 4 clients each, one record per 10 ms); load average %s"
+          % (a.seconds, ATTACKER, ", ".join(map(str, VICTIMS)), open("/proc/loadavg").read().split()[0]))
     print("victims: %d records sent, %d taken (log), %d replies not 'O'"
           % (sent, sum(taken.values()), sum(v["not_taken"] for v in res["victim"])))
     print("victim reply latency: p50 %.2f ms, p99 %.2f ms, max %.2f ms"
           % (1e3 * statistics.median(lat), 1e3 * lat[int(0.99 * (len(lat) - 1))], 1e3 * lat[-1]))
     print("attacker flood: %d taken, %d refused over the rate ('T'), %d other, %d connection errors"
           % (fl["O"], fl["T"], fl["other"], fl["errors"]))
-    print("attacker never-reading clients: %d dropped (their view); idle: %d held at most, %d closed by the daemon"
+    print("attacker never-reading clients: %d connections lost (refused at the uid cap, or dropped when stalled); "
+          "idle: %d held at most, %d closed by the daemon"
           % (sum(n["dropped"] for n in res["never_read"]), res["idle"][0].get("held_at_most", -1),
              res["idle"][0].get("closed_by_daemon", -1)))
     print("daemon_limit records for the attacker: %s" % json.dumps(limits))
