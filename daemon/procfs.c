@@ -262,7 +262,7 @@ int sh_proc_maps(pid_t pid, sh_maps_facts *out) {
         int k = classify(pid, range, name);
         if (k == K_TORCH && !out->torch) {
             out->torch = 1;
-            snprintf(out->torch_path, sizeof out->torch_path, "%s", name);
+            snprintf(out->torch_path, sizeof out->torch_path, "%.1000s", name);
         }
         out->lib |= k == K_LIB;
         out->core |= k == K_CORE;

@@ -128,7 +128,7 @@ void sh_artifact_task_results(long long job, long long step, long long task, jso
 
 typedef struct {
     int torch, lib, core; /* maps a libtorch file / the installed libsafehook / the installed _core */
-    char torch_path[256];
+    char torch_path[1024];
 } sh_maps_facts;
 
 /* Start time (clock ticks since boot) and parent of PID from /proc/PID/stat; 0 or -errno. */

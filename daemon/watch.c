@@ -447,7 +447,8 @@ static void on_connector(int fd, void *unused) {
             struct cn_msg *cn = NLMSG_DATA(h);
             if (cn->id.idx != CN_IDX_PROC || cn->id.val != CN_VAL_PROC)
                 continue;
-            struct proc_event *ev = (struct proc_event *)cn->data;
+            struct proc_event evbuf = {0}, *ev = &evbuf; /* the payload is only 4-byte aligned */
+            memcpy(&evbuf, cn->data, cn->len < sizeof evbuf ? cn->len : sizeof evbuf);
             double now = sh_now();
             switch (ev->what) {
             case PROC_EVENT_FORK: {
@@ -668,6 +669,8 @@ void sh_watch_tick(void) {
             next = p->next; /* check() never frees p */
             if (p->next_check && p->next_check <= now)
                 check(p, 0);
+            if (p->exited && p->job < 0)
+                drop(p); /* its exit event was lost, or it exited before a look */
         }
     for (task *k = w.tasks; k; k = k->next)
         if (!k->written && k->due && now >= k->due &&
