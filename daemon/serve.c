@@ -42,11 +42,13 @@ extern volatile sig_atomic_t sh_stop_requested, sh_reopen_requested;
 
 enum { SLOT_LISTEN, SLOT_CLIENT, SLOT_OTHER };
 
-typedef struct {
+typedef struct slot {
     int kind;
     int fd;
+    int dead; /* removed during this batch of events: freed after it */
     sh_ready_fn fn;
     void *data;
+    struct slot *next_dead;
 } slot;
 
 typedef struct uidacct {
@@ -75,6 +77,7 @@ static struct {
     int ep;
     slot listen;
     slot *by_fd_other[1024]; /* loop fds of the watcher (few, small numbers) */
+    slot *dead;              /* removed slots, freed once the batch that may name them is done */
     int reserve_fd;
     int nclients, max_clients;
     client *stalled;
@@ -172,7 +175,10 @@ void sh_loop_del(int fd) {
     if (fd < 0 || fd >= (int)(sizeof s.by_fd_other / sizeof *s.by_fd_other) || !s.by_fd_other[fd])
         return;
     epoll_ctl(s.ep, EPOLL_CTL_DEL, fd, NULL);
-    free(s.by_fd_other[fd]);
+    slot *o = s.by_fd_other[fd];
+    o->dead = 1;
+    o->next_dead = s.dead;
+    s.dead = o;
     s.by_fd_other[fd] = NULL;
 }
 
@@ -544,7 +550,8 @@ int sh_serve(int lfd) {
             if (sl->kind == SLOT_LISTEN) {
                 on_listen();
             } else if (sl->kind == SLOT_OTHER) {
-                sl->fn(sl->fd, sl->data);
+                if (!sl->dead)
+                    sl->fn(sl->fd, sl->data);
             } else {
                 client *c = (client *)sl;
                 if (c->waiting)
@@ -552,6 +559,11 @@ int sh_serve(int lfd) {
                 else if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
                     on_readable(c);
             }
+        }
+        while (s.dead) {
+            slot *o = s.dead;
+            s.dead = o->next_dead;
+            free(o);
         }
         now = sh_now();
         if (now >= next_tick) {
