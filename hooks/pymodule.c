@@ -39,6 +39,9 @@ typedef struct {
 
 static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule_GetState(m); }
 
+/* The one module state of this process (one interpreter, one load), for the preload's check. */
+static core_state *the_state;
+
 /* The step running in this thread. Per thread: two threads stepping two optimizers at once are
  * two outer steps, each with its own nesting and step number. The module is loaded once per
  * process (multiple interpreters are declared unsupported), so a C thread-local is its state. */
@@ -155,6 +158,8 @@ static int require_audited(core_state *st, const char *event, int r) {
 
 /* ---- runtime configuration ---- */
 
+static json_t *versions_json(void);
+
 PyDoc_STRVAR(configure_doc,
 "configure(policy_path=None, policy_text=None, policy_name=None, system_path=None, audit_path=None)\n"
 "--\n\n"
@@ -205,6 +210,21 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
         }
     } else if (!daemon) {
         sh_audit_close(); /* a policy without a log: nothing goes to the log of the one before */
+    }
+    /* Under the daemon sink, the activation is a record of its own, sent before torch loads: the
+     * root watcher matches it (by the kernel's pid of its sender) with the process that maps
+     * libtorch. An enforced job whose activation the daemon did not take does not start. */
+    if (sh_audit_daemon()) {
+        json_t *f = json_pack("{s:s,s:s,s:b}", "policy", p->origin, "digest", p->digest, "enforce", p->enforce);
+        json_object_set_new(f, "versions", versions_json());
+        int er = sh_audit_emit("activate", -1, f);
+        if (er < 0 && p->enforce) {
+            PyErr_Format(st->error, "the audit daemon did not take the 'activate' record (%s)",
+                         er == -ENOSPC ? "its log is full" : strerror(-er));
+            free(before);
+            sh_policy_free(p);
+            return NULL;
+        }
     }
     const char *now = sh_audit_path();
     if (!before || !now || strcmp(before, now))
@@ -649,6 +669,7 @@ static PyMethodDef core_methods[] = {
 
 static int core_exec(PyObject *m) {
     core_state *st = get_state(m);
+    the_state = st;
     st->error = PyErr_NewExceptionWithDoc("safehook.SafehookError", "An error raised by safehook.", NULL, NULL);
     if (!st->error || PyModule_AddObjectRef(m, "SafehookError", st->error) < 0)
         return -1;
@@ -698,6 +719,8 @@ static int core_clear(PyObject *m) {
 
 static void core_free(void *m) {
     core_clear((PyObject *)m);
+    if (the_state == get_state((PyObject *)m))
+        the_state = NULL;
     sh_policy_free(get_state((PyObject *)m)->policy);
 }
 
@@ -729,3 +752,19 @@ static struct PyModuleDef core_module = {
 };
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
+
+/* For libsafehook.so's fail-closed check, found with dlsym() on this very file (opened by path
+ * with RTLD_NOLOAD), so that a module object someone put in sys.modules cannot answer for it:
+ * safehook_core_def() is this extension's module definition (PyModule_GetDef of the genuine
+ * module object returns it), safehook_core_status() its activation as the C state sees it. */
+__attribute__((visibility("default"))) const void *safehook_core_def(void) { return &core_module; }
+
+/* Bits: 1 a policy is in force or a pending error will stop the first step (activated), 2 the
+ * records go to safehookd, 4 the policy is enforced. */
+__attribute__((visibility("default"))) int safehook_core_status(void) {
+    core_state *st = the_state;
+    if (!st)
+        return 0;
+    return (st->policy || st->pending ? 1 : 0) | (sh_audit_daemon() ? 2 : 0) |
+           (st->policy && st->policy->enforce ? 4 : 0);
+}
