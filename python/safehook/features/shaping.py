@@ -100,13 +100,14 @@ the removal really happened: labels handed to the model, the gradient hook run, 
 done). Each newly flagged row writes a ``flag`` record (fingerprint, guard, score, threshold,
 action). The feature acts only on training forwards (module in train mode, gradients enabled).
 """
-import hashlib
 import math
 
 import torch
 
 from .. import probes
+from ..probes.batch import fingerprint, fingerprints  # noqa: F401  (fingerprint: the row keys offline)
 from ..runtime.context import attach, debug
+from ..runtime.stacks import find_blocks as _block_list, world
 
 RECAL_ROWS = 16  # held-out rows per probe re-scored at a recalibration (cost: ~0.7 step of 16 rows)
 ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
@@ -121,7 +122,6 @@ STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
 SUSPEND_GAP = 0.1     # ... and so is one more than this behind the best guard
 STREAM_GUARDS = ("direction", "refusal", "gradient")  # the callable's 0.5 is the user's own scale
-_BLOCK_LISTS = ("layers", "h", "blocks", "layer")
 
 
 # -- small statistics --
@@ -262,11 +262,6 @@ def _r(v):
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 6)
 
 
-def fingerprint(tokens):
-    """A row's key: 16 hex digits of a hash of its token ids."""
-    return hashlib.blake2b(",".join(map(str, tokens)).encode(), digest_size=8).hexdigest()
-
-
 def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
 
@@ -281,13 +276,9 @@ def _logits(out):
 
 
 def find_blocks(root):
-    """The model's transformer blocks: its largest ModuleList named layers/h/blocks/layer."""
-    best = None
-    for name, m in root.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in _BLOCK_LISTS:
-            if best is None or len(m) > len(best):
-                best = m
-    return list(best) if best is not None else []
+    """The model's transformer blocks (a list; empty without a block list): runtime.stacks'."""
+    bl = _block_list(root)
+    return bl.modules if bl is not None else []
 
 
 class _Stop(Exception):
@@ -371,8 +362,8 @@ class Shaping:
         self._mid_offset = None  # median harmful probe score minus the refit's midpoint
         self.step = 0
         self.rotate = 0
-        self.pending_sub = []   # (ids, mask, labels, batch tokens) of rows to subtract
-        self.forwards = 0
+        self.pending_sub = []   # (ids, mask, labels, batch tokens, flagged tokens) of rows to subtract
+        self.micro = 0          # training forwards since the last step (gradient accumulation)
         self.probe_harm = {}    # guard -> latest scores of the harmful probe rows
         self.stream = {}        # guard -> recent first-sighting scores of the training rows
         self.bound = {}         # guard -> the stream's bound on its threshold
@@ -719,12 +710,6 @@ class Shaping:
                 out.append((i, k, end))
         return out
 
-    def _key(self, ids, mask, row, e):
-        r = ids[row]
-        if mask is not None:
-            return fingerprint(r[mask[row].bool()].tolist())
-        return fingerprint(r[:e + 1].tolist())
-
     def _pre_hook(self, module, args, kwargs):
         self.batch = None
         if not self._active(module):
@@ -747,6 +732,7 @@ class Shaping:
             ids = args[0]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return None
+        self.micro += 1  # a training forward: one term of the step's (accumulated) loss
         labels = kwargs.get("labels")
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != ids.shape):
             labels = None
@@ -756,8 +742,9 @@ class Shaping:
         bt = _Batch()
         bt.ids, bt.mask = ids, mask
         spans = self._spans(ids, labels, mask)
+        keys = fingerprints(ids, mask) if spans else []  # the monitor's row keys: the attended tokens
         for (row, b, e) in spans:
-            bt.rows.append((row, b, e, self._key(ids, mask, row, e)))
+            bt.rows.append((row, b, e, keys[row]))
         if not bt.rows:
             return None
         self.counts["seen"] += len(bt.rows)
@@ -1242,21 +1229,45 @@ class Shaping:
         if every and step % every == 0 and self.checked and not self.failed:
             rep = self._stream_check()
             self.counts["stream"] = dict((g, "suspended" if c["suspended"] else c["threshold"]) for g, c in rep.items())
-        if self.pending_sub and not self.failed:
-            try:
-                self._subtract(opt)
-            except Exception as e:
-                self._fail("step %d: cannot subtract flagged rows: %s: %s" % (step, type(e).__name__, e))
+        if self.action == "subtract" and not self.failed:
+            self._subtract_step(opt, step)
+        self.micro = 0
         for k in self.totals:
             self.totals[k] += self.counts[k]
         record["shaping"] = dict(self.counts)
         self._reset()
 
-    def _subtract(self, opt):
-        """Remove the stashed rows' share of the gradient: the forwards since the last step
-        averaged (gradient accumulation), each forward's loss a mean over its batch's tokens."""
+    def _subtract_step(self, opt, step):
+        """Remove the flagged rows' share of the gradient the optimizer is about to use. Each
+        rank's share is its flagged rows' loss as the training loss counted it: a forward's mean
+        over its batch's tokens, averaged over the K training forwards since the last step
+        (gradient accumulation). Under DDP the gradient is the mean over the W ranks, so is the
+        correction: the ranks' shares are summed (one all_reduce) and divided by W, and every
+        replica subtracts the same tensor. Every rank takes part when any rank has rows."""
+        _, n = world()
+        pending = bool(self.pending_sub)
+        if n > 1:
+            pending = self.rt.agree(pending, "any")
+        if not pending:
+            return
+        ok, got = self.rt.together("shaping: step %d: cannot subtract flagged rows" % step, self._shares, opt)
+        self.pending_sub = []
+        if not ok:
+            self.failed = True
+            return
+        params, shares = got
+        if n > 1:
+            _mean_over_ranks(shares)
+        with torch.no_grad():
+            for p, g in zip(params, shares):
+                p.grad.sub_(g.to(p.grad.dtype))
+
+    def _shares(self, opt):
+        """(parameters with a gradient, this rank's share of each: see _subtract_step)."""
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        k = len(self.pending_sub)
+        shares = [torch.zeros_like(p.grad, dtype=torch.float32 if p.grad.dtype in (torch.float16, torch.bfloat16)
+                                   else p.grad.dtype) for p in params]
+        k = max(self.micro, 1)
         root = self.root
         self.busy = True
         try:
@@ -1272,13 +1283,13 @@ class Shaping:
                     loss = loss / (max(ntok, 1) * k)
                     gs = torch.autograd.grad(loss, params, allow_unused=True)
                     with torch.no_grad():
-                        for p, g in zip(params, gs):
+                        for acc, g in zip(shares, gs):
                             if g is not None:
-                                p.grad.sub_(g.to(p.grad.dtype))
+                                acc.add_(g.to(acc.dtype))
                     self.counts["masked_tokens"] += nflag
         finally:
             self.busy = False
-            self.pending_sub = []
+        return params, shares
 
     def _record_flag(self, key, d, now=None):
         """NOW: what this sighting gets when it differs from the decision (a row flagged inside
@@ -1326,6 +1337,12 @@ class _Offline:
     def register_hook(self, kind, target, fn, **kw):
         return attach(kind, target, fn, **kw)
 
+    def agree(self, value, op="max"):
+        return value
+
+    def together(self, what, fn, *args, **kwargs):
+        return True, fn(*args, **kwargs)
+
     def on_model(self, cb):
         pass
 
@@ -1343,6 +1360,23 @@ class _Offline:
 
     def fail(self, msg):
         raise RuntimeError(msg)
+
+
+def _mean_over_ranks(tensors):
+    """TENSORS (this rank's) replaced in place by their mean over the world: one all_reduce per
+    dtype and device, on flattened copies."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    by = {}
+    for t in tensors:
+        by.setdefault((t.dtype, t.device), []).append(t)
+    n = dist.get_world_size()
+    for ts in by.values():
+        flat = _flatten_dense_tensors(ts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= n
+        for t, v in zip(ts, _unflatten_dense_tensors(flat, ts)):
+            t.copy_(v)
 
 
 def score_rows(policy, model, rows):
