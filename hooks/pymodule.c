@@ -28,6 +28,7 @@ typedef struct {
     PyObject *pre_features;  /* list of callables f(opt, step, record) */
     PyObject *post_features; /* list of callables f(opt, step, record) */
     PyObject *closure_wrap;  /* f(opt, step, index, args, kwargs) -> (args, kwargs), or NULL */
+    PyObject *gate;          /* f(): raises to stop the job before a step is counted, or NULL */
     PyObject *pending;     /* str: a policy error that stops training at its first step */
     sh_policy *policy;
     long long steps;       /* outermost optimizer steps, all optimizers */
@@ -265,19 +266,22 @@ static PyObject *core_set_pending_error(PyObject *m, PyObject *msg) {
 }
 
 PyDoc_STRVAR(set_features_doc,
-"set_features(pre, post, closure_wrap=None)\n--\n\n"
+"set_features(pre, post, closure_wrap=None, gate=None)\n--\n\n"
 "Set the lists of callables f(optimizer, step, record) run in the pre- and post-step hooks.\n"
 "A callable may add keys to record (a dict merged into the step's audit record). When a step\n"
 "gets a closure and closure_wrap is set, the pre hook returns closure_wrap(optimizer, step,\n"
 "index, args, kwargs) (new args and kwargs for step()) instead of running the pre features:\n"
-"the wrapped closure runs them with step_features() once its backward is done.");
+"the wrapped closure runs them with step_features() once its backward is done. gate() is called\n"
+"first in every outer step, before it is counted or recorded: when it raises, the step raises\n"
+"(the runtime's fail path: every rank stops at the same step, before any record of it).");
 
 static PyObject *core_set_features(PyObject *m, PyObject *args) {
-    PyObject *pre, *post, *wrap = Py_None;
-    if (!PyArg_ParseTuple(args, "O!O!|O", &PyList_Type, &pre, &PyList_Type, &post, &wrap))
+    PyObject *pre, *post, *wrap = Py_None, *gate = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!|OO", &PyList_Type, &pre, &PyList_Type, &post, &wrap, &gate))
         return NULL;
     core_state *st = get_state(m);
     Py_XSETREF(st->closure_wrap, wrap == Py_None ? NULL : Py_NewRef(wrap));
+    Py_XSETREF(st->gate, gate == Py_None ? NULL : Py_NewRef(gate));
     Py_XSETREF(st->pre_features, PyList_GetSlice(pre, 0, PY_SSIZE_T_MAX));
     Py_XSETREF(st->post_features, PyList_GetSlice(post, 0, PY_SSIZE_T_MAX));
     if (!st->pre_features || !st->post_features)
@@ -477,6 +481,14 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         Py_RETURN_NONE;
     }
     step_tls.depth = 1;
+    if (st->gate) {
+        PyObject *g = Py_NewRef(st->gate); /* held: the gate may replace the features */
+        PyObject *ok = PyObject_CallNoArgs(g);
+        Py_DECREF(g);
+        if (!ok)
+            goto error;
+        Py_DECREF(ok);
+    }
 
     PyObject *entry = optimizer_entry(st, opt);
     if (!entry)
@@ -701,6 +713,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->pre_features);
     Py_VISIT(st->post_features);
     Py_VISIT(st->closure_wrap);
+    Py_VISIT(st->gate);
     Py_VISIT(st->pending);
     return 0;
 }
@@ -713,6 +726,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->pre_features);
     Py_CLEAR(st->post_features);
     Py_CLEAR(st->closure_wrap);
+    Py_CLEAR(st->gate);
     Py_CLEAR(st->pending);
     return 0;
 }
