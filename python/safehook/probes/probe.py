@@ -3,11 +3,10 @@ import contextlib
 import json
 import os
 
+from ..runtime import registry
 from .batch import pad_batch
 from .judges import check_callable, load_callable, make_judge
 
-DEFAULTS = {"judge": "keyword", "score": "loss", "loss": "ce", "max_new_tokens": 32,
-            "batch_size": 16, "chat_template": False}
 
 
 @contextlib.contextmanager
@@ -68,7 +67,7 @@ def _split_prompt(ids, labels):
 class Probe:
     def __init__(self, name, cfg):
         self.name = name
-        self.cfg = dict(DEFAULTS)
+        self.cfg = registry.defaults("probe")
         self.cfg.update(cfg or {})
         self._fn = None
         self._judge_fn = None

@@ -58,16 +58,11 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
-# Features in the order their setup runs: (policy section, module). Each module has
-# setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
-FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
-            ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"),  # None: set up for every policy
-            (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
-
-
 def _setup_features():
+    """The Runtime of the policy in force: each feature of the registry (safehook.runtime.registry,
+    read from the C schema) that the policy asks for, set up in registry order with
+    setup(policy, rt). See context.py for what rt offers."""
+    from . import registry
     from .context import Runtime
     import importlib
     policy = _state["policy"]
@@ -77,11 +72,12 @@ def _setup_features():
     rt = Runtime(policy, report=_report_failure, active=lambda: _state["active"],
                  restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
-    for name, modname in FEATURES:
-        if name is not None and not policy.get(name):
+    for feat in registry.features():
+        if not feat.wanted(policy):
             continue
+        name = feat.name
         try:
-            mod = importlib.import_module(modname)
+            mod = importlib.import_module(feat.module)
         except ImportError as e:
             rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
             continue
