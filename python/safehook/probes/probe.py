@@ -3,11 +3,10 @@ import contextlib
 import json
 import os
 
+from ..runtime import registry
 from .batch import pad_batch
 from .judges import check_callable, load_callable, make_judge
 
-DEFAULTS = {"judge": "keyword", "score": "loss", "loss": "ce", "max_new_tokens": 32,
-            "batch_size": 16, "chat_template": False}
 
 
 @contextlib.contextmanager
@@ -72,7 +71,7 @@ class Probe:
 
     def __init__(self, name, cfg, tokenizers=None):
         self.name = name
-        self.cfg = dict(DEFAULTS)
+        self.cfg = registry.defaults("probe")
         self.cfg.update(cfg or {})
         self._tokenizers = tokenizers
         self._found = None

@@ -153,18 +153,17 @@ class Branch:
 def setup(policy, rt, features, setup_one):
     """Set up the embedded default POLICY in RT: the decider first (it decides at each binding,
     before any feature's listener runs), then the fallback's features, the protecting ones, and
-    those of every policy (FEATURES entries whose section is None) on RT itself. SETUP_ONE(name,
-    modname, policy, rt) is the activation's own feature setup."""
+    those set up for every policy on RT itself. FEATURES: the registry's (runtime/registry.py),
+    in setup order; SETUP_ONE(feature, policy, rt) is the activation's own feature setup."""
     fallback = fallback_policy(policy)
     decider = Decider(rt, policy, fallback)
     rt.provide("default", decider)
     rt.on_model(decider.on_model)
-    branches = ((fallback, Branch(rt, decider, "fallback", fallback)),
-                (policy, Branch(rt, decider, "protect", policy)))
-    for doc, branch in branches:
-        for name, modname in features:
-            if name is not None and doc.get(name):
-                setup_one(name, modname, doc, branch)
-    for name, modname in features:
-        if name is None:
-            setup_one(name, modname, policy, rt)
+    for doc, want in ((fallback, "fallback"), (policy, "protect")):
+        branch = Branch(rt, decider, want, doc)
+        for feat in features:
+            if not feat.always and feat.wanted(doc):
+                setup_one(feat, doc, branch)
+    for feat in features:
+        if feat.always and feat.wanted(policy):
+            setup_one(feat, policy, rt)
