@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from safehook import data
-from safehook.probes.judges import REFUSAL_KEYWORDS
+from safehook.probes.judges import refused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bench")
@@ -19,8 +19,7 @@ SOURCE = os.path.join(ROOT, "python", "safehook", "data")
 
 
 def _refuses(text):
-    t = text.lower().replace("\u2019", "'")
-    return any(k in t for k in REFUSAL_KEYWORDS)
+    return refused(text)  # the probes' keyword judge: whole words ("gas and" is not "as an")
 
 
 def test_sets_hold_what_data_md_says():
