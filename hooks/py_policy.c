@@ -98,6 +98,32 @@ static PyObject *explain_file(PyObject *m, PyObject *arg) {
     return s;
 }
 
+PyDoc_STRVAR(default_policy_doc,
+             "default_policy(fallback=False)\n--\n\n"
+             "The embedded default policy (or, FALLBACK, the policy it falls back to for a model it cannot\n"
+             "protect) as a dict: policy (normalized, indented JSON text), digest, origin.");
+
+static PyObject *default_policy(PyObject *m, PyObject *args, PyObject *kw) {
+    (void)m;
+    static char *kwlist[] = {"fallback", NULL};
+    int fallback = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &fallback))
+        return NULL;
+    const char *origin = fallback ? "<embedded default: fallback>" : "<embedded default>";
+    sh_policy *p = NULL;
+    sh_policy_error err = {0};
+    int r = fallback ? sh_policy_parse(sh_default_fallback_policy, sh_default_fallback_policy_len, origin, &p, &err)
+                     : sh_policy_parse(sh_default_policy, sh_default_policy_len, origin, &p, &err);
+    if (r < 0) /* both are checked when the library is built (tests/py/test_policy_check.py) */
+        return r == -ENOMEM ? PyErr_NoMemory() : PyErr_Format(PyExc_RuntimeError, "%s: %s", origin, err.text);
+    char *text = json_dumps(p->doc, JSON_INDENT(2));
+    PyObject *d = text ? Py_BuildValue("{s:s,s:s,s:s}", "policy", text, "digest", p->digest, "origin", origin)
+                       : PyErr_NoMemory();
+    free(text);
+    sh_policy_free(p);
+    return d;
+}
+
 PyDoc_STRVAR(system_policy_state_doc,
              "system_policy_state(system_path=None)\n--\n\n"
              "The system policy at SYSTEM_PATH (None: the compiled-in path) as a dict: path, state ('none',\n"
@@ -177,6 +203,7 @@ static PyObject *schema_json(PyObject *m, PyObject *unused) {
 static PyMethodDef policy_methods[] = {
     {"schema_json", schema_json, METH_NOARGS, schema_json_doc},
     {"explain_file", explain_file, METH_O, explain_file_doc},
+    {"default_policy", (PyCFunction)(void (*)(void))default_policy, METH_VARARGS | METH_KEYWORDS, default_policy_doc},
     {"system_policy_state", (PyCFunction)(void (*)(void))system_policy_state, METH_VARARGS | METH_KEYWORDS,
      system_policy_state_doc},
     {NULL, NULL, 0, NULL},

@@ -26,6 +26,8 @@ static const char *const GRANULARITY[] = {"global", "layer", "tensor", NULL};
 static const char *const KIND[] = {"loss", "score", NULL};
 static const char *const JUDGE[] = {"keyword", "exact", NULL};
 static const char *const PROBE_LOSS[] = {"ce", "contrastive", NULL};
+/* the probe sets shipped inside the Python package (python/safehook/data) */
+static const char *const BUILTIN[] = {"refusals", "benign", NULL};
 static const char *const SCORE[] = {"loss", "refusal_rate", "over_refusal", NULL};
 static const char *const GATE_MODE[] = {"first_order", "exact", NULL};
 static const char *const GATE_ACTION[] = {"shrink", "scale", "skip", NULL};
@@ -77,6 +79,7 @@ static const sh_field SAFEGRAD[] = {
  * (policy_merge.c compares them whole); the rules here are unused. */
 static const sh_field PROBE[] = {
     {"data", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"builtin", SH_K_ENUM, 0, 0, 0, BUILTIN, NULL, SH_T_SAME, NULL},
     {"tokenizer", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"callable", SH_K_CALLABLE, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"kind", SH_K_ENUM, 0, 0, 0, KIND, "\"loss\"", SH_T_SAME, NULL},
@@ -514,11 +517,13 @@ static int section_rules(ctx *c, const char *name, json_t *sec) {
 static int probe_rules(ctx *c, json_t *probe) {
     size_t base = strlen(c->ptr);
     int data = json_object_get(probe, "data") != NULL, fn = json_object_get(probe, "callable") != NULL;
-    if (!data && !fn)
-        FAIL(c, "a probe needs \"data\" (a JSONL file) or \"callable\"");
-    if (data && fn) {
-        sh_pointer_push(c->ptr, sizeof c->ptr, "callable");
-        FAIL(c, "a probe has \"data\" or \"callable\", not both");
+    int shipped = json_object_get(probe, "builtin") != NULL;
+    if (!data && !fn && !shipped)
+        FAIL(c, "a probe needs \"data\" (a JSONL file), \"builtin\" (a shipped set) or \"callable\"");
+    if (data + fn + shipped > 1) {
+        sh_pointer_push(c->ptr, sizeof c->ptr, fn ? "callable" : "builtin");
+        FAIL(c, "a probe has one of \"data\", \"builtin\" or \"callable\", not %s",
+             data + fn + shipped == 3 ? "all three" : "two");
     }
     if (fn && json_object_get(probe, "tokenizer")) {
         sh_pointer_push(c->ptr, sizeof c->ptr, "tokenizer");
@@ -539,10 +544,33 @@ static int valid_probe_name(const char *s) {
     return 1;
 }
 
+/* "probes": "builtin" stands for every shipped set, each a probe of its own name. */
+static json_t *builtin_probes(void) {
+    json_t *all = json_object();
+    for (size_t i = 0; all && BUILTIN[i]; i++)
+        if (json_object_set_new(all, BUILTIN[i], json_pack("{s:s}", "builtin", BUILTIN[i])) < 0) {
+            json_decref(all);
+            return NULL;
+        }
+    return all;
+}
+
 static int check_probes(ctx *c, const json_t *v, json_t **out) {
     *out = NULL;
-    if (!json_is_object(v))
-        FAIL(c, "must be an object of named probes, not %s", article_type(v));
+    if (json_is_string(v) && strcmp(json_string_value(v), "builtin") == 0) {
+        json_t *all = builtin_probes();
+        if (!all)
+            return -ENOMEM;
+        int r = check_probes(c, all, out);
+        json_decref(all);
+        return r;
+    }
+    if (!json_is_object(v)) {
+        if (json_is_string(v))
+            FAIL(c, "must be an object of named probes or \"builtin\" (the shipped ones), not \"%s\"",
+                 json_string_value(v));
+        FAIL(c, "must be an object of named probes or \"builtin\" (the shipped ones), not %s", article_type(v));
+    }
     json_t *norm = json_object();
     if (!norm)
         return -ENOMEM;

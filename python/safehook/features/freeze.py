@@ -428,7 +428,7 @@ def _watch_ddp(fr):
     def wrap(real):
         def __init__(self, *args, **kwargs):
             module = args[0] if args else kwargs.get("module")
-            if module is not None and fr.rt.active():
+            if module is not None and fr.rt.active() and fr.rt.accepts(unwrap(module)):
                 try:
                     fr.apply(unwrap(module), None, "ddp_init")
                 except Exception as e:

@@ -270,6 +270,12 @@ class Runtime:
     def _bind_step(self, optimizer, step, record):
         self.models.bind_step(optimizer)
 
+    def accepts(self, root):
+        """True when these features act on the model ROOT: always, except in a branch of the
+        embedded default (runtime/default.py: protect or fall back, model by model). A feature
+        that acts on a model before it is bound (freeze, at DDP's construction) asks first."""
+        return True
+
     def model_for(self, optimizer):
         """The ModelInfo of the model OPTIMIZER trains, or None."""
         return self.models.for_optimizer(optimizer) if self.models is not None else None
