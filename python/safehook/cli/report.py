@@ -404,18 +404,8 @@ def _num(x):
 
 
 def _ranges(steps):
-    if not steps:
-        return "-"
-    steps = sorted(steps)
-    out, a, b = [], steps[0], steps[0]
-    for s in steps[1:]:
-        if s == b + 1:
-            b = s
-            continue
-        out.append("%d-%d" % (a, b) if a != b else str(a))
-        a = b = s
-    out.append("%d-%d" % (a, b) if a != b else str(a))
-    return ",".join(out)
+    from . import ranges
+    return ranges(steps, "-")
 
 
 def plot(recs, path):
