@@ -176,6 +176,7 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
      * configure fails (under enforcement the job then does not start). */
     json_t *audit_sec = json_object_get(p->doc, "audit");
     const char *sink = json_string_value(json_object_get(audit_sec, "sink"));
+    char *before = sh_audit_path() ? strdup(sh_audit_path()) : NULL; /* the log of the policy before */
     if (sink && !strcmp(sink, "daemon")) {
         const char *sock = json_string_value(json_object_get(audit_sec, "socket"));
         if (!sock)
@@ -183,6 +184,7 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
         int ar = sh_audit_connect(sock);
         if (ar < 0) {
             PyErr_Format(st->error, "cannot reach the audit daemon safehookd at %s: %s", sock, strerror(-ar));
+            free(before);
             sh_policy_free(p);
             return NULL;
         }
@@ -192,14 +194,22 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     const char *ap = sh_audit_daemon() && sink && !strcmp(sink, "daemon") ? NULL
                      : (p->system_enforced && p->audit_path) ? p->audit_path
                      : audit && *audit ? audit : p->audit_path;
+    int daemon = sh_audit_daemon() && sink && !strcmp(sink, "daemon");
     if (ap) {
         int ar = sh_audit_open(ap);
         if (ar < 0) {
             PyErr_Format(st->error, "cannot open the audit log %s: %s", ap, strerror(-ar));
+            free(before);
             sh_policy_free(p);
             return NULL;
         }
+    } else if (!daemon) {
+        sh_audit_close(); /* a policy without a log: nothing goes to the log of the one before */
     }
+    const char *now = sh_audit_path();
+    if (!before || !now || strcmp(before, now))
+        st->started = 0; /* a new log gets its own "start" record at the next step */
+    free(before);
     sh_policy_free(st->policy);
     st->policy = p;
     const char *level = json_string_value(json_object_get(audit_sec, "level"));

@@ -5,6 +5,7 @@ with ``projection`` (SafeGrad: project the task gradient off a conflicting safet
 ``gate`` (check each update against a probe before it is applied), ``monitor`` with
 ``snapshot`` (measure a probe every N steps, roll back to the last safe state). A feature has
 ``setup(policy, rt)``, called at activation when its policy section is present, with ``rt`` a
-``safehook.runtime.context.Context``. It imports only ``safehook._core``, the context,
+``safehook.runtime.context.Runtime``, which owns
+what the feature attaches (hooks, wrappers) and keeps (its state, caches). It imports only ``safehook._core``, the context,
 ``safehook.probes`` and other features, never the activation code.
 """

@@ -30,7 +30,6 @@ Cases it cannot handle (documented, detected where possible):
   before exit) are not seen.
 """
 import fnmatch
-import functools
 import math
 import re
 import sys
@@ -487,7 +486,8 @@ class Freeze:
 
 
 def _watch_ddp(fr):
-    """Freeze the module handed to DistributedDataParallel before its reducer is built."""
+    """Freeze the module handed to DistributedDataParallel before its reducer is built (the
+    wrapper is the runtime's: gone with it)."""
     mod = sys.modules.get("torch.nn.parallel.distributed")
     if mod is None:
         try:
@@ -495,36 +495,25 @@ def _watch_ddp(fr):
         except Exception as e:  # no distributed support in this torch build
             debug("freeze: DDP not watched (%s)" % e)
             return
-    cls = mod.DistributedDataParallel
-    real = cls.__init__
-    if getattr(real, "_safehook_freeze", None) is not None:
-        real._safehook_freeze[0] = fr
-        return
 
-    @functools.wraps(real)
-    def __init__(self, *args, **kwargs):
-        target = cell[0] if cell[0].rt.active() else None  # uninstalled: leave DDP alone
-        module = args[0] if args else kwargs.get("module")
-        if target is not None and module is not None:
-            try:
-                target.apply(unwrap(module), None, "ddp_init")
-            except Exception as e:
-                target.rt.fail("freeze: cannot freeze the model before DDP: %s: %s" % (type(e).__name__, e))
-        real(self, *args, **kwargs)
+    def wrap(real):
+        def __init__(self, *args, **kwargs):
+            module = args[0] if args else kwargs.get("module")
+            if module is not None and fr.rt.active():
+                try:
+                    fr.apply(unwrap(module), None, "ddp_init")
+                except Exception as e:
+                    fr.rt.fail("freeze: cannot freeze the model before DDP: %s: %s" % (type(e).__name__, e))
+            real(self, *args, **kwargs)
+        return __init__
 
-    cell = [fr]
-    __init__._safehook_freeze = cell
-    cls.__init__ = __init__
-
-
-# The Freeze (one Freezer per bound model) of the policy in force, for the checkpoint check of
-# features/tamper.py.
-CURRENT = [None]
+    fr.rt.patch(mod.DistributedDataParallel, "__init__", wrap)
 
 
 def setup(policy, rt):
-    fr = Freeze(policy, rt)
-    CURRENT[0] = fr
+    """The Freeze (one Freezer per bound model) is the runtime's feature "freeze": the checkpoint
+    check of features/tamper.py finds it there."""
+    fr = rt.provide("freeze", Freeze(policy, rt))
     _watch_ddp(fr)
     rt.on_model(fr.on_model)
     rt.add_pre(fr.pre_step, order=10)

@@ -52,7 +52,7 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1
 
 DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
@@ -214,7 +214,7 @@ class Gate:
         if not cfg["ratio"] >= 0 or not cfg["tolerance"] >= 0:
             raise ValueError("gate: ratio and tolerance must be >= 0")
         self.cfg, self.rt = cfg, rt
-        self.probe = probes.get(policy, cfg["probe"])
+        self.probe = probes.get(rt, cfg["probe"], policy)
         self.info = None
         self.stashed = None   # grads set aside by a skip
         self.lrs = None       # lrs changed by a scale
@@ -239,9 +239,10 @@ class Gate:
 
     def _safety(self, opt, params, step):
         """(loss, [safety gradient or None per param], whether this call computed it)."""
-        before = gradient.stats()["computed"]
-        loss, sgrads = gradient.safety_gradient(self.probe, self.info.root, params, step)
-        return loss, sgrads, gradient.stats()["computed"] > before
+        cache = gradient.of(self.rt)
+        before = cache.stats()["computed"]
+        loss, sgrads = cache.get(self.probe, self.info.root, params, step)
+        return loss, sgrads, cache.stats()["computed"] > before
 
     def _measure(self, opt, step):
         """{"delta", "gain", "loss", "estimate", "ss" (|g_safety|^2), "uu" (|update|^2),
@@ -311,7 +312,7 @@ class Gate:
             return
         if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
             return
-        if zero_partitions(self._params(opt)):
+        if self.rt.zero_partitions(self._params(opt)):
             # the probe's backward would not reach the partitions (delta 0: every update let
             # through unchecked) and would break ZeRO's gradient reduction: refuse
             self.dead = True

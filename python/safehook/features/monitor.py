@@ -29,7 +29,7 @@ import time
 
 from .. import _core, probes
 from . import snapshot as _snapshot
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1, zero_partitions
+from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1
 
 
 class SafetyStop(_core.SafehookError):
@@ -197,7 +197,7 @@ class Monitor:
             raise ValueError("monitor needs 'probe'")
         if cfg["action"] not in ("rollback", "reduce_lr", "both", "stop"):
             raise ValueError("unknown monitor action %r" % cfg["action"])
-        self.probe = probes.get(policy, cfg["probe"])
+        self.probe = probes.get(rt, cfg["probe"], policy)
         self.on_error = rt.on_error
         self.snaps = (_snapshot.DiskSnapshots(cfg["snapshot_dir"]) if cfg["snapshot"] == "disk"
                       else _snapshot.MemorySnapshots())
@@ -227,7 +227,9 @@ class Monitor:
                              "restored; %s" % (what, FSDP1_HINT))
             return
         self.info = info
-        self.fp_handle = info.root.register_forward_pre_hook(self.fp.hook, with_kwargs=True)
+        if self.fp_handle is not None:  # the fingerprints follow the model measured: the last bound
+            self.fp_handle.remove()
+        self.fp_handle = self.rt.register_hook("forward_pre", info.root, self.fp.hook, with_kwargs=True)
 
     def _opts(self):
         out = []
@@ -255,7 +257,7 @@ class Monitor:
         if self.info is None:
             return self._cannot("no forward of a model was seen before the first optimizer step, "
                                 "so there is nothing to measure")
-        if self.cfg["action"] in ("rollback", "both") and zero_partitions(
+        if self.cfg["action"] in ("rollback", "both") and self.rt.zero_partitions(
                 [p for g in opt.param_groups for p in g["params"] if p.grad is not None]):
             return self._cannot("action %r: the optimizer steps DeepSpeed ZeRO's flat partitions, which a "
                                 "snapshot of the model does not hold, so a rollback would be undone at the next "
@@ -386,18 +388,8 @@ class Monitor:
         raise exc(msg)
 
 
-_monitor = None
-
-
-def current():
-    """The process's Monitor, or None."""
-    return _monitor
-
-
 def setup(policy, rt):
-    global _monitor
-    m = Monitor(policy, rt)
-    _monitor = m
+    m = rt.provide("monitor", Monitor(policy, rt))
     rt.on_model(m.on_model)
     rt.add_pre(m.pre, order=40)
     rt.add_post(m.post, order=40)

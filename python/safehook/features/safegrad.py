@@ -35,7 +35,7 @@ import re
 from .. import probes
 from ..probes import gradient
 from . import projection
-from ..runtime.context import FSDP1_HINT, current_model, debug, fsdp1, world
+from ..runtime.context import FSDP1_HINT, debug, fsdp1, warn, world
 
 ORDER = 20
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -82,7 +82,7 @@ class SafeGrad:
             name = cfg.get("probe")
             if not name:
                 raise ValueError("safegrad.source 'probe' needs safegrad.probe")
-            self.probe = probes.get(policy, name)
+            self.probe = probes.get(rt, name, policy)
             if self.loss_kind == "kl" and self.probe.cfg.get("callable"):
                 raise ValueError("safegrad.loss 'kl' needs a probe with data, not a callable")
             if self.loss_kind not in ("ce", "kl"):
@@ -139,7 +139,6 @@ class SafeGrad:
                        "(first: %s)" % (len(trainable) - len(missing), len(trainable), len(missing),
                                         ", ".join(missing[:3])))
                 self.rt.audit("error", {"message": msg, "missing": missing[:32], "count": len(missing)})
-                from ..runtime.context import warn
                 warn(msg)
 
     def _fail(self, msg, raise_now=True):
@@ -153,7 +152,7 @@ class SafeGrad:
 
     def _names(self):
         if not self.names:
-            info = current_model()
+            info = self.rt.model()
             return {id(p): n for n, p in info.params.items()} if info else {}
         return self.names
 
@@ -296,14 +295,15 @@ class SafeGrad:
 
     # -- the probe's gradient --
     def _probe_grads(self, opt, params, step, record):
-        info = self.rt.model_for(opt) or self.info or current_model()
+        info = self.rt.model_for(opt) or self.info or self.rt.model()
         if info is None:
             self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
             return
-        before = gradient.stats()["computed"]
-        loss, grads = gradient.safety_gradient(self.probe, info.root, params, step, loss=self.loss_kind)
+        cache = gradient.of(self.rt)
+        before = cache.stats()["computed"]
+        loss, grads = cache.get(self.probe, info.root, params, step, loss=self.loss_kind)
         record["safety_loss"] = loss
-        if gradient.stats()["computed"] == before:
+        if cache.stats()["computed"] == before:
             record["safety_shared"] = True  # another feature computed it at these weights
         self.safety = {}
         for p, g in zip(params, grads):

@@ -106,7 +106,7 @@ import math
 import torch
 
 from .. import probes
-from ..runtime.context import debug
+from ..runtime.context import attach, debug
 
 RECAL_ROWS = 16  # held-out rows per probe re-scored at a recalibration (cost: ~0.7 step of 16 rows)
 ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
@@ -343,8 +343,8 @@ class Shaping:
             raise ValueError("the 'callable' guard needs shaping.callable")
         if not cfg.get("probe"):
             raise ValueError("shaping needs 'probe' (harmful prompts with refusals)")
-        self.harm_probe = probes.get(policy, cfg["probe"])
-        self.benign_probe = probes.get(policy, cfg["benign"]) if cfg.get("benign") else None
+        self.harm_probe = probes.get(rt, cfg["probe"], policy)
+        self.benign_probe = probes.get(rt, cfg["benign"], policy) if cfg.get("benign") else None
         if cfg.get("callable"):
             probes.check_callable(cfg["callable"])
         self.decisions = {}
@@ -364,6 +364,8 @@ class Shaping:
         self.batch = None
         self.handles = []
         self.block_handles = {}
+        self._first_unseen = True  # the model's first forward, begun before the hooks existed
+        self._orphan_hidden = {}   # block outputs of that forward
         self.refit = False      # the direction is fitted again on the stream at its first check
         self._sh = []           # (key, {block: hidden}) of the rows before the first check
         self._mid_offset = None  # median harmful probe score minus the refit's midpoint
@@ -463,12 +465,13 @@ class Shaping:
                     hook = (lambda m, a, o, i=i: self._cap_hook(i, o))
                 else:
                     hook = (lambda m, a, o, i=i: self._block_hook(i, m, a, o))
-                self.block_handles[i] = blocks[i].register_forward_hook(hook)
+                self.block_handles[i] = self.rt.register_hook("forward", blocks[i], hook)
         head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+        reg = self.rt.register_hook
         if head is not None:
-            self.handles.append(head.register_forward_hook(self._head_hook))
-        self.handles.append(root.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self.handles.append(root.register_forward_hook(self._post_hook, with_kwargs=True))
+            self.handles.append(reg("forward", head, self._head_hook))
+        self.handles.append(reg("forward_pre", root, self._pre_hook, with_kwargs=True))
+        self.handles.append(reg("forward", root, self._post_hook, with_kwargs=True))
         fields = {"what": "shaping calibration", "guards": self.guards, "action": self.action,
                   "scorer": "start" if self.scorer is not None else "forward",
                   "calibration": {g: {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else
@@ -501,7 +504,7 @@ class Shaping:
     def _probe_forward(self, root, blocks, rows, dev):
         """Per block, the hidden states at each row's last prompt token; and the refusal scores."""
         store = {}
-        hooks = [b.register_forward_hook(lambda m, a, o, i=i: store.__setitem__(i, _hidden(o).detach()))
+        hooks = [self.rt.register_hook("forward", b, lambda m, a, o, i=i: store.__setitem__(i, _hidden(o).detach()))
                  for i, b in enumerate(blocks)]
         hs = [[] for _ in blocks]
         ref = []
@@ -781,6 +784,10 @@ class Shaping:
             return None
         bt.labels_given = True
         new_ids, new_labels = self._apply_pre(bt, ids, labels)
+        if bt.pending and new_labels is labels:
+            # rows judged inside this forward are masked in the labels the model reads: a copy,
+            # never the caller's own tensor
+            new_labels = labels.clone()
         bt.labels = new_labels
         if new_ids is not ids or new_labels is not labels:
             kwargs = dict(kwargs)
@@ -1109,9 +1116,6 @@ class Shaping:
             self.batch = None
         return None
 
-    _first_unseen = True
-    _orphan_hidden = {}
-
     def _finalize(self, bt, logits):
         """Judge the pending rows from this forward, then install the weights on the logits."""
         bt.done = True
@@ -1188,7 +1192,7 @@ class Shaping:
         def hook(g, Wv=Wv, masked=masked):
             counts["masked_tokens"] += masked
             return g * Wv.to(g.dtype)
-        logits.register_hook(hook)
+        self.rt.register_hook("tensor", logits, hook)
 
     def _stash(self, bt):
         rows = [r for r in bt.rows if bt.decided.get(r[0]) is not None and bt.decided[r[0]].flagged]
@@ -1305,13 +1309,30 @@ class Shaping:
 
 
 class _Offline:
-    """A stand-in for the runtime context, to score data outside a training job."""
+    """A stand-in for the runtime, to score data outside a training job: nothing published to
+    the optimizer hooks, no records, a failure raises; hooks are attached to torch directly (the
+    caller removes the Shaping's ``handles``), the probes are this object's."""
     on_error = "abort"
+
+    def __init__(self, policy=None):
+        self.policy = policy or {}
+
+    def owned(self, key, factory):
+        made = self.__dict__.setdefault("_owned", {})
+        if key not in made:
+            made[key] = factory(self)
+        return made[key]
+
+    def register_hook(self, kind, target, fn, **kw):
+        return attach(kind, target, fn, **kw)
 
     def on_model(self, cb):
         pass
 
     def add_pre(self, fn, order=50):
+        pass
+
+    def add_post(self, fn, order=50):
         pass
 
     def on_finish(self, cb):
@@ -1330,7 +1351,7 @@ def score_rows(policy, model, rows):
     the Shaping object with its calibration). The direction is fitted again on the first
     first REFIT_ROWS rows as a job's last refit does (ROWS in training order). The callable
     guard is not scored here."""
-    sh = Shaping(policy, _Offline())
+    sh = Shaping(policy, _Offline(policy))
     sh._prepare(model)
     dev = next(model.parameters()).device
     pairs = [(r["input_ids"], r.get("labels", r["input_ids"])) for r in rows]

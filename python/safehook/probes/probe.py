@@ -347,22 +347,30 @@ class Probe:
         return self.evaluate(model)["score"]
 
 
-_probes = {}
+class Probes:
+    """The probes of one runtime, each made once per configuration (its data, tokenizer and
+    padded batches are loaded at first use and go with the runtime)."""
+
+    def __init__(self, rt):
+        self.made = {}
+
+    def get(self, policy, name):
+        cfg = (policy.get("probes") or {}).get(name)
+        if cfg is None:
+            raise KeyError("no probe named %r in the policy's 'probes'" % name)
+        key = (name, json.dumps(cfg, sort_keys=True))
+        if key not in self.made:
+            self.made[key] = Probe(name, cfg)
+        return self.made[key]
 
 
-def get(policy, name):
-    """The probe NAME of POLICY (created once per process and configuration)."""
-    cfg = (policy.get("probes") or {}).get(name)
-    if cfg is None:
-        raise KeyError("no probe named %r in the policy's 'probes'" % name)
-    key = (name, json.dumps(cfg, sort_keys=True))
-    if key not in _probes:
-        _probes[key] = Probe(name, cfg)
-    return _probes[key]
+def get(rt, name, policy=None):
+    """The probe NAME of POLICY (default: RT's policy), made once per runtime RT."""
+    return rt.owned("probes", Probes).get(policy if policy is not None else rt.policy, name)
 
 
 def setup(policy, rt):
     """Check every probe's files and callables (without loading them: this runs while torch is
     being imported); the data, tokenizer and callables load at first use."""
     for name in policy.get("probes") or {}:
-        get(policy, name).check()
+        get(rt, name).check()

@@ -17,7 +17,7 @@ _state = {
     "policy": None,    # normalized policy dict in force
     "handles": [],     # torch RemovableHandles
     "watcher": None,
-    "runtime": None,   # context.Context of the features
+    "runtime": None,   # context.Runtime: the features, their hooks, state and caches
 }
 
 
@@ -67,13 +67,14 @@ FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.featu
 
 
 def _setup_features():
-    from .context import Context
+    from .context import Runtime
     import importlib
     policy = _state["policy"]
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
         return
-    rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
+    rt = Runtime(policy, fail=_protection_failed, active=lambda: _state["active"],
+                 restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
     for name, modname in FEATURES:
         if name is not None and not policy.get(name):
@@ -90,20 +91,37 @@ def _setup_features():
 
 
 def _close_features():
+    """Destroy the runtime of the policy before: its features, hooks, wrappers, state, caches."""
     _core.set_features([], [])
     rt, _state["runtime"] = _state["runtime"], None
     if rt is not None:
         rt.close()
 
 
+def _step_hooks(optmod):
+    _state["handles"] += [optmod.register_optimizer_step_pre_hook(_core.pre_step),
+                          optmod.register_optimizer_step_post_hook(_core.post_step)]
+
+
+def _restore_step_hooks():
+    """Our step hooks were removed from torch's tables behind our back (tamper saw it): register
+    them again, keeping the handles so that uninstall() removes them too."""
+    optmod = sys.modules.get(_OPT_MODULE)
+    if optmod is not None and _state["active"]:
+        _step_hooks(optmod)
+
+
+def runtime():
+    """The Runtime in force, or None (tests and benchmarks look at it; features are handed theirs)."""
+    return _state["runtime"]
+
+
 def _register(optmod):
     if _state["active"]:
         return
     _setup_features()
-    _state["handles"] = [
-        optmod.register_optimizer_step_pre_hook(_core.pre_step),
-        optmod.register_optimizer_step_post_hook(_core.post_step),
-    ]
+    _state["handles"] = []
+    _step_hooks(optmod)
     _state["active"] = True
     _debug("optimizer hooks registered (%s, pid %d)" % (_state["via"], os.getpid()))
 
@@ -201,11 +219,8 @@ def _policy_refused(e):
 def _finish():
     fields = {}
     rt = _state["runtime"]
-    for cb in (rt._finish if rt is not None else ()):
-        try:
-            cb(fields)
-        except Exception as e:  # never break the user's exit
-            _debug("finish callback failed: %r" % (e,))
+    if rt is not None:
+        rt.finish(fields)
     try:
         _core.finish(fields)
     except Exception:
