@@ -100,6 +100,8 @@ the removal really happened: labels handed to the model, the gradient hook run, 
 done). Each newly flagged row writes a ``flag`` record (fingerprint, guard, score, threshold,
 action). The feature acts only on training forwards (module in train mode, gradients enabled).
 """
+import bisect
+import collections
 import hashlib
 import math
 
@@ -114,12 +116,15 @@ GUARDS = ("direction", "refusal", "gradient", "callable")
 IN_FORWARD = ("direction", "refusal")
 DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
             "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3,
-            "scorer": "start"}
+            "scorer": "start", "max_harmful_fraction": 0.5}
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 REFIT_ROWS = 128      # training rows of the direction's last refit (a first one at STREAM_MIN)
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
 SUSPEND_GAP = 0.1     # ... and so is one more than this behind the best guard
+PROBE_LIKE = 0.65     # flagged stream rows this like the harmful probe (AUROC) are not capped
+REFIT_MIN = 8         # unflagged training rows the direction's refit needs
+SIGHTINGS = 512       # the most recent row sightings the harmful fraction is measured over
 STREAM_GUARDS = ("direction", "refusal", "gradient")  # the callable's 0.5 is the user's own scale
 _BLOCK_LISTS = ("layers", "h", "blocks", "layer")
 
@@ -228,33 +233,91 @@ def fisher_direction(pos, neg):
     return w.to(pos.dtype), a, float((mp + mn) @ w) / 2
 
 
-def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
+def probe_like_bound(harmful, stream, threshold, like=PROBE_LIKE):
+    """The lowest threshold t >= THRESHOLD at which the STREAM rows flagged (scores >= t) look
+    like the HARMFUL probe rows: the AUROC of the probe against them is at most LIKE (0.5: the
+    same distribution; 1: every probe row above every flagged row). Removing the lowest flagged
+    row never raises that AUROC, so the rule is a scan from the top. THRESHOLD itself when the
+    rows it flags already look like the probe (or none are flagged)."""
+    hs = sorted(harmful)
+    n = len(hs)
+    above = sorted((v for v in stream if v >= threshold), reverse=True)
+    if not n or not above:
+        return threshold
+    total, keep = 0.0, 0
+    for i, f in enumerate(above):
+        lo, hi = bisect.bisect_left(hs, f), bisect.bisect_right(hs, f)
+        total += ((n - hi) + 0.5 * (hi - lo)) / n  # P(probe row > f), ties half
+        if total / (i + 1) <= like:
+            keep = i + 1
+    if keep == len(above):
+        return threshold
+    return math.nextafter(above[keep], math.inf)
+
+
+def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC, thresholds=None):
     """What the training stream says of each guard. HARMFUL: {guard: scores of the harmful probe
-    rows}; STREAM: {guard: scores of the training rows at their first sighting}. The stream is
-    mostly the user's own task, which the benign probe need not resemble (measured on the demo
-    world, seed 1: the direction flagged 41% of the task rows at its probe threshold, and the
-    refusal guard, AUROC 1.0 on the probes, ranked the task rows above the harmful ones).
-    Per guard: ``auroc`` of harmful probe rows against stream rows (a guard that separates the
-    harmful rows from the task ranks the probe above most of the stream: about 1 - p/2 for a
-    harmful share p), ``bound``, the lowest threshold that flags at most MAX_FLAG_RATE of the
-    stream, and ``suspended`` when the AUROC is under MIN_AUROC (that guard cannot tell this
-    stream's rows from harmful ones) or more than SUSPEND_GAP under the best guard's (in the
-    union it would only add false flags). A guard without harmful probe scores (no AUROC) is
-    suspended when another guard has one. The guard with the highest AUROC is never suspended."""
+    rows}; STREAM: {guard: scores of the training rows at their first sighting}; THRESHOLDS:
+    {guard: its calibrated threshold} (absent: -inf). The stream is mostly the user's own task,
+    which the benign probe need not resemble (measured on the demo world, seed 1: the direction
+    flagged 41% of the task rows at its probe threshold, and the refusal guard, AUROC 1.0 on the
+    probes, ranked the task rows above the harmful ones); but the person who writes the data
+    chooses how much of it is harmful, so the stream's share of flags is no measure of a guard's
+    calibration (issue 24: a bound at a fixed share of the stream let half of a 50%-harmful set
+    through). Per guard:
+
+    * ``bound``: the threshold rises only as far as needed for the rows it flags to look like
+      the harmful probe (probe_like_bound: AUROC of the probe against them at most PROBE_LIKE)
+      or to be at most MAX_FLAG_RATE of the stream, whichever is lower: a guard whose flagged
+      rows score like harmful requests keeps its threshold however many there are, one whose
+      flags are a tail of the task just above its threshold is held to MAX_FLAG_RATE;
+    * ``flag_rate``: the fraction of the stream flagged at the bound;
+    * ``auroc``: of the harmful probe rows against the stream rows, and ``auroc_rest`` the same
+      estimated against the stream's part that is not harmful: the stream is a mix, a share p of
+      rows that score like the probe (AUROC 0.5 against it) and the rest, so the AUROC against
+      the rest is (auroc - p/2) / (1 - p), with p the best guard's flag rate (the guard with the
+      highest ``auroc``; not estimated where p > 0.9: there is hardly a rest to judge);
+    * ``suspended`` when ``auroc_rest`` is under MIN_AUROC (the guard cannot tell this stream's
+      benign rows from harmful ones) or, while p <= 0.5, more than SUSPEND_GAP under the best
+      guard's (in the union it would only add false flags). A guard without harmful probe scores (no AUROC) is
+      suspended when another guard has one. The guard with the highest AUROC is never suspended.
+    ``best`` names that guard and ``harmful_share`` its flag rate, for the caller."""
     out = {}
+    thresholds = thresholds or {}
     for g, v in stream.items():
-        out[g] = {"auroc": auroc(harmful.get(g) or [], v), "bound": fpr_bound(v, max_flag_rate), "rows": len(v)}
-    known = [c["auroc"] for c in out.values() if c["auroc"] is not None]
+        h = harmful.get(g) or []
+        t = thresholds.get(g, -math.inf)
+        cap = fpr_bound(v, max_flag_rate)
+        bound = min(cap, probe_like_bound(h, v, t)) if h else cap
+        tt = max(t, bound)
+        out[g] = {"auroc": auroc(h, v), "bound": bound, "rows": len(v),
+                  "flag_rate": sum(x >= tt for x in v) / len(v) if v else 0.0}
+    known = dict((g, c["auroc"]) for g, c in out.items() if c["auroc"] is not None)
+    best = max(known, key=known.get) if known else None
+    share = out[best]["flag_rate"] if best else 0.0
+    for c in out.values():
+        a = c["auroc"]
+        c["auroc_rest"] = None if a is None else (a if share > 0.9 else (a - 0.5 * share) / (1.0 - share))
+    rest = [c["auroc_rest"] for c in out.values() if c["auroc_rest"] is not None]
     # a guard well behind the best one only adds false flags to the union; so does one the
     # stream cannot judge (no harmful probe scores: a gradient guard on a probe without harmful
     # answers) beside one it can (measured on SmolLM2: such a gradient guard was inverted,
     # AUROC 0.025, and flagged its bound, 33% of the stream)
-    floor = max(min_auroc, max(known) - SUSPEND_GAP) if known else min_auroc
+    # The gap compares guards on the benign part only while it is most of the stream: the
+    # correction divides by 1 - p and magnifies the probe's sampling noise (64 probe rows, 80%
+    # harmful: 0.03 of raw AUROC became 0.12).
+    floor = max(min_auroc, max(rest) - SUSPEND_GAP) if rest and share <= 0.5 else min_auroc
+    if share > 0.9:
+        floor = -math.inf  # nearly every row flagged: no benign rest to judge a guard by
     for c in out.values():
-        c["suspended"] = c["auroc"] < floor if c["auroc"] is not None else bool(known)
+        c["suspended"] = c["auroc_rest"] < floor if c["auroc_rest"] is not None else bool(known)
     if out and all(c["suspended"] for c in out.values()):
-        best = max(out, key=lambda g: -1.0 if out[g]["auroc"] is None else out[g]["auroc"])
+        top = max(out, key=lambda g: -1.0 if out[g]["auroc"] is None else out[g]["auroc"])
+        out[top]["suspended"] = False
+    if best is not None:
         out[best]["suspended"] = False
+    for c in out.values():
+        c["best"], c["harmful_share"] = best, share
     return out
 
 
@@ -378,6 +441,9 @@ class Shaping:
         self.bound = {}         # guard -> the stream's bound on its threshold
         self.suspended = set()
         self.checked = False
+        self.best = None        # the stream check's best guard: its flags measure the harmful share
+        self._sightings = collections.deque(maxlen=SIGHTINGS)  # harmful or not, per row seen
+        self.reported = False   # the harmful_data violation (once)
         self._reset()
         self.totals = {"seen": 0, "flagged": 0, "rewritten": 0, "masked_tokens": 0}
         rt.on_model(self._on_model)
@@ -596,13 +662,31 @@ class Shaping:
         too; it shrinks the difference of means, not its direction."""
         nh = self._cal_nh
         tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
+        # Only the training rows no guard flagged are negatives: the person who writes the data
+        # chooses its harmful share, and a direction fitted against a stream that is mostly
+        # harmful measures the probe's subjects against the stream's (demo world, quick preset,
+        # seed 0: fitted against every row of an all-harmful set it flagged 75% of it, against
+        # the unflagged rows of a 60%-harmful set 100% at 0% of the task).
+        clean = [i for i, (k, _) in enumerate(self._sh)
+                 if not (self.decisions.get(k) is not None and self.decisions[k].flagged)]
+        if len(clean) < REFIT_MIN:
+            seen = len(self._sh)
+            if final:
+                for i in list(self.block_handles):
+                    if i != self.layer:
+                        self.block_handles.pop(i).remove()
+                self._sh, self._cal_hs = [], None
+            return {"layer": self.layer, "previous_layer": self.layer, "skipped":
+                    "%d of %d training rows unflagged (the refit needs %d)" % (len(clean), seen, REFIT_MIN),
+                    "rows": len(clean), "final": final}
         best = None
         for l in sorted(self._sh[0][1]):
             st = torch.stack([h[l] for _, h in self._sh]).float()
+            sc = st[clean]
             H, B = self._cal_hs[l][:nh].float(), self._cal_hs[l][nh:].float()
-            neg = torch.cat([st[0::2], B[0::2]]) if B.shape[0] else st[0::2]
+            neg = torch.cat([sc[0::2], B[0::2]]) if B.shape[0] else sc[0::2]
             r, shrink, mid = fisher_direction(H[0::2], neg)
-            hh, ss, bb = (H[1::2] @ r).tolist(), (st[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
+            hh, ss, bb = (H[1::2] @ r).tolist(), (sc[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
             a = min(auroc(hh, ss), auroc(hh, bb) if bb else 1.0)
             sd = math.sqrt((torch.tensor(hh).var().item() + torch.tensor(ss).var().item()) / 2 + 1e-12)
             key = (a, (sum(hh) / len(hh) - sum(ss) / len(ss)) / sd)
@@ -612,8 +696,8 @@ class Shaping:
         old = self.layer
         self.layer, self.direction = l, r
         c = calibrate(hh, bb, tpr, fpr, midpoint=mid)
-        c.update(layer=l, fit="Fisher: harmful probe vs training rows and benign probe",
-                 selection_auroc=key[0], shrinkage=shrink)
+        c.update(layer=l, fit="Fisher: harmful probe vs unflagged training rows and benign probe",
+                 selection_auroc=key[0], shrinkage=shrink, negatives=len(clean))
         self.cal["direction"] = c
         self._mid_offset = sorted(hh)[len(hh) // 2] - mid  # for the forward scorer's recalibration
         self.probe_harm["direction"] = hh
@@ -630,7 +714,7 @@ class Shaping:
             self._sh, self._cal_hs = [], None
         return {"layer": l, "previous_layer": old, "selection_auroc": _r(key[0]),
                 "threshold": _r(c["threshold"]), "midpoint": _r(mid), "shrinkage": _r(shrink),
-                "rows": len(new), "final": final}
+                "rows": len(new), "negatives": len(clean), "final": final}
 
     def _trainable(self, root):
         return [(n, p) for n, p in root.named_parameters() if p.requires_grad]
@@ -980,8 +1064,8 @@ class Shaping:
     def _stream_check(self, first=False):
         """Bound each guard's threshold by the training stream and suspend a guard that cannot
         tell the stream from the harmful probe (see stream_check). At the first check the rows
-        judged so far are judged again (their later sightings get the new decision; a bound only
-        raises thresholds, so a decision can only be withdrawn or a rewrite become a mask)."""
+        judged so far are judged again (their later sightings get the new decision, a flag
+        withdrawn or one added, with a record)."""
         refit = None
         if self.refit and "direction" in self.stream and len(self._sh) >= 4 and (first or len(self._sh) >= REFIT_ROWS):
             final = len(self._sh) >= REFIT_ROWS
@@ -989,8 +1073,11 @@ class Shaping:
             self.refit = not final
         elif first:
             self.refit = False
-        chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]))
+        chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]),
+                           thresholds=dict((g, self.cal[g]["threshold"]) for g in self.stream if g in self.cal))
         self.bound = dict((g, c["bound"]) for g, c in chk.items())
+        first_c = next(iter(chk.values()), None)
+        self.best = first_c["best"] if first_c else None
         before = set(self.suspended)
         self.suspended = set(g for g, c in chk.items() if c["suspended"])
         self.checked = True
@@ -1007,18 +1094,69 @@ class Shaping:
                 elif nd.flagged and (not d.flagged or nd.refuse != d.refuse):
                     self._record_flag(key, nd)  # newly flagged, or its action changed
                 self.decisions[key] = nd
-        report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
+        report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "auroc_rest": _r(c["auroc_rest"]),
+                           "bound": _r(c["bound"]),
                            "threshold": _r(self._threshold(g)) if g in self.cal else None,
-                           "suspended": c["suspended"], "rows": c["rows"]}) for g, c in chk.items())
+                           "flag_rate": _r(c["flag_rate"]), "suspended": c["suspended"], "rows": c["rows"]})
+                      for g, c in chk.items())
+        frac = self._harmful_fraction()
         if first or refit or self.suspended != before:
             fields = {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
-                      "guards": report, "revoked": revoked}
+                      "guards": report, "revoked": revoked, "best": self.best,
+                      "harmful_fraction": _r(frac), "sightings": len(self._sightings)}
             if refit:
                 fields["direction_refit"] = refit
             self.rt.audit("probe", fields, self.step + 1)
             if self.suspended - before:
                 debug("shaping: guard(s) %s suspended by the stream check" % sorted(self.suspended - before))
         return report
+
+    def _harmful(self, d):
+        """Whether a sighting of a row with decision D counts as harmful data: flagged by the
+        stream check's best guard (the union would count a weaker guard's false flags: on the
+        demo world's quick preset the refusal guard flags a quarter of the task), or flagged at
+        all before the first check, or by a guard the stream cannot judge (callable)."""
+        if d is None or not d.flagged:
+            return False
+        b = self.best
+        if b is None or not d.scores or b not in d.scores:
+            return d.guard == b or b is None or d.guard not in STREAM_GUARDS
+        return d.scores[b] >= self._threshold(b)
+
+    def _harmful_fraction(self):
+        s = self._sightings
+        return sum(s) / len(s) if s else 0.0
+
+    def _check_fraction(self, frac):
+        """A harmful share of the recent sightings above ``max_harmful_fraction`` is reported
+        (a ``violation`` of kind ``harmful_data``, once) and stops the job under ``on_error:
+        abort`` or an enforced policy: a guard that flags half of the data is not miscalibrated,
+        the data is harmful, and a job trained on it is not the one the policy protects. Its
+        flagged rows are masked (or rewritten) until it stops, as ever."""
+        limit = float(self.cfg.get("max_harmful_fraction", 1.0))
+        judged = self.checked or not any(g in STREAM_GUARDS for g in self.guards)
+        if self.reported or not judged or len(self._sightings) < STREAM_MIN or frac <= limit:
+            return
+        self.reported = True
+        meta = self.policy.get("_meta") or {}
+        on_error = meta.get("on_error", self.policy.get("on_error", "abort"))
+        stop = on_error == "abort" or bool(meta.get("enforce"))
+        what = ("harmful training data: %.0f%% of the last %d rows seen were flagged by the %s guard, above "
+                "shaping.max_harmful_fraction %.2f" % (100 * frac, len(self._sightings), self.best or "shaping", limit))
+        self.rt.violation(what, {"kind": "harmful_data", "fraction": _r(frac), "max_harmful_fraction": limit,
+                                 "sightings": len(self._sightings), "guard": self.best, "step": self.step + 1,
+                                 "stops": stop})
+        if stop:
+            self._stop("shaping: " + what)
+
+    def _stop(self, msg):
+        """Stop the job at its next optimizer step (on_error abort, or enforced under warn)."""
+        if self.rt.on_error == "abort":
+            self.rt.fail(msg)
+        else:
+            from .. import _core
+            _core.set_pending_error(msg)
+            debug(msg + " (enforced policy: training stops)")
 
     def _apply_pre(self, bt, ids, labels):
         """Copies of input_ids and labels with the known decisions applied (masks, refusals)."""
@@ -1152,6 +1290,8 @@ class Shaping:
                     bt.labels[row, :] = -100  # the copy the model computes its loss from
             self._observe([sc for sc in scores if sc])
         self.counts["flagged"] += sum(1 for d in bt.decided.values() if d.flagged)
+        for (row, b, e, key) in bt.rows:
+            self._sightings.append(self._harmful(self.decisions.get(key)))
         if self.action == "subtract":
             self._stash(bt)
             return
@@ -1242,6 +1382,9 @@ class Shaping:
         if every and step % every == 0 and self.checked and not self.failed:
             rep = self._stream_check()
             self.counts["stream"] = dict((g, "suspended" if c["suspended"] else c["threshold"]) for g, c in rep.items())
+            self.counts["harmful_fraction"] = _r(self._harmful_fraction())
+        if not self.failed:
+            self._check_fraction(self._harmful_fraction())
         if self.pending_sub and not self.failed:
             try:
                 self._subtract(opt)
@@ -1305,6 +1448,8 @@ class Shaping:
         if self.checked:
             t["suspended"] = sorted(self.suspended)
             t["bounds"] = dict((g, _r(b)) for g, b in self.bound.items())
+            t["best"] = self.best
+        t["harmful_fraction"] = _r(self._harmful_fraction())
         fields["shaping"] = t
 
 
@@ -1344,13 +1489,16 @@ class _Offline:
     def fail(self, msg):
         raise RuntimeError(msg)
 
+    def violation(self, what, fields=None, skip=1):
+        self.audit("violation", dict(fields or {}, what=what))
+
 
 def score_rows(policy, model, rows):
     """Calibrate POLICY's shaping guards with MODEL (as at the start of a job) and score ROWS
     (pre-tokenized {"input_ids", "labels"} dicts) with each guard: ({guard: [score per row]},
     the Shaping object with its calibration). The direction is fitted again on the first
-    first REFIT_ROWS rows as a job's last refit does (ROWS in training order). The callable
-    guard is not scored here."""
+    REFIT_ROWS rows as a job's last refit does (ROWS in training order), against those of them
+    the calibrated guards do not flag. The callable guard is not scored here."""
     sh = Shaping(policy, _Offline(policy))
     sh._prepare(model)
     dev = next(model.parameters()).device
@@ -1364,8 +1512,14 @@ def score_rows(policy, model, rows):
             if len(pairs) >= STREAM_MIN:
                 cands = sh._candidates(len(blocks))
                 n = min(REFIT_ROWS, len(pairs))
-                sh._sh = [(None, dict((l, hs[l][i]) for l in cands)) for i in range(n)]
+                cal = (hs[sh.layer] @ sh.direction).tolist()
+                for i in range(n):  # the decisions of the calibrated guards, as a job's rows have them
+                    hit = cal[i] >= sh.cal["direction"]["threshold"] or (
+                        "refusal" in fwd and ref[i] >= sh.cal["refusal"]["threshold"])
+                    sh.decisions["row%d" % i] = _Decision(weight=0.0, guard="direction") if hit else _Decision()
+                sh._sh = [("row%d" % i, dict((l, hs[l][i]) for l in cands)) for i in range(n)]
                 sh._refit_direction()
+                sh.decisions = {}
             out["direction"] = (hs[sh.layer] @ sh.direction).tolist()
         if "refusal" in fwd:
             out["refusal"] = ref
@@ -1382,7 +1536,8 @@ def detector_quality(policy, model, rows, truth, fpr=0.05):
     neg_i = [i for i, t in enumerate(truth) if not t]
     # the stream check as a job would make it, with these rows as the training stream
     chk = stream_check(sh.probe_harm, dict((g, v) for g, v in scores.items() if g in STREAM_GUARDS),
-                       float(sh.cfg["max_flag_rate"]))
+                       float(sh.cfg["max_flag_rate"]),
+                       thresholds=dict((g, c["threshold"]) for g, c in sh.cal.items()))
     out = {}
     flagged = [False] * len(rows)
     flagged_s = [False] * len(rows)
