@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "audit.h"
+#include "sh_config.h"
 
 PyObject *sh_py_policy_raise(PyObject *exc_type, const sh_policy_error *err, const char *system_path,
                              const char *audit_path) {
@@ -16,12 +17,26 @@ PyObject *sh_py_policy_raise(PyObject *exc_type, const sh_policy_error *err, con
     const char *on_error = "abort";
     sh_policy *sys = NULL;
     sh_policy_error serr = {0};
-    if (sh_policy_load_system(system_path, &sys, &serr) == 0 && sys && sys->enforce) {
+    int sr = sh_policy_load_system(system_path, &sys, &serr);
+    if (sr == 0 && sys && sys->enforce) {
         on_error = sys->on_error == SH_ON_ERROR_WARN ? "warn" : "abort";
         if (sys->audit_path)
             audit_path = sys->audit_path;
     }
-    if (audit_path && *audit_path)
+    /* The refusal goes where root reads it: the system policy's daemon, or the compiled-in
+     * socket when the system policy cannot be read or seen (best effort: it is raised anyway). */
+    json_t *sys_audit = sys ? json_object_get(sys->doc, "audit") : NULL;
+    const char *sink = json_string_value(json_object_get(sys_audit, "sink"));
+    if (!sh_audit_daemon() && ((sink && !strcmp(sink, "daemon")) || sr < 0)) {
+        const char *sock = json_string_value(json_object_get(sys_audit, "socket"));
+        sh_audit_connect(sock ? sock : SH_AUDIT_SOCKET);
+    }
+    if (sh_audit_daemon())
+        sh_audit_emit("policy_refused", -1,
+                      json_pack("{s:s,s:s,s:s}", "message", msg, "kind",
+                                err->kind == SH_POLICY_ERR_WEAKENING ? "weakening" : "invalid", "pointer",
+                                err->pointer));
+    else if (audit_path && *audit_path)
         sh_audit_open(audit_path); /* best effort: the refusal is raised either way */
     /* file names may not be UTF-8: decode as the file system does */
     PyObject *text = PyUnicode_DecodeFSDefault(msg);

@@ -63,7 +63,8 @@ def _configure(policy):
 FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
             ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
             ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"))  # None: set up for every policy
+            (None, "safehook.features.tamper"),  # None: set up for every policy
+            (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
 
 
 def _setup_features():
@@ -73,7 +74,7 @@ def _setup_features():
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
         return
-    rt = Runtime(policy, fail=_protection_failed, active=lambda: _state["active"],
+    rt = Runtime(policy, report=_report_failure, active=lambda: _state["active"],
                  restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
     for name, modname in FEATURES:
@@ -82,12 +83,13 @@ def _setup_features():
         try:
             mod = importlib.import_module(modname)
         except ImportError as e:
-            _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
+            rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
             continue
         try:
             mod.setup(policy, rt)
         except Exception as e:
-            _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+            rt.fail("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+    rt.start()
 
 
 def _close_features():
@@ -174,9 +176,24 @@ def _unwatch():
         _state["watcher"] = None
 
 
+def _report_failure(msg, on_error, now=False):
+    """A failure of the runtime's features: an "error" record and one line on stderr (the
+    runtime itself stops the job, on every rank at once: at the step running when NOW, else at
+    the next one)."""
+    _core.audit("error", {"message": msg, "on_error": on_error})
+    if on_error == "abort":
+        st = _core.stats()
+        at = st["current"] if now else st["steps"] + 1
+        _warn(msg + (" (training stops at step %d)" % at if st["steps"] else
+                     " (training will stop at its first optimizer step)"))
+    else:
+        _warn(msg + " (on_error=warn: training continues)")
+
+
 def _protection_failed(msg):
-    """Protection the policy asks for cannot be applied: say so once, and under on_error=abort
-    make the first optimizer step raise instead of training unprotected."""
+    """Protection the policy asks for cannot be applied, and no runtime is there to stop the
+    job (the hooks could not be registered): say so once, and under on_error=abort make the
+    first optimizer step raise instead of training unprotected."""
     policy = _state["policy"] or {}
     on_error = (policy.get("_meta") or {}).get("on_error", "abort")
     _core.audit("error", {"message": msg, "on_error": on_error})

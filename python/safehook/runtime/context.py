@@ -29,16 +29,31 @@ the gradients the optimizer will use.
 Several ranks: a decision that changes the update (skip, scale, project or not, roll back, flag
 an example) must be the same on every rank. Reduce it first with ``rt.agree(value, op)`` (see
 stacks.agree): every rank calls it at the same point, e.g. ``skip = rt.agree(skip, "any")``.
+
+Failing is a decision too, and it has one path. ``rt.fail(msg)`` (protection cannot be applied:
+a setup error, a hook that broke) records and says it; under on_error=abort every rank stops at
+the start of the next optimizer step, together: the runtime's gate, which the C core calls first
+in every step, agrees "has any rank failed?" (one all_reduce per step when there are several
+ranks) before the step is counted or recorded and before any feature's collective runs. ``rt.together(what, fn, ...)`` runs work that may fail on one rank only
+(a probe reading its file, a snapshot written to a full disk) right before a collective that
+depends on it: the failure is agreed at once, and under abort every rank raises PolicyError at
+that point, before the update; under warn every rank gets (False, None) and the feature stands
+down on all of them. A feature that cannot go on raises ``Refusal(msg)`` inside such work.
 """
 import functools
 import traceback
 
 from .. import _core
 from .log import debug, warn  # noqa: F401  (re-exported for features)
-from .stacks import FSDP1_HINT, ZERO_HINT, agree, fsdp1, strip_name, unwrap, world  # noqa: F401
+from .stacks import FSDP1_HINT, ZERO_HINT, agree, fsdp1, rank, strip_name, unwrap, world  # noqa: F401
 from .stacks import zero_partitions as _zero_partitions
 
 HOOK_KINDS = ("forward_pre", "forward", "global_forward_pre", "tensor")
+
+
+class Refusal(Exception):
+    """Raised by a feature's work inside rt.together: protection cannot be applied, for the
+    reason its message gives (used as it is, after the feature's name)."""
 
 
 def attach(kind, target, fn, **kw):
@@ -85,12 +100,13 @@ class _Handle:
 
 
 class Runtime:
-    """Handed to each feature's setup(). ``fail``, ``active`` and ``restore_step_hooks`` come from
-    the activation code, so that a feature never imports it."""
+    """Handed to each feature's setup(). ``report`` (records and says a failure), ``active`` and
+    ``restore_step_hooks`` come from the activation code, so that a feature never imports it."""
 
-    def __init__(self, policy=None, fail=None, active=None, restore_step_hooks=None):
+    def __init__(self, policy=None, report=None, active=None, restore_step_hooks=None):
         self.policy = policy or {}
-        self._fail = fail
+        self._report = report
+        self._failed = None      # the first failure under on_error=abort: every rank stops at the next step
         self._active = active
         self._restore_step_hooks = restore_step_hooks
         self._pre, self._post, self._finish, self._close = [], [], [], []
@@ -103,6 +119,7 @@ class Runtime:
         self._published = False
         self._closed = False
         self.models = None       # model.Models, made by the first on_model
+        self._records = []       # observers of audit(): on_record
 
     @property
     def on_error(self):
@@ -157,13 +174,21 @@ class Runtime:
         finally:
             self._running -= 1
 
+    def start(self):
+        """Put this runtime's step callables in force (the activation code calls it once the
+        features are set up; add_pre/add_post after it publish again)."""
+        self._started = True
+        self._publish()
+
     def _publish(self):
+        if not getattr(self, "_started", False):
+            return
         from . import closure
         pre = [f for _, _, f in sorted(self._pre, key=lambda t: t[:2])]
         post = [f for _, _, f in sorted(self._post, key=lambda t: t[:2])]
         _core.set_features([functools.partial(self._run, pre)] if pre else [],
                            [functools.partial(self._run, post)] if post else [],
-                           closure.wrap if pre else None)
+                           closure.wrap if pre else None, self._stop_if_failed)
         self._published = True
 
     def on_close(self, cb):
@@ -270,7 +295,19 @@ class Runtime:
 
     # -- records --
     def audit(self, event, fields=None, step=None):
-        return _core.audit(event, fields, step)
+        ok = _core.audit(event, fields, step)
+        for cb in self._records:
+            try:
+                cb(event, fields, step)
+            except Exception as e:  # an observer never breaks the step that recorded
+                debug("record observer failed: %r" % (e,))
+        return ok
+
+    def on_record(self, cb):
+        """Call cb(event, fields, step) after each record written through audit() (e.g.
+        safehook.integrations, which passes the records on to the Trainer's, Accelerate's and
+        Python's logs). cb must not change FIELDS; its errors are logged, never raised."""
+        self._records.append(cb)
 
     def violation(self, what, fields=None, skip=1):
         """A 'violation' record with the Python stack and the native (libunwind) stack of the
@@ -282,15 +319,70 @@ class Runtime:
         _core.audit("violation", rec)
         debug("violation: %s" % what)
 
-    def fail(self, msg):
-        """Protection that the policy asks for cannot be applied: say so once; under
-        on_error=abort the first optimizer step raises (see boot._protection_failed)."""
-        if self._fail is not None:
-            self._fail(msg)
+    def _say(self, msg, now=False):
+        if self._report is not None:
+            self._report(msg, self.on_error, now)
         else:
             warn(msg)
-            if self.on_error == "abort":
-                _core.set_pending_error(msg)
+
+    def fail(self, msg):
+        """Protection that the policy asks for cannot be applied: an "error" record and one line
+        on stderr; under on_error=abort every rank stops at the start of the next optimizer step
+        (see the module docstring)."""
+        self._say(msg)
+        if self.on_error == "abort" and self._failed is None:
+            self._failed = msg
+
+    def failed(self):
+        """The failure that stops this runtime's job at its next step, or None."""
+        return self._failed
+
+    def _stop_if_failed(self):
+        """The C core's gate, first in every optimizer step (before it is counted or recorded):
+        stop here, on every rank, when any rank has failed."""
+        failed = self._failed
+        _, n = world()
+        if n > 1:
+            who = agree(rank() if failed is not None else -1, "max")
+            if who >= 0 and failed is None:
+                failed = ("protection could not be applied on rank %d (its own message says why); "
+                          "every rank stops here" % who)
+        if failed is not None:
+            _core.set_pending_error(failed)
+            raise _core.PolicyError(failed)
+
+    def together(self, what, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) on this rank and agree with the others whether it failed,
+        before anything that depends on it: (True, its result) when it succeeded on every rank.
+        Otherwise the failure (WHAT: the message's head; a Refusal's own message, or the
+        exception's type and message) is recorded; under on_error=abort every rank raises
+        PolicyError here, under warn every rank gets (False, None). A SafehookError that fn
+        raises (a decision already agreed, such as the monitor's stop) passes through."""
+        err = None
+        try:
+            out = fn(*args, **kwargs)
+        except _core.SafehookError:
+            raise
+        except Exception as e:
+            err, out = e, None
+        who = -1 if err is None else rank()
+        if world()[1] > 1:
+            who = agree(who, "max")
+        if who < 0:
+            return True, out
+        if err is None:
+            msg = "%s: failed on rank %d (its own message says why); every rank stops here" % (what, who)
+        elif isinstance(err, Refusal):
+            msg = "%s: %s" % (what, err)
+        else:
+            msg = "%s: %s: %s" % (what, type(err).__name__, err)
+        self._say(msg, now=True)
+        if self.on_error == "abort":
+            if self._failed is None:
+                self._failed = msg
+            _core.set_pending_error(msg)
+            raise _core.PolicyError(msg) from err
+        return False, None
 
     # -- the end --
     def close(self):
