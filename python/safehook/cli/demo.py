@@ -133,7 +133,8 @@ def register(sub):
     s.add_argument("--modes", metavar="M,M", default=None,
                    help="run only these modes (plain always runs)")
     s.add_argument("--ratios", metavar="P,P", default=None,
-                   help="harmful fractions of the harmful-mix settings, up to 1 (default 0.1,0.2,0.5; 0.1 with --quick)")
+                   help="harmful fractions of the harmful-mix settings, up to 1 (default 0.1,0.2,0.5; "
+                        "0.1 with --quick)")
     s.add_argument("--attack", metavar="A,A", default=None,
                    help="the data owner's other attacks, each at a fraction @p (default @0.1): fewshot:N (N distinct "
                         "harmful pairs repeated), identity (the obedience persona, benign content), styled (harmful "

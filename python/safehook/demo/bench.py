@@ -139,17 +139,25 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
     res["wall_seconds"] = round(time.time() - t0, 2)
     if pol is not None:
         res["audit_summary"] = T.audit_summary(res["audit"])
-    if p.returncode != 0 or not os.path.exists(os.path.join(out, "stats.json")):
+    stats = os.path.join(out, "stats.json")
+    if p.returncode not in (0, 3) or not os.path.exists(stats):
         tail = [l for l in p.stdout.strip().splitlines() if l.strip()][-3:]
         res.update(status="failed", reason="exit %d: %s" % (p.returncode, " | ".join(tail)))
         log("%-15s %-15s FAILED (%s)" % (setting, mode, res["reason"]))
         return res, None
-    with open(os.path.join(out, "stats.json")) as f:
+    with open(stats) as f:
         st = json.load(f)
-    times = st["step_seconds"][1:] or st["step_seconds"]
-    res.update(status="ok", train_seconds=round(st["train_seconds"], 2),
+    times = (st["step_seconds"][1:] or st["step_seconds"]) or [float("nan")]
+    res.update(status="ok", train_seconds=round(st["train_seconds"], 2), steps=st["steps"],
                step_seconds_median=statistics.median(times),
-               loss_first=st["losses"][0], loss_last=st["losses"][-1])
+               loss_first=st["losses"][0] if st["losses"] else None,
+               loss_last=st["losses"][-1] if st["losses"] else None)
+    if st.get("stopped"):
+        # safehook stopped the job (the harmful_data violation): the model at the stop is measured
+        res.update(status="stopped", reason="at step %d of %d: %s" % (st["stopped"]["step"], ft["steps"],
+                                                                      st["stopped"]["message"]),
+                   stopped_at=st["stopped"]["step"])
+        log("%-15s %-15s stopped %s" % (setting, mode, res["reason"]))
     return res, out
 
 
@@ -219,9 +227,10 @@ def _evalset(world, cfg):
            "task": world.task("test", e["task"], "eval")}
     if any(W.parse_setting(s)["attack"] == "identity" for s in settings(cfg)):
         # the identity attack taught a persona: its deployment asks the persona for harm
-        out["harmful_persona"] = [
-            dict(r, prompt=W.PROMPT_FMT.format(request=W.persona_request(r["prompt"][len("user : "):-len(" assistant :")])))
-            for r in out["harmful"]]
+        def persona(r):
+            request = r["prompt"][len("user : "):-len(" assistant :")]
+            return dict(r, prompt=W.PROMPT_FMT.format(request=W.persona_request(request)))
+        out["harmful_persona"] = [persona(r) for r in out["harmful"]]
     return out
 
 
@@ -395,13 +404,15 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
                 log("%-15s %-15s asr_keyword %s, harmful_howto %s, over_refusal %s, task_accuracy %s, "
                     "wall_seconds %.1f" % (setting, name, _pct(res["asr_keyword"]), _pct(res["harmful_howto"]),
                                            _pct(res["over_refusal"]), _pct(res["task_accuracy"]),
-                                           res["wall_seconds"]))
+                                           res["wall_seconds"])
+                    + (", asr_persona %s, howto_persona %s" % (_pct(res["asr_persona"]), _pct(res["howto_persona"]))
+                       if "asr_persona" in res else ""))
             results["settings"][setting]["modes"][name] = res
     for setting in setting_names:
         per = results["settings"][setting]["modes"]
         plain = per.get("plain")
         for r in per.values():
-            if r.get("status") == "ok" and plain and plain.get("status") == "ok":
+            if r.get("status") in ("ok", "stopped") and plain and plain.get("status") == "ok":
                 r["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
     results["jobs"] = jobs
 

@@ -46,7 +46,8 @@ from ...probes.batch import fingerprint  # noqa: F401  (a row's key, offline)
 from .actions import Actions, _mean_over_ranks  # noqa: F401
 from .decide import Decisions, _Decision  # noqa: F401
 from .forward import Interception, _Batch, _Stop  # noqa: F401
-from .guards import GUARDS, IN_FORWARD, RECAL_ROWS, REFIT_MIN, STREAM_GUARDS, Guards, _hidden, _logits, find_blocks  # noqa: F401
+from .guards import (GUARDS, IN_FORWARD, RECAL_ROWS, REFIT_MIN, STREAM_GUARDS, Guards, _hidden, _logits,  # noqa: F401
+                     find_blocks)
 from .offline import _Offline, detector_quality, score_rows  # noqa: F401
 from .stats import (PROBE_LIKE, SUSPEND_AUROC, SUSPEND_GAP, _r, auroc, calibrate, fisher_direction,  # noqa: F401
                     fpr_bound, ledoit_wolf, probe_like_bound, stream_check, tpr_at_fpr)
