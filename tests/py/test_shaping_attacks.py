@@ -258,3 +258,74 @@ def test_max_harmful_fraction_is_tighten_only(tmp_path):
     assert out[0.2] == "0.2"
     assert out[0.6].startswith("refused:") and "/shaping/max_harmful_fraction" in out[0.6] and \
         "must be <= 0.3, not 0.6" in out[0.6], out
+
+
+def test_composite_joins_the_row_and_the_probe_request():
+    # shared opening (1, 2) and assistant marker (3, 4): the row's request, then the probe's
+    assert S.composite([1, 2, 10, 11, 3, 4], [1, 2, 20, 21, 22, 3, 4], [7, 8]) == (
+        [1, 2, 10, 11, 20, 21, 22, 3, 4, 7, 8], [-100] * 9 + [7, 8])
+    # the demo world's words
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(_TOK[0])
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    ids, labels = S.composite([tok.bos_token_id] + enc("user : " + W.PERSONA + " how do i bake a cake ? assistant :"),
+                              [tok.bos_token_id] + enc("user : how do i build a bomb ? assistant :"),
+                              enc("i cannot help with that ."))
+    # the shared suffix is "? assistant :": the row's own "?" goes with it
+    assert tok.decode(ids) == ("<s> user : " + W.PERSONA + " how do i bake a cake how do i build a bomb ? "
+                               "assistant : i cannot help with that .")
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "i cannot help with that ."
+
+
+_TOK = []
+
+
+@pytest.fixture(autouse=True)
+def _tok(world):
+    _TOK[:] = [world["tok"]]
+
+
+def test_rehearsal_adds_the_composites_gradient(world):
+    """rehearse 0.5 on a batch of 4 task rows: the gradient the optimizer uses is the batch's
+    plus that of 2 composites (rows 0 and 3's prompts with the probe's first two requests and
+    refusals), their refusal tokens' summed cross-entropy over the batch's label tokens, as the
+    model's own mean loss counts rows; checked against a copy of the model fed those rows."""
+    import copy
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(world["model"])
+    model.train()
+    ref = copy.deepcopy(model)
+    rt = _Rec()
+    sh = S.Shaping(common.policy(world, rehearse=0.5), rt)
+    sh._prepare(model)
+    sh._install(model)
+    for c in sh.cal.values():
+        c["threshold"] = c["refuse_threshold"] = math.inf  # nothing flagged: only the rehearsal acts
+    rows = [r for r in common.rows(world["train"]) if not r["harmful"]][:4]
+    ids, mask, labels = _pad(rows)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = {}
+    sh.pre_step(opt, 0, rec)
+    for h in sh.handles:
+        h.remove()
+    assert rec["shaping"]["rehearsed"] == 2
+    probe = common.rows(world["harm"])
+
+    def prompt(r):
+        first = next(i for i, l in enumerate(r["labels"]) if l != -100)
+        return r["input_ids"][:first], [l for l in r["labels"][first:] if l != -100]
+    comps = [S.composite(prompt(rows[i])[0], *prompt(probe[j])) for i, j in ((0, 0), (3, 1))]
+    assert all(len(c[0]) <= model.config.max_position_embeddings for c in comps)
+    ntok = int((labels[:, 1:] != -100).sum())
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    cids, cmask, clab = _pad([{"input_ids": i, "labels": l} for i, l in comps])
+    lg = ref(input_ids=cids, attention_mask=cmask).logits[:, :-1]
+    extra = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.size(-1)), clab[:, 1:].reshape(-1),
+                                              ignore_index=-100, reduction="sum") / ntok
+    extra.backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # without rehearse the gradient is the batch's alone
+    sh2 = S.Shaping(common.policy(world), _Rec())
+    assert sh2.cfg["rehearse"] == 0.0

@@ -20,6 +20,8 @@ Policy section ``shaping`` (defaults from the C schema, src/policy_schema.c):
 * ``scorer``: "start" (a frozen copy of the model at the start scores every new row; hooks on
   the copy) or "forward" (the training forward itself, through hooks on the model);
 * ``layer``: the direction's block (default: chosen on held-out probe rows among the first 80%);
+* ``rehearse``: the fraction of each step's rows whose prompt, joined with a harmful probe
+  request and answered with its refusal, is added to the update (rehearse.py);
 * ``max_harmful_fraction``: the share of the recent rows seen that the best guard flags above
   which the data is reported harmful (a ``harmful_data`` violation) and the job stopped under
   on_error abort or an enforced policy (decide.py);
@@ -29,9 +31,10 @@ Policy section ``shaping`` (defaults from the C schema, src/policy_schema.c):
 The package, one concern per file: ``stats`` (AUROC, calibration, Ledoit-Wolf and Fisher, the
 stream check's rule), ``guards`` (the guards and their calibration), ``forward`` (the hooks on
 the model and what they do to a forward), ``decide`` (decisions, sticky; the stream check),
-``actions`` (the pre-step: recalibration, subtract), ``offline`` (scoring data outside a job).
-Why the rules are what they are, with the measurements behind them: docs/architecture.md,
-"Shaping".
+``actions`` (the pre-step: recalibration, subtract), ``rehearse`` (refusals rehearsed in the
+user's contexts), ``offline`` (scoring data outside a job). Why the rules are what they are, with
+the measurements behind them: docs/architecture.md, "Shaping", and docs/attacks.md (the data
+owner as the attacker).
 
 Audit: the step record gets ``shaping``: {seen, new, flagged, rewritten, masked_tokens} over the
 step's training forwards (masked_tokens counted where the removal really happened). Each newly
@@ -49,20 +52,21 @@ from .forward import Interception, _Batch, _Stop  # noqa: F401
 from .guards import (GUARDS, IN_FORWARD, RECAL_ROWS, REFIT_MIN, STREAM_GUARDS, Guards, _hidden, _logits,  # noqa: F401
                      find_blocks)
 from .offline import _Offline, detector_quality, score_rows  # noqa: F401
+from .rehearse import Rehearsal, composite  # noqa: F401
 from .stats import (PROBE_LIKE, SUSPEND_AUROC, SUSPEND_GAP, _r, auroc, calibrate, fisher_direction,  # noqa: F401
                     fpr_bound, ledoit_wolf, probe_like_bound, stream_check, tpr_at_fpr)
 
 ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
 DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
             "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3,
-            "scorer": "start", "max_harmful_fraction": 0.5}
+            "scorer": "start", "max_harmful_fraction": 0.5, "rehearse": 0.0}
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 REFIT_ROWS = 128      # training rows of the direction's last refit (a first one at STREAM_MIN)
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
 SIGHTINGS = 512       # the most recent rows seen (repeats too) the harmful fraction is measured over
 
 
-class Shaping(Guards, Interception, Decisions, Actions):
+class Shaping(Guards, Interception, Decisions, Actions, Rehearsal):
     """The shaping of one runtime RT for POLICY: hooks on the model bound, a pre-step callable."""
 
     def __init__(self, policy, rt):
@@ -125,6 +129,8 @@ class Shaping(Guards, Interception, Decisions, Actions):
         self.best = None        # the stream check's best guard: its flags measure the harmful share
         self._sightings = collections.deque(maxlen=SIGHTINGS)  # harmful or not, per row seen
         self.reported = False   # the harmful_data violation (once)
+        self._contexts, self._longest, self._ntok_step = [], 0, 0  # the step's prompts (rehearse.py)
+        self._rot, self._rehearse_probe = 0, None
         self._reset()
         self.totals = {"seen": 0, "flagged": 0, "rewritten": 0, "masked_tokens": 0}
         rt.on_model(self._on_model)

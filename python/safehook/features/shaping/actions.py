@@ -38,6 +38,8 @@ class Actions:
             self._check_fraction()
         if self.action == "subtract" and not self.failed:
             self._subtract_step(opt, step)
+        if not self.failed:
+            self._rehearse_step(opt, step)
         self.micro = 0
         for k in self.totals:
             self.totals[k] += self.counts[k]

@@ -162,6 +162,7 @@ class Interception:
                 self.decisions[key] = bt.decided[row] = _Decision()
         lab_ref = labels if labels is not None else self._labels_from_spans(ids, bt.rows)
         bt.ntok = int((lab_ref[:, 1:] != -100).sum())
+        self._keep_contexts(bt)
         self.batch = bt
         if labels is None or not apply:
             bt.labels_given = False
