@@ -30,6 +30,7 @@ typedef struct {
     PyObject *closure_wrap;  /* f(opt, step, index, args, kwargs) -> (args, kwargs), or NULL */
     PyObject *gate;          /* f(): raises to stop the job before a step is counted, or NULL */
     PyObject *pending;     /* str: a policy error that stops training at its first step */
+    PyObject *start_extra; /* dict: fields the features add to the "start" record (start_fields) */
     sh_policy *policy;
     long long steps;       /* outermost optimizer steps, all optimizers */
     long long nested;      /* step calls made inside another optimizer's step */
@@ -231,6 +232,7 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     if (!before || !now || strcmp(before, now))
         st->started = 0; /* a new log gets its own "start" record at the next step */
     free(before);
+    Py_CLEAR(st->start_extra); /* said by the features of the policy before */
     sh_policy_free(st->policy);
     st->policy = p;
     const char *level = json_string_value(json_object_get(audit_sec, "level"));
@@ -263,6 +265,24 @@ static PyObject *core_set_pending_error(PyObject *m, PyObject *msg) {
         return PyErr_Format(PyExc_TypeError, "message must be str or None");
     Py_XSETREF(st->pending, msg == Py_None ? NULL : Py_NewRef(msg));
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(start_fields_doc,
+"start_fields(fields)\n--\n\n"
+"Add the dict FIELDS to the 'start' record when it is still to be written (the first optimizer\n"
+"step writes it): True. False when it was written already (then write the fields elsewhere).");
+
+static PyObject *core_start_fields(PyObject *m, PyObject *fields) {
+    core_state *st = get_state(m);
+    if (!PyDict_Check(fields))
+        return PyErr_Format(PyExc_TypeError, "fields must be a dict");
+    if (st->started)
+        Py_RETURN_FALSE;
+    if (!st->start_extra && !(st->start_extra = PyDict_New()))
+        return NULL;
+    if (PyDict_Update(st->start_extra, fields) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
 }
 
 PyDoc_STRVAR(set_features_doc,
@@ -512,6 +532,13 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
             json_object_set_new(f, "enforce", json_boolean(st->policy->enforce));
         }
         json_object_set_new(f, "versions", versions_json());
+        if (st->start_extra) {
+            json_t *extra = to_json(st->start_extra, 0);
+            if (json_is_object(extra))
+                json_object_update_missing(f, extra); /* never over the policy's own fields */
+            json_decref(extra);
+            Py_CLEAR(st->start_extra);
+        }
         if (require_audited(st, "start", emit("start", -1, f)) < 0)
             goto error;
     }
@@ -668,6 +695,7 @@ static PyMethodDef core_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))core_configure, METH_VARARGS | METH_KEYWORDS, configure_doc},
     {"set_pending_error", core_set_pending_error, METH_O, set_pending_doc},
     {"set_features", core_set_features, METH_VARARGS, set_features_doc},
+    {"start_fields", core_start_fields, METH_O, start_fields_doc},
     {"pre_step", (PyCFunction)(void (*)(void))core_pre_step, METH_FASTCALL, pre_step_doc},
     {"post_step", (PyCFunction)(void (*)(void))core_post_step, METH_FASTCALL, post_step_doc},
     {"step_features", core_step_features, METH_VARARGS, step_features_doc},
@@ -715,6 +743,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->closure_wrap);
     Py_VISIT(st->gate);
     Py_VISIT(st->pending);
+    Py_VISIT(st->start_extra);
     return 0;
 }
 
@@ -728,6 +757,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->closure_wrap);
     Py_CLEAR(st->gate);
     Py_CLEAR(st->pending);
+    Py_CLEAR(st->start_extra);
     return 0;
 }
 

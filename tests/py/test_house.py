@@ -78,3 +78,32 @@ def test_one_refusal_keyword_judge():
     want = [True, True, True, False, False, False, True, False]
     assert [evaluate.refused_keyword(t) for t in texts] == want
     assert [judge(None, [], t) for t in texts] == want
+
+
+def test_one_feature_registry_read_from_the_c_schema(tmp_path):
+    """Features are declared once, in the C schema (src/policy_schema.c, FEATURES): the runtime
+    sets up what the registry lists, in its order, and every default a feature uses is the
+    schema's, the same the normalized policy (check --explain) shows (before: boot.FEATURES,
+    three C tables and DEFAULTS repeated in Python)."""
+    import json
+    from safehook import _core, probes
+    from safehook.features import gate, monitor, safegrad, shaping
+    from safehook.runtime import registry
+    feats = registry.features()
+    assert [f.name for f in feats] == ["freeze", "safegrad", "probes", "gate", "monitor", "shaping", "audit", "tamper", "tap"]
+    assert [f.order for f in feats if f.order] == [10, 20, 30, 40, 15, 1000000]
+    assert [f.name for f in feats if f.always] == ["tamper", "tap"]
+    for mod in (gate, monitor, safegrad, shaping, probes.probe):
+        assert not hasattr(mod, "DEFAULTS") and not hasattr(mod, "ORDER"), mod
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"input_ids": [1, 2], "labels": [1, 2]}\n')
+    minimal = {"version": 1, "probes": {"p": {"data": str(data)}}, "freeze": {"layers": "0"},
+               "safegrad": {"source": "anchor"}, "gate": {"probe": "p"}, "monitor": {"probe": "p"},
+               "shaping": {"probe": "p", "guards": ["refusal"]}}
+    norm = _core.configure(policy_text=json.dumps(minimal), policy_name="<test>")
+    for sec in ("freeze", "safegrad", "gate", "monitor", "shaping"):
+        given = minimal[sec]
+        assert {k: v for k, v in norm[sec].items() if k not in given} == \
+            {k: v for k, v in registry.defaults(sec).items() if k not in given}, sec
+    assert {k: v for k, v in norm["probes"]["p"].items() if k != "data"} == registry.defaults("probe")
+    assert probes.Probe("p", {"data": str(data)}).cfg == norm["probes"]["p"]

@@ -36,7 +36,8 @@ import sys
 
 from .. import _core
 from ..runtime.context import debug
-from ..runtime.stacks import FSDP1_HINT, KNOWN_BLOCK_PATHS, find_blocks, fsdp1, local, partition_slice, strip_name, unwrap  # noqa: F401
+from ..runtime import registry
+from ..runtime.stacks import KNOWN_BLOCK_PATHS, find_blocks, fsdp1_refusal, local, partition_slice, strip_name, unwrap  # noqa: F401
 
 MAX_NAMES = 32  # parameter names listed in one record
 
@@ -128,11 +129,11 @@ class Freezer:
 
     def __init__(self, policy, rt):
         self.rt = rt
-        self.cfg = policy.get("freeze") or {}
+        self.cfg = registry.section(policy, "freeze")
         meta = policy.get("_meta") or {}
         self.embedded_default = meta.get("origin") == "<embedded default>"
-        self.check_every = max(1, int(self.cfg.get("check_every", 50)))
-        self.restore = bool(self.cfg.get("restore", True))
+        self.check_every = max(1, int(self.cfg["check_every"]))
+        self.restore = bool(self.cfg["restore"])
         self.model = None
         self.mode = None          # "requires_grad" or "grad_none"
         self.blocks = None
@@ -154,10 +155,10 @@ class Freezer:
                                                                             type(self.model).__name__))
             return
         self.model = root
-        what = fsdp1(_Bound(root, called))
-        if what:
-            self.rt.fail("freeze: FSDP1 (%s) is not supported: its flat parameters mix the tensors of "
-                         "several blocks, so blocks cannot be frozen one by one; %s" % (what, FSDP1_HINT))
+        msg = fsdp1_refusal(_Bound(root, called), "its flat parameters mix the tensors of several blocks, so "
+                            "blocks cannot be frozen one by one")
+        if msg:
+            self.rt.fail("freeze: " + msg)
             return
         spec = self.cfg.get("layers")
         globs = list(self.cfg.get("params") or [])
@@ -427,7 +428,7 @@ def _watch_ddp(fr):
     def wrap(real):
         def __init__(self, *args, **kwargs):
             module = args[0] if args else kwargs.get("module")
-            if module is not None and fr.rt.active():
+            if module is not None and fr.rt.active() and fr.rt.accepts(unwrap(module)):
                 try:
                     fr.apply(unwrap(module), None, "ddp_init")
                 except Exception as e:
@@ -444,7 +445,7 @@ def setup(policy, rt):
     fr = rt.provide("freeze", Freeze(policy, rt))
     _watch_ddp(fr)
     rt.on_model(fr.on_model)
-    rt.add_pre(fr.pre_step, order=10)
+    rt.add_pre(fr.pre_step, order=registry.order("freeze"))
     rt.on_finish(fr.finish)
     rt.on_close(fr.close)
     return fr

@@ -52,9 +52,10 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, Refusal, agree, debug, fsdp1
+from ..runtime import registry
+from ..runtime.context import ZERO_HINT, Refusal, agree, debug
+from ..runtime.stacks import fsdp1_refusal
 
-DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
 ACTIONS = ("shrink", "scale", "skip")
 STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
@@ -205,8 +206,7 @@ def predicted_updates(opt):
 
 class Gate:
     def __init__(self, policy, rt):
-        cfg = dict(DEFAULTS)
-        cfg.update(policy.get("gate") or {})
+        cfg = registry.section(policy, "gate")
         if not cfg.get("probe"):
             raise ValueError("gate needs 'probe'")
         if cfg["mode"] not in MODES or cfg["action"] not in ACTIONS:
@@ -224,14 +224,13 @@ class Gate:
         self.dead = False
 
     def on_model(self, info):
-        what = fsdp1(info)
-        if what and not self.dead:
+        msg = fsdp1_refusal(info, "the probe cannot call its inner module without the wrapper gathering the "
+                            "flat shards, and its updates are flat shards of several tensors")
+        if msg is None:
+            self.info = info
+        elif not self.dead:  # said once, however many models are bound
             self.dead = True
-            self.rt.fail("gate: FSDP1 (%s) is not supported: the probe cannot call its inner module without "
-                         "the wrapper gathering the flat shards, and its updates are flat shards of several "
-                         "tensors; %s" % (what, FSDP1_HINT))
-            return
-        self.info = info
+            self.rt.fail("gate: " + msg)
 
     def _params(self, opt):
         return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -413,5 +412,5 @@ class Gate:
 def setup(policy, rt):
     g = Gate(policy, rt)
     rt.on_model(g.on_model)
-    rt.add_pre(g.pre, order=30)
-    rt.add_post(g.post, order=30)
+    rt.add_pre(g.pre, order=registry.order("gate"))
+    rt.add_post(g.post, order=registry.order("gate"))

@@ -30,7 +30,9 @@ import time
 from .. import _core, probes
 from ..probes.batch import fingerprints, hexdigest, row_hashes
 from . import snapshot as _snapshot
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, Refusal, agree, debug, fsdp1
+from ..runtime import registry
+from ..runtime.context import ZERO_HINT, Refusal, agree, debug
+from ..runtime.stacks import fsdp1_refusal
 
 
 class SafetyStop(_core.SafehookError):
@@ -41,8 +43,6 @@ class SafetyAbort(_core.SafehookError):
     """The monitor gave up: the score kept falling after max_rollbacks interventions."""
 
 
-DEFAULTS = {"every": 100, "threshold": 0.95, "action": "rollback", "lr_factor": 0.5, "max_rollbacks": 3,
-            "snapshot": "memory", "snapshot_dir": "safehook-snapshots", "progress": True}
 
 # -- batch fingerprints: the one row fingerprint of safehook.probes.batch --
 fingerprint = fingerprints
@@ -148,8 +148,7 @@ def _progress(msg):
 
 class Monitor:
     def __init__(self, policy, rt):
-        cfg = dict(DEFAULTS)
-        cfg.update(policy.get("monitor") or {})
+        cfg = registry.section(policy, "monitor")
         self.cfg = cfg
         self.rt = rt
         if not cfg.get("probe"):
@@ -176,13 +175,12 @@ class Monitor:
 
     # -- wiring --
     def on_model(self, info):
-        what = fsdp1(info)
-        if what:
-            if not self.dead:
-                self.dead = True
-                self.rt.fail("monitor: FSDP1 (%s) is not supported: the probe cannot call its inner module "
-                             "without the wrapper gathering the flat shards, and a snapshot of them cannot be "
-                             "restored; %s" % (what, FSDP1_HINT))
+        msg = fsdp1_refusal(info, "the probe cannot call its inner module without the wrapper gathering the "
+                            "flat shards, and a snapshot of them cannot be restored")
+        if msg is not None:
+            if not self.dead:  # said once, however many models are bound
+                self.rt.fail("monitor: " + msg)
+            self.dead = True
             return
         self.info = info
         if self.fp_handle is not None:  # the fingerprints follow the model measured: the last bound
@@ -349,8 +347,8 @@ class Monitor:
 def setup(policy, rt):
     m = rt.provide("monitor", Monitor(policy, rt))
     rt.on_model(m.on_model)
-    rt.add_pre(m.pre, order=40)
-    rt.add_post(m.post, order=40)
+    rt.add_pre(m.pre, order=registry.order("monitor"))
+    rt.add_post(m.post, order=registry.order("monitor"))
     debug("monitor: probe %s every %d steps, action %s, snapshots in %s"
           % (m.probe.name, m.cfg["every"], m.cfg["action"], m.snaps.where))
 

@@ -35,10 +35,8 @@ from .. import probes
 from ..probes import gradient
 from . import projection
 from ..runtime.context import Refusal, debug, warn
-from ..runtime.stacks import FSDP1_HINT, block_of, find_blocks, fsdp1, is_dtensor, world
-
-ORDER = 20
-
+from ..runtime import registry
+from ..runtime.stacks import FSDP1_HINT, block_of, find_blocks, fsdp1_refusal, is_dtensor, world
 
 def layer_key(name, path=None):
     """The group of granularity "layer" of a parameter NAME: its block in the block list PATH
@@ -48,14 +46,14 @@ def layer_key(name, path=None):
 
 class SafeGrad:
     def __init__(self, policy, rt):
-        cfg = policy.get("safegrad") or {}
+        cfg = registry.section(policy, "safegrad")
         self.rt = rt
         self.policy = policy
-        self.source = cfg.get("source", "anchor")
-        self.granularity = cfg.get("granularity", "global")
-        self.threshold = float(cfg.get("threshold", 0.0))
-        self.refresh_every = int(cfg.get("refresh_every", 1))
-        self.loss_kind = cfg.get("loss", "ce")
+        self.source = cfg["source"]
+        self.granularity = cfg["granularity"]
+        self.threshold = float(cfg["threshold"])
+        self.refresh_every = int(cfg["refresh_every"])
+        self.loss_kind = cfg["loss"]
         self.on_error = rt.on_error
         self.info = None      # the first model bound
         self.names = {}       # id(param) -> stripped name, over every model bound
@@ -95,10 +93,10 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
-        what = fsdp1(info)
-        if what:
-            self._fail("FSDP1 (%s) is not supported: its flat parameters are shards of several tensors "
-                       "each, so a per-tensor safety gradient cannot be matched to them; %s" % (what, FSDP1_HINT))
+        msg = fsdp1_refusal(info, "its flat parameters are shards of several tensors each, so a per-tensor "
+                            "safety gradient cannot be matched to them")
+        if msg:
+            self._fail(msg)
             return
         if self.info is None:
             self.info = info
@@ -311,7 +309,7 @@ def torch_empty_like(t):
 
 def setup(policy, rt):
     sg = SafeGrad(policy, rt)
-    rt.add_pre(sg.pre_step, order=ORDER)
+    rt.add_pre(sg.pre_step, order=registry.order("safegrad"))
     debug("safegrad: source %s, granularity %s, threshold %g, refresh every %d"
           % (sg.source, sg.granularity, sg.threshold, sg.refresh_every))
     return sg

@@ -33,4 +33,4 @@ gate and shaping's gradient guard).
 """
 from .batch import fingerprint, fingerprints, pad_batch  # noqa: F401
 from .judges import REFUSAL_KEYWORDS, check_callable, load_callable, make_judge  # noqa: F401
-from .probe import DEFAULTS, Example, Probe, eval_mode, get, setup  # noqa: F401
+from .probe import Example, Probe, Probes, eval_mode, get, setup  # noqa: F401

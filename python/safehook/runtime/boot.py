@@ -58,18 +58,28 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
-# Features in the order their setup runs: (policy section, module). Each module has
-# setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
-FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
-            ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"),  # None: set up for every policy
-            (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
+def _setup_one(feat, policy, rt):
+    """Set up the registry feature FEAT for POLICY in RT (a Runtime, or a branch of the embedded
+    default: runtime/default.py)."""
+    import importlib
+    try:
+        mod = importlib.import_module(feat.module)
+    except ImportError as e:
+        rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (feat.name, e))
+        return
+    try:
+        mod.setup(policy, rt)
+    except Exception as e:
+        rt.fail("cannot set up '%s': %s: %s" % (feat.name, type(e).__name__, e))
 
 
 def _setup_features():
+    """The Runtime of the policy in force: each feature of the registry (safehook.runtime.registry,
+    read from the C schema) that the policy asks for, set up in registry order with
+    setup(policy, rt). See context.py for what rt offers. The embedded default is set up model by
+    model (runtime/default.py: protect each model it can, fall back to freezing the others)."""
+    from . import registry
     from .context import Runtime
-    import importlib
     policy = _state["policy"]
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
@@ -77,18 +87,13 @@ def _setup_features():
     rt = Runtime(policy, report=_report_failure, active=lambda: _state["active"],
                  restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
-    for name, modname in FEATURES:
-        if name is not None and not policy.get(name):
-            continue
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError as e:
-            rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
-            continue
-        try:
-            mod.setup(policy, rt)
-        except Exception as e:
-            rt.fail("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+    if (policy.get("_meta") or {}).get("origin") == "<embedded default>":
+        from . import default
+        default.setup(policy, rt, registry.features(), _setup_one)
+    else:
+        for feat in registry.features():
+            if feat.wanted(policy):
+                _setup_one(feat, policy, rt)
     rt.start()
 
 

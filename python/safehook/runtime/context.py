@@ -13,16 +13,16 @@ install(); it owns
   bound, see model.py). Once closed and dropped, no model and no gradient-sized buffer is held
   by safehook.
 
-A feature is a module safehook.features.<name> with ``setup(policy, rt)``, called once at
-activation when its policy section is present:
+A feature is a module of the registry (safehook.runtime.registry: the C schema's FEATURES) with
+``setup(policy, rt)``, called once at activation when its policy section is present:
 
     def setup(policy, rt):
         rt.on_model(lambda info: ...)          # once per model bound (see model.py)
-        rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
-        rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
+        rt.add_pre(my_pre_step, order=registry.order("name"))  # f(optimizer, step, record)
+        rt.add_post(my_post_step, order=registry.order("name"))  # after the update
 
-``record`` is a dict merged into the step's audit record. Orders: model binding 0, freeze 10,
-shaping 15, safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure,
+``record`` is a dict merged into the step's audit record. Orders (the registry's): model binding
+0, freeze 10, shaping 15, safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure,
 the pre-step callables run inside it, after its backward (runtime/closure.py): they always see
 the gradients the optimizer will use.
 
@@ -34,9 +34,9 @@ Failing is a decision too, and it has one path. ``rt.fail(msg)`` (protection can
 a setup error, a hook that broke) records and says it; under on_error=abort every rank stops at
 the start of the next optimizer step, together: the runtime's gate, which the C core calls first
 in every step, agrees "has any rank failed?" (one all_reduce per step when there are several
-ranks) before the step is counted or recorded and before any feature's collective runs. ``rt.together(what, fn, ...)`` runs work that may fail on one rank only
-(a probe reading its file, a snapshot written to a full disk) right before a collective that
-depends on it: the failure is agreed at once, and under abort every rank raises PolicyError at
+ranks) before the step is counted or recorded and before any feature's collective runs.
+``rt.together(what, fn, ...)`` runs work that may fail on one rank only (a probe reading its
+file, a snapshot written to a full disk) right before a collective that depends on it: the failure is agreed at once, and under abort every rank raises PolicyError at
 that point, before the update; under warn every rank gets (False, None) and the feature stands
 down on all of them. A feature that cannot go on raises ``Refusal(msg)`` inside such work.
 """
@@ -269,6 +269,12 @@ class Runtime:
 
     def _bind_step(self, optimizer, step, record):
         self.models.bind_step(optimizer)
+
+    def accepts(self, root):
+        """True when these features act on the model ROOT: always, except in a branch of the
+        embedded default (runtime/default.py: protect or fall back, model by model). A feature
+        that acts on a model before it is bound (freeze, at DDP's construction) asks first."""
+        return True
 
     def model_for(self, optimizer):
         """The ModelInfo of the model OPTIMIZER trains, or None."""

@@ -223,6 +223,13 @@ def fsdp1(info):
 
 # -- ranks --
 
+def fsdp1_refusal(info, why):
+    """The one line a feature fails with on an FSDP1 model (see fsdp1), WHY: what the flat shards
+    keep it from doing; None when INFO's model is not FSDP1."""
+    what = fsdp1(info)
+    return "FSDP1 (%s) is not supported: %s; %s" % (what, why, FSDP1_HINT) if what else None
+
+
 _OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
 
 

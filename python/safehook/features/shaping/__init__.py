@@ -45,6 +45,7 @@ feature acts only on training forwards (module in train mode, gradients enabled)
 import collections
 
 from ... import probes
+from ...runtime import registry
 from ...probes.batch import fingerprint  # noqa: F401  (a row's key, offline)
 from .actions import Actions, _mean_over_ranks  # noqa: F401
 from .decide import Decisions, _Decision  # noqa: F401
@@ -56,10 +57,6 @@ from .rehearse import Rehearsal, composite  # noqa: F401
 from .stats import (PROBE_LIKE, SUSPEND_AUROC, SUSPEND_GAP, _r, auroc, calibrate, fisher_direction,  # noqa: F401
                     fpr_bound, ledoit_wolf, probe_like_bound, stream_check, tpr_at_fpr)
 
-ORDER = 15  # before SafeGrad (20): a subtracted row is not projected
-DEFAULTS = {"guards": ["direction", "refusal"], "action": "mask", "tpr": 0.95, "max_fpr": 0.05,
-            "refuse_cap": 0.25, "segment_tokens": 8, "recalibrate_every": 10, "max_flag_rate": 0.3,
-            "scorer": "start", "max_harmful_fraction": 0.5, "rehearse": 0.0}
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 REFIT_ROWS = 128      # training rows of the direction's last refit (a first one at STREAM_MIN)
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
@@ -70,8 +67,7 @@ class Shaping(Guards, Interception, Decisions, Actions, Rehearsal):
     """The shaping of one runtime RT for POLICY: hooks on the model bound, a pre-step callable."""
 
     def __init__(self, policy, rt):
-        cfg = dict(DEFAULTS)
-        cfg.update(policy.get("shaping") or {})
+        cfg = registry.section(policy, "shaping")
         self.cfg, self.rt, self.policy = cfg, rt, policy
         # the stream's sizes, read here from the package (tests make them smaller)
         self.stream_min, self.refit_rows, self.stream_window = STREAM_MIN, REFIT_ROWS, STREAM_WINDOW
@@ -134,7 +130,7 @@ class Shaping(Guards, Interception, Decisions, Actions, Rehearsal):
         self._reset()
         self.totals = {"seen": 0, "flagged": 0, "rewritten": 0, "masked_tokens": 0}
         rt.on_model(self._on_model)
-        rt.add_pre(self.pre_step, order=ORDER)
+        rt.add_pre(self.pre_step, order=registry.order("shaping"))  # before SafeGrad: a subtracted row is not projected
         rt.on_finish(self._finish)
 
     def _reset(self):
