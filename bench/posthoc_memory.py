@@ -12,6 +12,10 @@ one small SVD (the baseline), and its peak (VmHWM) at the end. Prints the peak a
 baseline as a multiple of the largest tensor and of the whole model, and the issue's bound:
 3 x the largest tensor + the SVD workspace of the largest matrix LoX decomposes (a float32
 copy of it, U and V^T: 2mn + n^2 floats for m x n, m >= n).
+
+Method "safelora-vvtx" is Safe LoRA with the product order of before issue 21 (V (V^T X) for
+every shape), for a side-by-side comparison with "safelora" (the order chosen by shape):
+    python bench/posthoc_memory.py --methods safelora,safelora-vvtx
 """
 import argparse
 import json
@@ -82,7 +86,11 @@ def child(method, work):
     t0 = time.time()
     if method == "lox":
         lox.harden(b, a, out, k=6, alpha=0.5, quiet=True)
-    elif method == "safelora":
+    elif method in ("safelora", "safelora-vvtx"):
+        if method == "safelora-vvtx":  # the order used before issue 21: V (V^T X) whatever the shape
+            def project(v, x):
+                return v @ (v.T @ x) / torch.linalg.matrix_norm(v)
+            safelora.project = project
         safelora.restore(b, a, f, out, quiet=True)
     else:
         nlsr.restore(b, a, f, out, quiet=True)
@@ -94,7 +102,8 @@ def child(method, work):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "safehook", "posthoc-mem"))
-    ap.add_argument("--methods", default="lox,safelora,nlsr", help="comma-separated (default: all three)")
+    ap.add_argument("--methods", default="lox,safelora,nlsr",
+                    help="comma-separated of lox, safelora, nlsr, safelora-vvtx (default: the first three)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

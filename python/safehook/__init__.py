@@ -23,13 +23,22 @@ def lib():
 def install(policy=None):
     """Protect every optimizer step of this process from now on, including optimizers that
     already exist. ``policy`` is a path, a dict, or None (SAFEHOOK_POLICY, else the embedded
-    default). Returns the normalized policy in force. Raises PolicyError on a bad policy."""
+    default). Returns the normalized policy in force. A new install() replaces the policy and
+    the features of the one before (see uninstall()).
+
+    A policy that is invalid, or that weakens an enforced system policy, is not raised here: it
+    is recorded (an "error" or "violation" record), said once on stderr, install() returns None,
+    and the first optimizer step raises PolicyError (fail closed: the job cannot train
+    unprotected by catching an exception). Only where an enforced system policy says
+    on_error=warn does training go on, under that policy alone (its normalized form is returned)."""
     from .runtime import boot
     return boot.install(policy)
 
 
 def uninstall():
-    """Remove the hooks, unless the policy in force is enforced (then raises SafehookError)."""
+    """Remove everything safehook put in this process (the optimizer hooks, every feature's
+    hooks, wrappers, state and caches; the freeze is undone), unless the policy in force is
+    enforced (then raises SafehookError)."""
     from .runtime import boot
     boot.uninstall()
 

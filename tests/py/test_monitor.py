@@ -468,13 +468,15 @@ def test_fingerprint_ignores_padding():
     assert len(fa[0]) == 16
 
 
-class _Runtime:
-    """The part of safehook.runtime.context.Context a feature calls while it runs: records go to a list."""
-    on_error = "abort"
+from safehook.runtime.context import Runtime  # noqa: E402
 
-    on_error = "abort"
+
+class _Runtime(Runtime):
+    """A runtime whose records go to a list and whose failures raise (it publishes no step
+    callables: the tests call the feature's pre and post themselves)."""
 
     def __init__(self):
+        super().__init__()
         self.records = []
 
     def audit(self, event, fields=None, step=None):

@@ -47,7 +47,7 @@ def invalid_lines(tmp_path_factory):
     """One `safehook check` over every invalid case: {case: (path, the line printed for it)}."""
     tmp = str(tmp_path_factory.mktemp("generated"))
     paths = {case: _policy_path("invalid", case, tmp) for case in _cases("invalid")}
-    r = _check(*paths.values())
+    r = _check("--schema-only", *paths.values())
     assert r.returncode == 2, r.stderr
     assert r.stderr == ""
     lines = r.stdout.splitlines()
@@ -74,7 +74,7 @@ def test_invalid_case(case, invalid_lines):
 def explained():
     """One `safehook check --explain` over every valid case: {case: the text printed for it}."""
     paths = {case: os.path.join(CASES, "valid", case, "policy.json") for case in _cases("valid")}
-    r = _check("--explain", *paths.values())
+    r = _check("--schema-only", "--explain", *paths.values())
     assert r.returncode == 0, r.stdout + r.stderr
     blocks = re.split(r"^# (.*)\n", r.stdout, flags=re.M)[1:]
     by_path = dict(zip(blocks[0::2], blocks[1::2]))
@@ -90,10 +90,10 @@ def test_exit_codes_and_silence():
     valid = os.path.join(CASES, "valid", "minimal", "policy.json")
     invalid = os.path.join(CASES, "invalid", "version-2", "policy.json")
     r = _check(valid)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, valid + ": ok\n", "")
     r = _check(valid, invalid, valid)
     assert r.returncode == 2
-    assert r.stdout == invalid + ": /version: must be 1, not 2\n"
+    assert r.stdout == "%s: ok\n%s: /version: must be 1, not 2\n%s: ok\n" % (valid, invalid, valid)
     r = _check(os.path.join(CASES, "no-such-file.json"))
     assert r.returncode == 2
     assert r.stdout.endswith("no-such-file.json: cannot read: No such file or directory\n")
@@ -103,7 +103,7 @@ def test_every_shipped_policy_is_valid():
     files = sorted(os.path.join(POLICIES, f) for f in os.listdir(POLICIES) if f.endswith(".json"))
     assert {"default.json", "lora.json", "full-finetune.json", "server-enforced.json"} <= {
         os.path.basename(f) for f in files}
-    r = _check("--explain", *files)
+    r = _check("--schema-only", "--explain", *files)  # their probe paths are examples
     assert r.returncode == 0, r.stdout
     for f in files:
         assert "# %s\n" % f in r.stdout
@@ -137,3 +137,119 @@ def test_default_needs_no_data():
     assert not doc.get("probes") and not doc.get("gate") and not doc.get("monitor")
     assert doc.get("safegrad", {}).get("source", "anchor") == "anchor"
     assert doc["on_error"] == "abort" and doc["enforce"] is False
+
+
+# ---- what the policy names on disk, and --model ----
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_malformed_probe_line_is_one_line_with_file_and_line(tmp_path):
+    data = tmp_path / "probe.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3]}\n\n{"input_ids": [4, 5], }\n')
+    pol = _write(tmp_path / "p.json", {"version": 1, "probes": {"harm": {"data": str(data)}},
+                                      "gate": {"probe": "harm"}})
+    r = _check(pol)
+    assert r.returncode == 2 and r.stderr == ""
+    assert r.stdout.splitlines() == ["%s: /probes/harm/data: %s:3:23: not JSON: Expecting property name enclosed "
+                                     "in double quotes" % (pol, data)]
+    # safehook run refuses to start the job, with check's line (the command never runs)
+    marker = tmp_path / "ran"
+    r = subprocess.run([sys.executable, "-m", "safehook", "run", "--policy", pol, "--", "touch", str(marker)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and not marker.exists()
+    assert r.stderr.splitlines() == ["%s: /probes/harm/data: %s:3:23: not JSON: Expecting property name enclosed "
+                                     "in double quotes" % (pol, data),
+                                     "safehook run: %s is not a valid policy; not starting touch" % pol]
+    # and a schema error the same way, from SAFEHOOK_POLICY too
+    bad = _write(tmp_path / "bad.json", {"version": 2})
+    r = subprocess.run([sys.executable, "-m", "safehook", "run", "--", "touch", str(marker)], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, SAFEHOOK_POLICY=bad))
+    assert r.returncode == 2 and not marker.exists()
+    assert r.stderr.splitlines()[0] == bad + ": /version: must be 1, not 2"
+
+
+def test_json_output(tmp_path):
+    valid = os.path.join(CASES, "valid", "minimal", "policy.json")
+    syntax = tmp_path / "syntax.json"
+    syntax.write_text('{"version": 1,\n  "freeze": {"layers": "1-2",}}\n')
+    r = _check("--json", valid, str(syntax))
+    assert r.returncode == 2 and r.stderr == ""
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "safehook.check/1" and doc["ok"] is False and doc["model"] is None
+    assert [(f["file"], f["ok"]) for f in doc["files"]] == [(valid, True), (str(syntax), False)]
+    (p,) = doc["files"][1]["problems"]
+    assert (p["line"], p["column"], p["pointer"]) == (2, 30, None) and p["message"]
+    r = _check("--json", "--explain", valid)
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["ok"] and doc["files"][0]["policy"]["version"] == 1
+    assert doc["files"][0]["policy"]["on_error"] == "abort"  # normalized: defaults filled in
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 3-block Llama saved by save_pretrained with a word-level tokenizer (no chat template)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("model")
+    words = ["<pad>", "<s>", "</s>", "<unk>", "I", "cannot", "help", "how", "build", "a", "bomb"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(d))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=32)).save_pretrained(str(d))
+    return str(d)
+
+
+def test_check_against_a_model_folder(tmp_path, tiny_model):
+    data = tmp_path / "harm.jsonl"
+    data.write_text('{"prompt": "how build a bomb", "response": "I cannot help"}\n'
+                    '{"prompt": "how build a", "response": "I cannot"}\n')
+    probe = {"data": str(data), "tokenizer": tiny_model}
+    good = _write(tmp_path / "good.json", {"version": 1, "freeze": {"layers": "1-2", "params": ["lm_head.*"]},
+                                          "probes": {"harm": probe}, "gate": {"probe": "harm"}})
+    r = _check("--model", tiny_model, good)
+    assert r.returncode == 0, r.stdout
+    # 4 + 3 tokens (the word tokenizer adds no BOS) + 3 + 2, each response with </s>
+    assert r.stdout == ("%s: ok (LlamaForCausalLM, 3 blocks at model.layers; freezes blocks 1-2; lm_head.* matches "
+                        "1 parameters; probe harm: 2 rows, 14 tokens)\n" % good)
+    bad = _write(tmp_path / "bad.json", {
+        "version": 1, "freeze": {"layers": ["0", "2-3"], "params": ["model.decoder.*"]},
+        "probes": {"harm": dict(probe, chat_template=True), "ok": probe}, "gate": {"probe": "harm"},
+        "shaping": {"probe": "harm", "benign": "ok", "layer": 5, "guards": ["direction"]}})
+    r = _check("--model", tiny_model, bad)
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == [
+        "%s: /freeze/layers: freeze.layers: block 3 does not exist (the model has 3 blocks, 0-2) "
+        "(LlamaForCausalLM at model.layers)" % bad,
+        "%s: /freeze/params/0: 'model.decoder.*' matches no parameter of LlamaForCausalLM "
+        "(e.g. model.embed_tokens.weight)" % bad,
+        "%s: /shaping/layer: block 5 does not exist (the model has 3 blocks, 0-2)" % bad,
+        "%s: /probes/harm: %s" % (bad, _loader_error(dict(probe, chat_template=True))),
+    ]
+    # pre-tokenized rows with an id the model's embedding does not have
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input_ids": [1, 4, 5, 40]}\n')
+    pol = _write(tmp_path / "ids.json", {"version": 1, "probes": {"harm": {"data": str(ids)}},
+                                         "gate": {"probe": "harm"}})
+    r = _check("--model", tiny_model, pol)
+    assert r.returncode == 2
+    assert r.stdout == "%s: /probes/harm/data: token id 40 is outside the model's vocabulary of 11\n" % pol
+    r = _check("--model", str(tmp_path / "nowhere"), pol)
+    assert r.returncode == 2 and r.stdout == "%s: --model %s: no such folder\n" % (pol, tmp_path / "nowhere")
+
+
+def _loader_error(cfg):
+    """What the probe loader itself raises for CFG (check reports the loader's own message)."""
+    from safehook.probes import Probe
+    try:
+        Probe("harm", cfg).examples()
+    except Exception as e:
+        return str(e).splitlines()[0]
+    raise AssertionError("the loader accepted %r" % cfg)

@@ -57,6 +57,41 @@ def test_safelora_projection_and_similarity_match_explicit_matrix():
     assert safelora.similarity(torch.zeros(10, 6, dtype=torch.float64), dw)[0] is None
 
 
+@pytest.mark.parametrize("shape", [(10, 6, 6), (6, 10, 10), (6, 10, 2), (10, 6, 3), (8, 8, 8)])
+def test_safelora_projection_in_either_order_matches_float64(shape):
+    """Tall, wide (down_proj-like) and adapter-shaped (X = B, k = r) against C X formed in numpy."""
+    d_out, d_in, k = shape
+    v, x = rnd(d_out, d_in, seed=8), rnd(d_out, k, seed=9)
+    c = v.numpy() @ v.numpy().T / np.linalg.norm(v.numpy())
+    np.testing.assert_allclose(safelora.project(v, x).numpy(), c @ x.numpy(), rtol=0, atol=1e-12)
+
+
+def test_safelora_projection_of_a_wide_weight_stays_near_its_size(tmp_path):
+    """A 128 x 4096 float32 update (2 MiB): V (V^T X) would hold a 4096 x 4096 matrix (64 MiB);
+    the order chosen by shape holds 128 x 128. Peak resident memory of a fresh process, above
+    what it held before the call."""
+    code = """if 1:
+        import json, torch
+        from safehook.posthoc import safelora
+        def hwm():
+            for l in open("/proc/self/status"):
+                if l.startswith("VmHWM:"):
+                    return int(l.split()[1]) * 1024
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        v, x = torch.randn(128, 4096, generator=g), torch.randn(128, 4096, generator=g)
+        safelora.project(v[:8, :64].contiguous(), x[:8, :64].contiguous())  # warm up the kernels
+        before = hwm()
+        p = safelora.project(v, x)
+        print(json.dumps({"above": hwm() - before, "tensor": v.numel() * 4}))
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["above"] < 4 * r["tensor"], r  # 64 MiB = 32 tensors the other way
+
+
 def test_nlsr_rows_similarity_and_draw_direction():
     dr = rnd(20, 5, seed=6)
     rows = nlsr.neuron_rows(dr, 0.25)
@@ -294,3 +329,98 @@ def test_cli_errors_are_one_line(models, tmp_path):
              "--out", str(tmp_path / "o3.safetensors"))
     assert p.returncode == 2 and "missing tensor model.layers.1.mlp.up_proj.weight in base" in p.stderr
     assert p.stderr.strip().count("\n") == 0
+
+
+# ---- what harden/restore refuse, and what a re-run leaves ----
+
+def _files(d):
+    return sorted(os.listdir(d))
+
+
+def _digest(d):
+    import hashlib
+    return {f: hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest() for f in _files(d)}
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_harden_refuses_a_non_finite_alpha(models, tmp_path, alpha):
+    out = str(tmp_path / "h")
+    p = _cli("harden", "--base", models["base"], "--aligned", models["aligned"], "--out", out, "--alpha=" + alpha)
+    assert p.returncode == 2 and p.stderr == "safehook harden: --alpha must be a finite number, not %s\n" % float(alpha)
+    assert not os.path.exists(out)
+    with pytest.raises(PosthocError, match="--threshold must be a finite number"):
+        safelora.restore(models["base"], models["aligned"], models["finetuned"], out, threshold=float(alpha))
+    with pytest.raises(PosthocError, match="--rate must be a finite number"):
+        nlsr.restore(models["base"], models["aligned"], models["finetuned"], out, rate=float(alpha))
+
+
+def test_no_output_may_be_an_input(models, tmp_path):
+    before = {k: _digest(models[k]) for k in ("base", "aligned")}
+    shard = sorted(f for f in os.listdir(models["aligned"]) if f.endswith(".safetensors"))[0]
+    link = tmp_path / "link.safetensors"
+    os.link(os.path.join(models["base"], shard), str(link))  # the same file under another name
+    for record, what in ((os.path.join(models["aligned"], shard), os.path.join(models["aligned"], shard)),
+                         (os.path.join(models["base"], "config.json"), os.path.join(models["base"], "config.json")),
+                         (str(link), None), (models["aligned"], models["aligned"])):
+        p = _cli("harden", "--base", models["base"], "--aligned", models["aligned"], "--out", str(tmp_path / "h"),
+                 "--record", record)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.startswith("safehook harden: --record %s is an input file (" % record), p.stderr
+        assert p.stderr.count("\n") == 1 and (what is None or what in p.stderr)
+    p = _cli("harden", "--base", models["base"], "--aligned", models["aligned"],
+             "--out", os.path.join(models["aligned"], shard))
+    assert p.returncode == 2 and "is an input file" in p.stderr
+    assert {k: _digest(models[k]) for k in ("base", "aligned")} == before  # nothing was truncated
+    assert not os.path.exists(tmp_path / "h")
+    # the record may not be a file the output itself writes
+    p = _cli("harden", "--base", models["base"], "--aligned", models["aligned"], "--out", str(tmp_path / "h"),
+             "--record", str(tmp_path / "h" / "config.json"))
+    assert p.returncode == 2 and "would be overwritten by the output" in p.stderr
+
+
+def test_a_rerun_replaces_the_whole_output_folder(models, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    from safehook.posthoc import tensors
+    from transformers import LlamaForCausalLM
+    one = tmp_path / "aligned-one"  # the aligned model as one file: another layout than the shards
+    one.mkdir()
+    save_file(_sd(models["aligned"]), str(one / "model.safetensors"), metadata={"format": "pt"})
+    for f in ("config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(models["aligned"], f)):
+            open(one / f, "wb").write(open(os.path.join(models["aligned"], f), "rb").read())
+    out = str(tmp_path / "h")
+    lox.harden(models["base"], models["aligned"], out, k=2, alpha=0.5, quiet=True)
+    first = _files(out)
+    assert "model.safetensors.index.json" in first and "safehook-posthoc.json" in first and "posthoc.jsonl" in first
+    lox.harden(models["base"], str(one), out, k=0, alpha=0.25, quiet=True)
+    # only the second run's files: no shard or index of the first is left for a loader to mix in
+    assert _files(out) == sorted(["model.safetensors", "posthoc.jsonl", "safehook-posthoc.json"] +
+                                 [f for f in _files(str(one)) if f.endswith(".json")])
+    m = LlamaForCausalLM.from_pretrained(out)
+    a, b = _sd(models["aligned"]), _sd(models["base"])
+    n = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(m.state_dict()[n], a[n] + 0.25 * (a[n] - b[n]), rtol=0, atol=1e-6)
+    assert json.loads(open(os.path.join(out, "posthoc.jsonl")).readline())["params"]["alpha"] == 0.25
+    assert not [f for f in os.listdir(str(tmp_path)) if ".partial-" in f or ".old-" in f]
+    # a run that fails half way leaves the previous output as it was
+    kept = _digest(out)
+    real, calls = tensors.write_file, []
+
+    def failing(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(tensors, "write_file", failing)
+    with pytest.raises(OSError):
+        lox.harden(models["base"], models["aligned"], out, k=2, alpha=0.5, quiet=True)
+    assert _digest(out) == kept and len(calls) == 2
+    assert not [f for f in os.listdir(str(tmp_path)) if ".partial-" in f or ".old-" in f]
+    monkeypatch.undo()
+    # a folder safehook did not write is never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PosthocError, match="files that safehook did not write"):
+        lox.harden(models["base"], models["aligned"], str(mine), quiet=True)
+    assert _files(str(mine)) == ["notes.txt"]

@@ -16,13 +16,13 @@ import tiny  # noqa: E402
 
 from safehook import probes  # noqa: E402
 from safehook.probes import gradient  # noqa: E402
+from safehook.runtime.context import Runtime  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-class _Ctx:
-    """The part of the runtime context SafeGrad calls."""
-    on_error = "abort"
+class _Ctx(Runtime):
+    """A runtime that publishes nothing; its failures raise."""
 
     def on_model(self, cb):
         pass
@@ -110,6 +110,7 @@ def _trained_double(steps=3):
 
 @pytest.mark.parametrize("contrastive", [False, True], ids=["ce", "contrastive"])
 def test_ce_gradient_equals_one_graph_float64(tmp_path, contrastive):
+    SG = gradient.SafetyGradients()  # a cache of its own, as a runtime has
     path = tmp_path / "c.jsonl"
     tiny.write_probe(str(path), n=10, contrastive=contrastive)
     pr = probes.Probe("c", {"data": str(path), "batch_size": 3, "loss": "contrastive" if contrastive else "ce"})
@@ -119,13 +120,14 @@ def test_ce_gradient_equals_one_graph_float64(tmp_path, contrastive):
         ref_loss = pr.loss(m)  # one graph over all four batches
         ref = torch.autograd.grad(ref_loss, params)
     with gradient.no_sharing():
-        loss, grads = gradient.safety_gradient(pr, m, params, step=1)
+        loss, grads = SG.get(pr, m, params, step=1)
     assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-12)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
 
 
 def test_kl_gradient_equals_one_graph_float64(tmp_path):
+    SG = gradient.SafetyGradients()  # a cache of its own, as a runtime has
     pr = probes.Probe("k", {"data": _probe_file(tmp_path, 10), "batch_size": 3})
     m = _trained_double(steps=0)
     params = list(m.parameters())
@@ -139,7 +141,7 @@ def test_kl_gradient_equals_one_graph_float64(tmp_path):
     with torch.no_grad(), probes.eval_mode(m):
         ref0 = logp()
     with gradient.no_sharing():
-        l0, g0 = gradient.safety_gradient(pr, m, params, step=1, loss="kl")  # step 0: p0 recorded
+        l0, g0 = SG.get(pr, m, params, step=1, loss="kl")  # step 0: p0 recorded
     assert l0 == pytest.approx(0.0, abs=1e-12) and all(g.abs().max() < 1e-12 for g in g0)
     with torch.no_grad():
         for p in params:
@@ -149,13 +151,14 @@ def test_kl_gradient_equals_one_graph_float64(tmp_path):
         ref_loss = (ref0.exp() * (ref0 - lp)).sum(-1).mean()
         ref = torch.autograd.grad(ref_loss, params)
     with gradient.no_sharing():
-        loss, grads = gradient.safety_gradient(pr, m, params, step=2, loss="kl")
+        loss, grads = SG.get(pr, m, params, step=2, loss="kl")
     assert ref_loss > 1e-4 and loss == pytest.approx(float(ref_loss.detach()), rel=1e-10)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-13)
 
 
 def test_computed_once_per_step_and_task_gradients_kept(tmp_path):
+    SG = gradient.SafetyGradients()  # a cache of its own, as a runtime has
     pr = probes.Probe("s", {"data": _probe_file(tmp_path, 6)})
     m = tiny.model()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)  # fused: versions do not move
@@ -163,28 +166,28 @@ def test_computed_once_per_step_and_task_gradients_kept(tmp_path):
     m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     params = list(m.parameters())
     task = [(p.grad, p.grad.clone()) for p in params]
-    n0 = gradient.stats()
+    n0 = SG.stats()
 
     def count():
-        s = gradient.stats()
+        s = SG.stats()
         return s["computed"] - n0["computed"], s["shared"] - n0["shared"]
 
-    l1, g1 = gradient.safety_gradient(pr, m, params, step=7)
+    l1, g1 = SG.get(pr, m, params, step=7)
     assert all(p.grad is t and torch.equal(p.grad, v) for p, (t, v) in zip(params, task))  # .grad untouched
-    l2, g2 = gradient.safety_gradient(pr, m, params, step=7)  # a second feature, same step
+    l2, g2 = SG.get(pr, m, params, step=7)  # a second feature, same step
     assert count() == (1, 1) and l2 == l1 and all(a is b for a, b in zip(g1, g2))
     # a forward-time request (no step) at the same weights shares it too
-    assert gradient.safety_gradient(pr, m, params[:3])[1] == g1[:3] and count() == (1, 2)
-    _, g3 = gradient.safety_gradient(pr, m, params, step=8)  # another step: computed anew
+    assert SG.get(pr, m, params[:3])[1] == g1[:3] and count() == (1, 2)
+    _, g3 = SG.get(pr, m, params, step=8)  # another step: computed anew
     assert count() == (2, 2)
     for a, b in zip(g1, g3):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the weights did not move
     with torch.no_grad():
         params[0].mul_(1.5)  # an in-place change of a weight: its version moves
-    gradient.safety_gradient(pr, m, params, step=8)
+    SG.get(pr, m, params, step=8)
     assert count() == (3, 2)
     # the KL loss is its own entry
-    gradient.safety_gradient(pr, m, params, step=8, loss="kl")
+    SG.get(pr, m, params, step=8, loss="kl")
     assert count() == (4, 2)
     with pytest.raises(ValueError):
-        gradient.safety_gradient(pr, m, params, step=8, loss="mse")
+        SG.get(pr, m, params, step=8, loss="mse")

@@ -1,9 +1,16 @@
 """The safehook command. Each subcommand beyond lib/run/version lives in a module
-safehook.cli.<name> with register(subparsers); listing a name here is all it takes."""
+safehook.cli.<name> with register(subparsers); listing a name here is all it takes.
+
+Exit codes shared by every command: 0 done (or: verified), 2 usage or input that cannot be
+used (one line on stderr, never a traceback), 141 the reader of stdout went away (`| head`).
+verify, report and locate add 1 for a negative verdict (see docs/cli.md)."""
 import argparse
 import importlib
 import os
+import signal
 import sys
+
+EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell shows for a C tool killed by SIGPIPE
 
 # Subcommand modules: safehook.cli.<name>.register(sub) adds a parser with set_defaults(func=...).
 EXTRA_COMMANDS = ("check", "locate", "report", "demo", "harden", "restore", "verify", "verify_log")
@@ -34,11 +41,26 @@ def _cmd_run(args):
     pre = env.get("LD_PRELOAD", "")
     if path not in pre.replace(":", " ").split():
         env["LD_PRELOAD"] = (path + " " + pre).strip()
+    policy = args.policy or env.get("SAFEHOOK_POLICY")
+    if policy:
+        # a policy known to be invalid would stop the job at import torch, or (on_error warn)
+        # let it train unprotected: refuse it here, with check's own lines
+        from .check import problems
+        bad = problems(policy)
+        if bad:
+            for line in bad:
+                print(line, file=sys.stderr)
+            print("safehook run: %s is not a valid policy; not starting %s" % (policy, cmd[0]), file=sys.stderr)
+            return 2
     if args.policy:
         env["SAFEHOOK_POLICY"] = os.path.abspath(args.policy)
     if args.audit:
         env["SAFEHOOK_AUDIT"] = os.path.abspath(args.audit)
     try:
+        sys.stdout.flush()
+        # Python ignores SIGPIPE and exec keeps an ignored signal ignored: give CMD the default
+        # (subprocess does the same), so that `safehook run -- cmd | head` ends cmd as usual
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:
         print("safehook run: cannot run %s: %s" % (cmd[0], e.strerror), file=sys.stderr)
@@ -48,6 +70,7 @@ def _cmd_run(args):
 def build_parser():
     p = argparse.ArgumentParser(prog="safehook",
                                 description="Keep a model's safety alignment while it is fine-tuned.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("lib", help="print the absolute path of libsafehook.so",
@@ -79,10 +102,30 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version and not getattr(args, "func", None):
+        args.func = _cmd_version
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _stdout_gone()
+        return EXIT_PIPE
+
+
+def _stdout_gone():
+    """The reader of stdout went away (`safehook report LOG | head`): point stdout at /dev/null
+    so that the interpreter's last flush at exit has nowhere to fail, and say nothing."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests, notebooks)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

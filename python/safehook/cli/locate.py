@@ -65,6 +65,22 @@ REFUSAL_MARKERS = (
 )
 
 
+class LocateError(Exception):
+    """An input locate cannot use: one line, exit 2."""
+
+
+def model_folder_problem(path):
+    """Why PATH is not a local model folder (None when it is one). Checked before transformers
+    is imported: a name that is not a folder would otherwise be looked up on the hub."""
+    if not os.path.exists(path):
+        return "%s: no such folder (locate reads local model folders only, never the hub)" % path
+    if not os.path.isdir(path):
+        return "%s: not a folder (a Hugging Face model folder with config.json)" % path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "%s: no config.json (not a Hugging Face model folder)" % path
+    return None
+
+
 def is_refusal(text):
     t = text.lower()
     return any(m in t for m in REFUSAL_MARKERS)
@@ -109,7 +125,7 @@ def load(args):
         spec = args.build
         modname, _, fn = spec.partition(":")
         if not fn:
-            raise SystemExit("safehook locate: --build takes pkg.module:function")
+            raise LocateError("--build takes pkg.module:function")
         if modname.endswith(".py") or os.sep in modname:
             s = importlib.util.spec_from_file_location("_safehook_locate_build", modname)
             mod = importlib.util.module_from_spec(s)
@@ -131,18 +147,25 @@ def read_prompts(path, default):
     if not path:
         return list(default)
     rows = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise LocateError("%s: %s" % (path, e.strerror))
+    with f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
             if line.startswith("{"):
-                obj = json.loads(line)
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise LocateError("%s: a line starting with '{' is not JSON: %s" % (path, e))
                 line = obj.get("prompt") or obj.get("instruction") or obj.get("text") or ""
             if line:
                 rows.append(line)
     if len(rows) < 2:
-        raise SystemExit("safehook locate: %s: need at least 2 prompts" % path)
+        raise LocateError("%s: need at least 2 prompts" % path)
     return rows
 
 
@@ -257,10 +280,14 @@ def locate(args, say=print):
     import torch
     from ..features.freeze import find_blocks
     torch.manual_seed(0)
-    model, tok = load(args)
+    try:
+        model, tok = load(args)
+    except (OSError, ValueError) as e:  # a folder transformers cannot load (weights, tokenizer)
+        msg = str(e).strip().splitlines()
+        raise LocateError("%s: cannot load: %s" % (args.model or args.build, msg[0] if msg else type(e).__name__))
     blocks = find_blocks(model)
     if blocks is None:
-        raise SystemExit("safehook locate: no transformer block list found in %s" % type(model).__name__)
+        raise LocateError("no transformer block list found in %s" % type(model).__name__)
     n = len(blocks)
     runner = Runner(model, tok, blocks, args.device, not args.no_chat_template, args.max_new_tokens)
     benign = read_prompts(args.benign, DEFAULT_BENIGN)
@@ -309,14 +336,25 @@ def locate(args, say=print):
 
 
 def _cmd(args):
-    import torch
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if bool(args.model) == bool(args.build):
         print("safehook locate: give exactly one of --model DIR or --build pkg.module:function", file=sys.stderr)
         return 2
+    why = model_folder_problem(args.model) if args.model else None
+    for f in (args.benign, args.harmful, args.over_refusal):
+        if why is None and f and not os.path.isfile(f):
+            why = "%s: no such file" % f
+    if why:
+        print("safehook locate: %s" % why, file=sys.stderr)
+        return 2
+    import torch
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     quiet = args.json
-    res = locate(args, say=(lambda s: None) if quiet else print)
+    try:
+        res = locate(args, say=(lambda s: None) if quiet else print)
+    except LocateError as e:
+        print("safehook locate: %s" % e, file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(res, indent=2))
     return 0 if res.get("range") else 1

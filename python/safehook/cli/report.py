@@ -1,35 +1,23 @@
-"""safehook report AUDIT.jsonl [-o FILE.png]: what safehook did during a run.
+"""safehook report AUDIT.jsonl [-o FILE.png] [--json]: what safehook did during a run.
 
-The summary reads the audit log's records: steps (and their SafeGrad fields ``cosine`` and
-``projected``, found at the top of the step record or in a sub-object), gate decisions, the
-monitor's probe scores against the baseline, rollbacks (with the steps that came just before
-each drop), violations and errors. With ``-o`` it also draws, over steps, the safety score
-(with the baseline and the limit), the conflict cosine, gate skips, and rollbacks as vertical
-lines (matplotlib, Agg backend). The PNG carries the lengths of the plotted series in a text
-chunk ``safehook-series`` (JSON), so that a test or a script can check what was drawn.
+The summary reads the audit log's records: what was frozen (the freeze records, and the end
+record's checks), steps (and their SafeGrad fields ``cosine`` and ``projected``, found at the
+top of the step record or in a sub-object), gate decisions, the monitor's probe scores against
+the baseline, rollbacks (with the steps that came just before each drop), shaping's stopped
+examples (each counted once, by its last flag record: cli/audit.py's counts(), the demo's
+rule too), violations and errors, then the record counts. With ``-o`` it also draws, over
+steps, the safety score (with the baseline and the limit), the conflict cosine, gate skips,
+the safety loss of the step records (a third panel, when they carry one), and rollbacks as
+vertical lines (matplotlib, Agg backend). The PNG carries the lengths of the plotted series in a
+text chunk ``safehook-series`` (JSON), so that a test or a script can check what was drawn.
+A file that is not an audit log is refused (exit 2).
 """
 import json
 import sys
 
+from .audit import FLAG_RULE, NotAnAuditLog, counts, flag_decisions, load  # noqa: F401
 
-def load(path):
-    """(records, number of unreadable lines)."""
-    recs, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(r, dict) and "event" in r:
-                recs.append(r)
-            else:
-                bad += 1
-    return recs, bad
+SCHEMA = "safehook.report/1"
 
 
 def _find(rec, key):
@@ -46,12 +34,13 @@ def series(recs):
     """The data the report draws: {"score": [(step, score)], "baseline": float or None,
     "limit": float or None, "cosine": [(step, cos)], "projected": [step], "rollbacks":
     [(step, to_step)], "ends": [(step, "stop" or "abort")], "gate_skips": [step], "gate_scales": [step],
-    "gate_shrinks": [step]}."""
+    "gate_shrinks": [step], "safety_loss": [(step, loss)]}. The safety loss is the step record's
+    (SafeGrad's probe loss, or the gate's when SafeGrad did not compute one)."""
     out = {"score": [], "baseline": None, "limit": None, "cosine": [], "projected": [], "rollbacks": [],
-           "ends": [], "gate_skips": [], "gate_scales": [], "gate_shrinks": []}
+           "ends": [], "gate_skips": [], "gate_scales": [], "gate_shrinks": [], "safety_loss": []}
     for r in recs:
         ev, step = r["event"], r.get("step")
-        if ev == "probe" and isinstance(r.get("score"), (int, float)):
+        if ev == "probe" and _is_num(r.get("score")) and r.get("what") is None:
             out["score"].append((step, r["score"]))
             if r.get("action") == "baseline":
                 out["baseline"], out["limit"] = r.get("baseline"), r.get("limit")
@@ -59,17 +48,30 @@ def series(recs):
                 out["ends"].append((step, r["action"]))
         elif ev == "step":
             c = _find(r, "cosine")
-            if isinstance(c, (int, float)) and not isinstance(c, bool):
+            if _is_num(c):
                 out["cosine"].append((step, c))
-            pr = _find(r, "projected")  # SafeGrad: a bool, or the number of groups projected
-            if pr is True or (isinstance(pr, int) and not isinstance(pr, bool) and pr > 0):
+            if _projected(_find(r, "projected")):
                 out["projected"].append(step)
+            loss = r.get("safety_loss")
+            if not _is_num(loss) and isinstance(r.get("gate"), dict):
+                loss = r["gate"].get("loss")
+            if _is_num(loss):
+                out["safety_loss"].append((step, loss))
         elif ev == "rollback":
             out["rollbacks"].append((step, r.get("to_step")))
         elif ev == "gate":
             key = {"skip": "gate_skips", "shrink": "gate_shrinks"}.get(r.get("action"), "gate_scales")
             out[key].append(step)
     return out
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _projected(v):
+    """SafeGrad's "projected": a bool (and, in logs before groups_projected, a group count)."""
+    return v is True or (_is_num(v) and v > 0)
 
 
 def posthoc_summary(recs):
@@ -124,88 +126,243 @@ def _span(p, a, sign, b):
         return None
 
 
-def summary(recs, bad=0):
-    lines = posthoc_summary(recs)
-    if lines and not any(r["event"] in ("start", "step", "end") for r in recs):
-        return lines + (["(%d unreadable lines skipped)" % bad] if bad else [])
+def data(recs, bad=0):
+    """The report as one JSON-able dict (schema safehook.report/1; docs/cli.md lists the keys)."""
+    c = counts(recs)
+    out = {"schema": SCHEMA, "kind": "training", "records": len(recs), "unreadable": bad, "counts": c}
+    if any(r["event"].startswith("posthoc_") for r in recs) and not any(
+            r["event"] in ("start", "step", "end") for r in recs):
+        out["kind"] = "posthoc"
+    out["posthoc"] = _posthoc_runs(recs)
     starts = [r for r in recs if r["event"] == "start"]
     ends = [r for r in recs if r["event"] == "end"]
     steps = [r for r in recs if r["event"] == "step"]
-    if starts:
-        s = starts[0]
-        lines.append("run: policy %s (digest %s)%s" % (s.get("policy"), s.get("digest"),
-                                                      ", enforced" if s.get("enforce") else ""))
+    s0 = starts[0] if starts else {}
+    out["run"] = ({"policy": s0.get("policy"), "digest": s0.get("digest"), "enforce": bool(s0.get("enforce")),
+                   "versions": s0.get("versions")} if starts else None)
     nsteps = ends[-1].get("steps") if ends else (max((r.get("step") or 0) for r in steps) if steps else 0)
-    lines.append("steps: %s%s (%d step records)" % (nsteps, "" if ends else " (no end record: still running or killed)",
-                                                     len(steps)))
+    out["steps"] = {"count": nsteps, "records": len(steps), "ended": bool(ends)}
+    out["freeze"] = _freeze(recs, steps, ends)
     s = series(recs)
+    out["safegrad"] = None
     if s["cosine"]:
-        cs = [c for _, c in s["cosine"]]
-        lines.append("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected; cosine min %.3f, mean %.3f"
-                     % (len(cs), sum(c < 0 for c in cs), len(s["projected"]), min(cs), sum(cs) / len(cs)))
-    gated = [r for r in steps if isinstance(r.get("gate"), dict)]
-    if gated or s["gate_skips"] or s["gate_scales"] or s["gate_shrinks"]:
-        inf = sum(1 for r in gated if r["gate"].get("found_inf"))
-        lines.append("gate: %d steps checked: %d allowed, %d shrunk, %d scaled, %d skipped%s"
-                     % (len(gated) - inf, sum(1 for r in gated if r["gate"].get("action") == "allow"),
-                        len(s["gate_shrinks"]), len(s["gate_scales"]), len(s["gate_skips"]),
-                        "; %d steps with inf/NaN gradients left to the optimizer (GradScaler)" % inf if inf else ""))
-        streaks = [r for r in recs if r["event"] == "gate" and isinstance(r.get("streak"), int)]
-        if streaks:
-            top = max(streaks, key=lambda r: r["streak"])
-            lines.append("  longest run of skipped updates: %d (to step %s)%s"
-                         % (top["streak"], top.get("step"),
-                            "; training stood still: the optimizer's momentum points against the probe "
-                            "(try gate.action 'shrink', the default)" if any(r.get("stalled") for r in streaks) else ""))
-    probes = [r for r in recs if r["event"] == "probe" and "score" in r]  # the monitor's
-    if probes:
-        base = next((r for r in probes if r.get("action") == "baseline"), None)
-        if base:
-            lines.append("monitor: probe '%s', baseline %.4f at step 0, limit %.4f"
-                         % (base.get("probe"), base["score"], base.get("limit", float("nan"))))
-        for r in probes:
-            if r.get("action") == "baseline":
-                continue
-            ratio = r.get("ratio")
-            rel = (" (%.3f x baseline)" % ratio if isinstance(ratio, (int, float))
-                   else " (%+.4f vs baseline)" % (r["score"] - base["score"]) if base else "")
-            lines.append("  step %-6s score %.4f%s  %s%s" % (
-                r.get("step"), r["score"], rel,
-                "ok" if r.get("passed") else "DROP",
-                "" if r.get("passed") else " -> " + str(r.get("action"))))
-    rbs = [r for r in recs if r["event"] == "rollback"]
-    if rbs:
-        lines.append("rollbacks: %d" % len(rbs))
-        for r in rbs:
-            sus = r.get("suspects") or []
-            rows = sum(len(e.get("rows", [])) for e in sus)
-            lines.append("  step %s -> step %s (score %.4f, limit %.4f); suspect steps %s, %d batch rows fingerprinted"
-                         % (r.get("step"), r.get("to_step"), r.get("score", float("nan")), r.get("limit", float("nan")),
-                            _ranges(r.get("suspect_steps") or []), rows))
-    lines += _shaping(recs, steps)
-    viol = [r for r in recs if r["event"] == "violation"]
-    if viol:
-        kinds = {}
-        for r in viol:
-            kinds[r.get("what")] = kinds.get(r.get("what"), 0) + 1
-        lines.append("violations: %d (%s)" % (len(viol), ", ".join("%s: %d" % kv for kv in kinds.items())))
-    else:
-        lines.append("violations: 0")
+        cs = [x for _, x in s["cosine"]]
+        out["safegrad"] = {"measured": len(cs), "conflicts": sum(x < 0 for x in cs), "projected": len(s["projected"]),
+                           "cosine_min": min(cs), "cosine_mean": sum(cs) / len(cs)}
+    out["safety_loss"] = ({"points": len(s["safety_loss"]), "first": s["safety_loss"][0][1],
+                           "last": s["safety_loss"][-1][1], "max": max(v for _, v in s["safety_loss"])}
+                          if s["safety_loss"] else None)
+    out["gate"] = _gate(recs, steps, s)
+    out["monitor"] = _monitor(recs)
+    out["rollbacks"] = [{"step": r.get("step"), "to_step": r.get("to_step"), "score": r.get("score"),
+                         "limit": r.get("limit"), "suspect_steps": r.get("suspect_steps") or [],
+                         "rows": sum(len(e.get("rows", [])) for e in r.get("suspects") or [])}
+                        for r in recs if r["event"] == "rollback"]
+    out["shaping"] = _shaping_data(recs, steps)
+    kinds = {}
     for r in recs:
-        if r["event"] == "error":
-            lines.append("error at step %s: %s" % (r.get("step", "-"), r.get("message")))
+        if r["event"] == "violation":
+            kinds[r.get("what")] = kinds.get(r.get("what"), 0) + 1
+    out["violations"] = {"count": sum(kinds.values()), "by_kind": kinds}
+    out["errors"] = [{"step": r.get("step"), "message": r.get("message")} for r in recs if r["event"] == "error"]
+    return out
+
+
+def _freeze(recs, steps, ends):
+    """What was frozen (one entry per bound model) and what the checks found."""
+    models = []
+    for r in recs:
+        if r["event"] != "freeze":
+            continue
+        b = r.get("blocks") or {}
+        models.append({"model": r.get("model"), "blocks": b.get("path"), "count": b.get("count"),
+                       "frozen_blocks": r.get("frozen_blocks"), "params": r.get("params") or [],
+                       "tensors": r.get("tensors"), "numel": r.get("numel"), "mode": r.get("mode"),
+                       "when": r.get("when"), "error": r.get("error"), "note": r.get("note")})
+    checks = {}
+    for r in steps:
+        if r.get("freeze_check") is not None:
+            checks[r["freeze_check"]] = checks.get(r["freeze_check"], 0) + 1
+    end = (ends[-1].get("freeze") if ends and isinstance(ends[-1].get("freeze"), dict) else None)
+    if not models and end is None:
+        return None
+    return {"models": models, "step_checks": checks, "end": end}
+
+
+def _gate(recs, steps, s):
+    gated = [r for r in steps if isinstance(r.get("gate"), dict)]
+    if not (gated or s["gate_skips"] or s["gate_scales"] or s["gate_shrinks"]):
+        return None
+    inf = sum(1 for r in gated if r["gate"].get("found_inf"))
+    streaks = [r for r in recs if r["event"] == "gate" and isinstance(r.get("streak"), int)]
+    top = max(streaks, key=lambda r: r["streak"]) if streaks else None
+    return {"checked": len(gated) - inf, "allowed": sum(1 for r in gated if r["gate"].get("action") == "allow"),
+            "shrunk": len(s["gate_shrinks"]), "scaled": len(s["gate_scales"]), "skipped": len(s["gate_skips"]),
+            "nonfinite_left": inf, "longest_skip_streak": top["streak"] if top else 0,
+            "longest_skip_streak_to": top.get("step") if top else None,
+            "stalled": any(r.get("stalled") for r in streaks)}
+
+
+def _monitor(recs):
+    probes = [r for r in recs if r["event"] == "probe" and "score" in r and r.get("what") is None]
+    if not probes:
+        return None
+    base = next((r for r in probes if r.get("action") == "baseline"), None)
+    return {"probe": (base or probes[0]).get("probe"), "baseline": base["score"] if base else None,
+            "limit": base.get("limit") if base else None,
+            "evaluations": [{"step": r.get("step"), "score": r["score"], "ratio": r.get("ratio"),
+                             "passed": bool(r.get("passed")), "action": r.get("action")}
+                            for r in probes if r.get("action") != "baseline"]}
+
+
+def _shaping_data(recs, steps):
+    cal = [r for r in recs if r["event"] == "probe" and r.get("what") == "shaping calibration"]
+    shaped = [r["shaping"] for r in steps if isinstance(r.get("shaping"), dict)]
+    last = flag_decisions(recs)
+    if not (cal or last or shaped):
+        return None
+    stopped = [r for r in last.values() if not r.get("revoked")]
+    return {"flag_records": sum(1 for r in recs if r["event"] == "flag"),
+            "examples_stopped": len(stopped), "examples_withdrawn": len(last) - len(stopped), "rule": FLAG_RULE,
+            "action": cal[0].get("action") if cal else None,
+            "totals": ({k: sum(x.get(k, 0) for x in shaped) for k in ("seen", "new", "flagged", "rewritten",
+                                                                       "masked_tokens")} if shaped else None),
+            "stopped": [{k: r.get(k) for k in ("step", "fingerprint", "guard", "score", "threshold", "action")}
+                        for r in stopped]}
+
+
+def _posthoc_runs(recs):
+    runs = []
+    for i, r in enumerate(recs):
+        if r["event"] != "posthoc_start":
+            continue
+        run = []
+        for x in recs[i + 1:]:
+            if x["event"] == "posthoc_start":
+                break
+            run.append(x)
+        ts = [x for x in run if x["event"] == "posthoc_tensor"]
+        end = next((x for x in run if x["event"] == "posthoc_end"), None)
+        runs.append({"method": r.get("method"), "params": r.get("params") or {}, "tensors": len(ts),
+                     "changed": sum(1 for x in ts if x.get("changed")), "status": end.get("status") if end else None,
+                     "ended": end is not None})
+    return runs
+
+
+def summary(recs, bad=0):
+    """The report's lines."""
+    lines = posthoc_summary(recs)
+    d = data(recs, bad)
+    if d["kind"] == "posthoc":
+        return lines + (["(%d unreadable lines skipped)" % bad] if bad else [])
+    if d["run"]:
+        lines.append("run: policy %s (digest %s)%s" % (d["run"]["policy"], d["run"]["digest"],
+                                                      ", enforced" if d["run"]["enforce"] else ""))
+    st = d["steps"]
+    lines.append("steps: %s%s (%d step records)" % (st["count"], "" if st["ended"] else
+                                                     " (no end record: still running or killed)", st["records"]))
+    lines += _freeze_lines(d["freeze"])
+    sg = d["safegrad"]
+    if sg:
+        lines.append("safegrad: %d steps measured, %d conflicts (cosine < 0), %d projected; cosine min %.3f, mean %.3f"
+                     % (sg["measured"], sg["conflicts"], sg["projected"], sg["cosine_min"], sg["cosine_mean"]))
+    sl = d["safety_loss"]
+    if sl:
+        lines.append("safety loss: %d steps, %.4g at the first, %.4g at the last, max %.4g"
+                     % (sl["points"], sl["first"], sl["last"], sl["max"]))
+    g = d["gate"]
+    if g:
+        lines.append("gate: %d steps checked: %d allowed, %d shrunk, %d scaled, %d skipped%s"
+                     % (g["checked"], g["allowed"], g["shrunk"], g["scaled"], g["skipped"],
+                        "; %d steps with inf/NaN gradients left to the optimizer (GradScaler)" % g["nonfinite_left"]
+                        if g["nonfinite_left"] else ""))
+        if g["longest_skip_streak"]:
+            lines.append("  longest run of skipped updates: %d (to step %s)%s"
+                         % (g["longest_skip_streak"], g["longest_skip_streak_to"],
+                            "; training stood still: the optimizer's momentum points against the probe "
+                            "(try gate.action 'shrink', the default)" if g["stalled"] else ""))
+    m = d["monitor"]
+    if m:
+        if m["baseline"] is not None:
+            lines.append("monitor: probe '%s', baseline %.4f at step 0, limit %.4f"
+                         % (m["probe"], m["baseline"], m["limit"] if _is_num(m["limit"]) else float("nan")))
+        for e in m["evaluations"]:
+            rel = (" (%.3f x baseline)" % e["ratio"] if _is_num(e["ratio"])
+                   else " (%+.4f vs baseline)" % (e["score"] - m["baseline"]) if m["baseline"] is not None else "")
+            lines.append("  step %-6s score %.4f%s  %s%s" % (
+                e["step"], e["score"], rel, "ok" if e["passed"] else "DROP",
+                "" if e["passed"] else " -> " + str(e["action"])))
+    if d["rollbacks"]:
+        lines.append("rollbacks: %d" % len(d["rollbacks"]))
+        for r in d["rollbacks"]:
+            lines.append("  step %s -> step %s (score %.4f, limit %.4f); suspect steps %s, %d batch rows fingerprinted"
+                         % (r["step"], r["to_step"], _f(r["score"]), _f(r["limit"]), _ranges(r["suspect_steps"]),
+                            r["rows"]))
+    lines += _shaping(recs, [r for r in recs if r["event"] == "step"])
+    v = d["violations"]
+    lines.append("violations: %d%s" % (v["count"], " (%s)" % ", ".join("%s: %d" % kv for kv in v["by_kind"].items())
+                                       if v["count"] else ""))
+    for e in d["errors"]:
+        lines.append("error at step %s: %s" % (e["step"] if e["step"] is not None else "-", e["message"]))
+    lines.append(_counts_line(d["counts"]))
     if bad:
         lines.append("(%d unreadable lines skipped)" % bad)
     return lines
+
+
+def _f(x):
+    return x if _is_num(x) else float("nan")
+
+
+def _freeze_lines(fz):
+    if not fz:
+        return []
+    out = []
+    for m in fz["models"]:
+        if m["error"]:
+            out.append("freeze: %s: not applied: %s" % (m["model"], m["error"]))
+            continue
+        what = []
+        if m["frozen_blocks"]:
+            what.append("blocks %s of %s[0-%s]" % (_ranges(m["frozen_blocks"]), m["blocks"],
+                                                   (m["count"] - 1) if isinstance(m["count"], int) else "?"))
+        if m["params"]:
+            what.append("params %s" % ", ".join(m["params"]))
+        out.append("freeze: %s: %s: %s tensors, %s values (%s, bound at %s)%s" % (
+            m["model"], "; ".join(what) or "nothing", m["tensors"], _thousands(m["numel"]), m["mode"], m["when"],
+            "; " + m["note"] if m["note"] else ""))
+    end, checks = fz["end"], fz["step_checks"]
+    if end:
+        out.append("  checks: %s (%s), %s changed, %s restored, %s violations, %s gradients dropped" % (
+            end.get("checks"), ", ".join("%d %s" % (n, k) for k, n in sorted(checks.items())) or "at exit",
+            end.get("changed"), end.get("restored"), end.get("violations"), end.get("dropped_grads")))
+    elif checks:
+        out.append("  checks during steps: %s (no end record)" % ", ".join("%d %s" % (n, k)
+                                                                         for k, n in sorted(checks.items())))
+    return out
+
+
+def _thousands(n):
+    return "{:,}".format(n) if isinstance(n, int) else "-"
+
+
+def _counts_line(c):
+    ev = c["events"]
+    parts = ["%s %d" % (k, v) for k, v in sorted(ev.items()) if k not in ("start", "end", "step", "optimizer", "flag")]
+    parts += ["%s %d" % (k, v) for k, v in sorted(c["step_flags"].items()) if k != "safety_refreshed"]
+    if ev.get("flag"):
+        parts.append("flagged examples %d (%d withdrawn; %s; %d flag records)" % (
+            c["examples_flagged"], c["examples_withdrawn"], c["flag_rule"], ev["flag"]))
+    return "counts: %s" % (", ".join(parts) or "no interventions")
 
 
 def _shaping(recs, steps, limit=50):
     """The shaping feature: calibration, totals, and the examples it stopped."""
     out = []
     cal = [r for r in recs if r["event"] == "probe" and r.get("what") == "shaping calibration"]
-    flags = [r for r in recs if r["event"] == "flag"]
     shaped = [r["shaping"] for r in steps if isinstance(r.get("shaping"), dict)]
-    if not (cal or flags or shaped):
+    last = flag_decisions(recs)
+    if not (cal or last or shaped):
         return out
     if cal:
         c = cal[0]
@@ -230,13 +387,9 @@ def _shaping(recs, steps, limit=50):
                 _num(v.get("threshold"))))
         out.append("  stream check at step %s (at most %s of the rows flagged): %s; %d decisions withdrawn"
                    % (c.get("step"), _num(c.get("max_flag_rate")), "; ".join(parts), c.get("revoked") or 0))
-    # an example's last flag record is its decision (the stream check may withdraw or change it)
-    last = {}
-    for r in flags:
-        last[r.get("fingerprint")] = r
     revoked = sum(1 for r in last.values() if r.get("revoked"))
     flags = [r for r in last.values() if not r.get("revoked")]
-    out.append("  stopped examples: %d (%d withdrawn by the stream check)" % (len(flags), revoked))
+    out.append("  stopped examples: %d (%d withdrawn by the stream check); %s" % (len(flags), revoked, FLAG_RULE))
     for r in flags[:limit]:
         out.append("    step %-6s %s  %-9s score %s (threshold %s) -> %s" % (
             r.get("step"), r.get("fingerprint"), r.get("guard"), _num(r.get("score")), _num(r.get("threshold")),
@@ -247,7 +400,7 @@ def _shaping(recs, steps, limit=50):
 
 
 def _num(x):
-    return "%.4g" % x if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+    return "%.4g" % x if _is_num(x) else "-"
 
 
 def _ranges(steps):
@@ -266,14 +419,18 @@ def _ranges(steps):
 
 
 def plot(recs, path):
-    """Draw the series into PATH (PNG). Returns the {series: length} written into the PNG."""
+    """Draw the series into PATH (PNG). Returns the {series: length} written into the PNG
+    ("safety_loss" only when the step records carry a safety loss: its panel is drawn then)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = series(recs)
     lengths = {"score": len(s["score"]), "cosine": len(s["cosine"]), "rollbacks": len(s["rollbacks"]),
                "gate_skips": len(s["gate_skips"])}
-    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    panels = 3 if s["safety_loss"] else 2
+    if panels == 3:
+        lengths["safety_loss"] = len(s["safety_loss"])
+    fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(9, 3 * panels))
     ax = axes[0]
     if s["score"]:
         ax.plot([p[0] for p in s["score"]], [p[1] for p in s["score"]], "o-", color="tab:blue", label="safety score")
@@ -290,14 +447,20 @@ def plot(recs, path):
     if s["gate_skips"]:
         ax.plot(s["gate_skips"], [0] * len(s["gate_skips"]), "x", color="tab:orange", label="gate skip")
     ax.set_ylabel("cosine(task, safety)")
-    ax.set_xlabel("step")
+    if panels == 3:
+        ax = axes[2]
+        ax.plot([p[0] for p in s["safety_loss"]], [p[1] for p in s["safety_loss"]], ".-", lw=1, color="tab:brown",
+                label="safety loss (probe)")
+        ax.set_ylabel("safety loss (lower is safer)")
+    axes[-1].set_xlabel("step")
     for a in axes:
         for i, (step, _) in enumerate(s["rollbacks"]):
             a.axvline(step, color="tab:red", lw=1.2, alpha=0.7, label="rollback" if i == 0 else None)
         for step, what in s["ends"]:
-            a.axvline(step, color="black", ls="--", lw=1.2, label="training " + ("stopped" if what == "stop" else "aborted"))
+            a.axvline(step, color="black", ls="--", lw=1.2,
+                      label="training " + ("stopped" if what == "stop" else "aborted"))
         if a.get_legend_handles_labels()[0]:
-            a.legend(loc="best", fontsize=8)
+            a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     fig.suptitle("safehook: safety during training")
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"safehook-series": json.dumps(lengths, sort_keys=True)})
@@ -308,23 +471,44 @@ def plot(recs, path):
 def _run(args):
     try:
         recs, bad = load(args.audit)
+    except NotAnAuditLog as e:
+        print("safehook report: %s" % e, file=sys.stderr)
+        return 2
     except OSError as e:
         print("safehook report: cannot read %s: %s" % (args.audit, e.strerror), file=sys.stderr)
         return 2
+    lengths = None
+    if args.output:
+        try:
+            lengths = plot(recs, args.output)
+        except ImportError:
+            print("safehook report: -o needs matplotlib (pip install 'safehook[demo]')", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print("safehook report: cannot write %s: %s" % (args.output, e.strerror), file=sys.stderr)
+            return 2
+    if args.json:
+        d = data(recs, bad)
+        d["file"] = args.audit
+        d["plot"] = {"path": args.output, "series": lengths} if args.output else None
+        print(json.dumps(d, indent=1, sort_keys=False))
+        return 0
     for line in summary(recs, bad):
         print(line)
     if args.output:
-        lengths = plot(recs, args.output)
         print("plot: %s (%s)" % (args.output, ", ".join("%s %d" % kv for kv in sorted(lengths.items()))))
     return 0
 
 
 def register(sub):
     s = sub.add_parser("report", help="summarize an audit log (and plot it)",
-                       description="Summarize what safehook did in a run from its audit log: steps, SafeGrad "
-                                   "conflicts and projections, gate decisions, probe scores against the baseline, "
-                                   "rollbacks, violations. -o draws the safety score, conflict cosine and "
-                                   "rollbacks over steps.")
+                       description="Summarize what safehook did in a run from its audit log: what was frozen, "
+                                   "steps, SafeGrad conflicts and projections, the safety loss, gate decisions, "
+                                   "probe scores against the baseline, rollbacks, shaping's stopped examples "
+                                   "(each counted once), violations, record counts. -o draws the safety score, "
+                                   "conflict cosine, safety loss and rollbacks over steps. Exit 2 for a file "
+                                   "that is not an audit log.")
     s.add_argument("audit", metavar="AUDIT.jsonl")
     s.add_argument("-o", "--output", metavar="FILE.png", help="write a plot (PNG)")
+    s.add_argument("--json", action="store_true", help="print the report as one JSON document (schema %s)" % SCHEMA)
     s.set_defaults(func=_run)

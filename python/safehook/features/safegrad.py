@@ -26,50 +26,38 @@ ranks), the rest refused.
 
 The step record gets ``cosine``, ``projected`` and ``norms`` ({"task", "safety"}; the task norm is
 unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). With ``layer`` or
-``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` counts projected groups, and
-``cosine_min`` and ``groups`` are added.
+``tensor`` granularity, ``cosine`` is over all tensors, ``projected`` is still a bool (any group
+projected), and ``groups_projected``, ``groups`` and ``cosine_min`` are added.
 """
 import math
-import re
 
 from .. import probes
 from ..probes import gradient
 from . import projection
-from ..runtime.context import FSDP1_HINT, current_model, debug, fsdp1, world
+from ..runtime.context import Refusal, debug, warn
+from ..runtime import registry
+from ..runtime.stacks import FSDP1_HINT, block_of, find_blocks, fsdp1_refusal, is_dtensor, world
 
-ORDER = 20
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
-
-
-def layer_key(name):
-    """The block a parameter belongs to (``model.layers.3``), else its module path."""
-    m = _BLOCK.match(name)
-    if m:
-        return m.group(1)
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-class _Abort(Exception):
-    pass
-
-
-class _Partitions(Exception):
-    pass
+def layer_key(name, path=None):
+    """The group of granularity "layer" of a parameter NAME: its block in the block list PATH
+    ("model.layers.3"; default: the list the name shows), else its module path."""
+    return block_of(name, path)
 
 
 class SafeGrad:
     def __init__(self, policy, rt):
-        cfg = policy.get("safegrad") or {}
+        cfg = registry.section(policy, "safegrad")
         self.rt = rt
         self.policy = policy
-        self.source = cfg.get("source", "anchor")
-        self.granularity = cfg.get("granularity", "global")
-        self.threshold = float(cfg.get("threshold", 0.0))
-        self.refresh_every = int(cfg.get("refresh_every", 1))
-        self.loss_kind = cfg.get("loss", "ce")
+        self.source = cfg["source"]
+        self.granularity = cfg["granularity"]
+        self.threshold = float(cfg["threshold"])
+        self.refresh_every = int(cfg["refresh_every"])
+        self.loss_kind = cfg["loss"]
         self.on_error = rt.on_error
         self.info = None      # the first model bound
         self.names = {}       # id(param) -> stripped name, over every model bound
+        self.blocks = {}      # id(param) -> the path of its model's block list
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
@@ -82,7 +70,7 @@ class SafeGrad:
             name = cfg.get("probe")
             if not name:
                 raise ValueError("safegrad.source 'probe' needs safegrad.probe")
-            self.probe = probes.get(policy, name)
+            self.probe = probes.get(rt, name, policy)
             if self.loss_kind == "kl" and self.probe.cfg.get("callable"):
                 raise ValueError("safegrad.loss 'kl' needs a probe with data, not a callable")
             if self.loss_kind not in ("ce", "kl"):
@@ -105,15 +93,16 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
-        what = fsdp1(info)
-        if what:
-            self._fail("FSDP1 (%s) is not supported: its flat parameters are shards of several tensors "
-                       "each, so a per-tensor safety gradient cannot be matched to them; %s" % (what, FSDP1_HINT),
-                       raise_now=False)
+        msg = fsdp1_refusal(info, "its flat parameters are shards of several tensors each, so a per-tensor "
+                            "safety gradient cannot be matched to them")
+        if msg:
+            self._fail(msg)
             return
         if self.info is None:
             self.info = info
         self.names.update({id(p): n for n, p in info.params.items()})
+        bl = find_blocks(info.root)
+        self.blocks.update({id(p): bl.path if bl else "" for p in info.params.values()})  # "": none
         if self.source == "anchor":
             import torch
             with torch.no_grad():
@@ -124,11 +113,11 @@ class SafeGrad:
             hits = [n for n in self.direction if n in info.params]
             if not hits:
                 self._fail("safegrad.direction: no key of the file names a parameter of the model "
-                           "(first keys: %s)" % ", ".join(sorted(self.direction)[:3]), raise_now=False)
+                           "(first keys: %s)" % ", ".join(sorted(self.direction)[:3]))
             for n in hits:
                 if tuple(self.direction[n].shape) != tuple(info.params[n].shape):
                     self._fail("safegrad.direction: %s has shape %s in the file, %s in the model"
-                               % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)), raise_now=False)
+                               % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)))
                     break
             trainable = [n for n, p in info.params.items() if p.requires_grad]
             missing = [n for n in trainable if n not in self.direction]
@@ -139,21 +128,18 @@ class SafeGrad:
                        "(first: %s)" % (len(trainable) - len(missing), len(trainable), len(missing),
                                         ", ".join(missing[:3])))
                 self.rt.audit("error", {"message": msg, "missing": missing[:32], "count": len(missing)})
-                from ..runtime.context import warn
                 warn(msg)
 
-    def _fail(self, msg, raise_now=True):
-        if self.failed:
-            return
-        self.failed = True
-        self.rt.fail("safegrad: " + msg)
-        if raise_now and self.on_error == "abort":
-            from .._core import PolicyError
-            raise PolicyError("safegrad: " + msg)
+    def _fail(self, msg):
+        """Protection cannot be applied (found outside a step): the runtime stops every rank at
+        the next step under abort."""
+        if not self.failed:
+            self.failed = True
+            self.rt.fail("safegrad: " + msg)
 
     def _names(self):
         if not self.names:
-            info = current_model()
+            info = self.rt.model()
             return {id(p): n for n, p in info.params.items()} if info else {}
         return self.names
 
@@ -161,46 +147,52 @@ class SafeGrad:
     def pre_step(self, opt, step, record):
         if self.failed:
             return
-        from .._core import PolicyError
-        try:
-            self._step(opt, step, record)
-        except PolicyError:
-            raise
-        except _Partitions as e:
-            self._fail(str(e))
-        except Exception as e:  # the projection could not be applied to this step
-            self._fail("step %d: %s: %s" % (step, type(e).__name__, e))
+        # what may fail on one rank (a probe's data, a direction's names) is agreed before the
+        # projection's all_reduce: every rank stops here, or none does
+        ok, prep = self.rt.together("safegrad", self._prepare, opt, step, record)
+        if not ok:
+            self.failed = True
+        elif prep is not None:
+            self._project(opt, step, record, *prep)
 
-    def _step(self, opt, step, record):
+    def _prepare(self, opt, step, record):
+        """(params with a gradient, their safety gradients, ZeRO partitions?), or None when
+        there is nothing to project this step. Raises Refusal where the projection cannot be
+        applied."""
         import torch
         found_inf = getattr(opt, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and float(found_inf) > 0:
             record["projected"] = False  # the fused step skips itself: nothing to protect
-            return
+            return None
         params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
         if not params:
-            return
-        flat = [p for p in params if getattr(p, "_is_flat_param", False)]
-        if flat:
-            self._fail("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
-                       "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
-            return
+            return None
+        if any(getattr(p, "_is_flat_param", False) for p in params):
+            raise Refusal("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
+                          "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
         zero = self.partitions(params)
-        with torch.no_grad():
-            safety = self._safety(opt, params, step, record)
-        if safety is None:
-            return
+        try:
+            with torch.no_grad():
+                safety = self._safety(opt, params, step, record)
+        except Refusal:
+            raise
+        except Exception as e:  # the projection could not be applied to this step
+            raise Refusal("step %d: %s: %s" % (step, type(e).__name__, e)) from e
+        return params, safety, zero
+
+    def _project(self, opt, step, record, params, safety, zero):
+        import torch
         pairs = [(p, s) for p, s in zip(params, safety) if s is not None]
         groups = None
         if self.granularity == "layer":
             names = self._names()
-            groups = [layer_key(names.get(id(p), "param%d" % id(p))) for p, _ in pairs]
+            groups = [layer_key(names.get(id(p), "param%d" % id(p)), self.blocks.get(id(p))) for p, _ in pairs]
         scale = getattr(opt, "grad_scale", None)
         # Several ranks (DDP replicas): the dot products are averaged over the world, so that
         # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
         # summed over their mesh inside project(), ZeRO partitions over the world.
         dist, _ = world()
-        replicated = dist is not None and not any(hasattr(p.grad, "device_mesh") for p, _ in pairs)
+        replicated = dist is not None and not any(is_dtensor(p.grad) for p, _ in pairs)
         if replicated and zero:
             replicated = False  # ZeRO's disjoint partitions: their dot products are summed
         res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
@@ -222,7 +214,8 @@ class SafeGrad:
         if self.granularity == "global":
             record["projected"] = res["projected"]
         else:
-            record["projected"] = sum(res["projected"])
+            record["projected"] = any(res["projected"])  # one type in every record: a bool
+            record["groups_projected"] = sum(res["projected"])
             record["groups"] = len(res["projected"])
             mins = [c for c in res["cosine"] if c is not None]
             record["cosine_min"] = min(mins) if mins else None
@@ -236,7 +229,7 @@ class SafeGrad:
         if "deepspeed" not in sys.modules or not self.names or any(id(p) in self.names for p in params):
             return False
         if self.source != "anchor" or self.granularity != "global":
-            raise _Partitions("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
+            raise Refusal("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
                               "names: source %r with granularity %r cannot be applied (use source 'anchor' with "
                               "granularity 'global', or DDP/FSDP2)" % (self.source, self.granularity))
         return True
@@ -272,9 +265,8 @@ class SafeGrad:
         import torch
         names = self._names()
         if not names:
-            self._fail("source 'direction' needs the parameter names, but no model forward was seen "
-                       "before the first optimizer step")
-            return None
+            raise Refusal("source 'direction' needs the parameter names, but no model forward was seen "
+                          "before the first optimizer step")
         out = []
         for p in params:
             buf = self.safety.get(id(p))
@@ -286,7 +278,7 @@ class SafeGrad:
                 # kept in the file's precision (the kernel mixes dtypes), float64 aside
                 dt = d.dtype if d.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
                 s = (-d).to(device=p.grad.device, dtype=dt)
-                if hasattr(p, "device_mesh"):  # a DTensor parameter (FSDP2): its shard
+                if is_dtensor(p):  # a DTensor parameter (FSDP2): its shard
                     from torch.distributed.tensor import distribute_tensor
                     s = distribute_tensor(s, p.device_mesh, p.placements)
                 buf = self.safety[id(p)] = (p, s)
@@ -295,14 +287,14 @@ class SafeGrad:
 
     # -- the probe's gradient --
     def _probe_grads(self, opt, params, step, record):
-        info = self.rt.model_for(opt) or self.info or current_model()
+        info = self.rt.model_for(opt) or self.info or self.rt.model()
         if info is None:
-            self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
-            return
-        before = gradient.stats()["computed"]
-        loss, grads = gradient.safety_gradient(self.probe, info.root, params, step, loss=self.loss_kind)
+            raise Refusal("source 'probe' needs the model, but no forward was seen before the first optimizer step")
+        cache = gradient.of(self.rt)
+        before = cache.stats()["computed"]
+        loss, grads = cache.get(self.probe, info.root, params, step, loss=self.loss_kind)
         record["safety_loss"] = loss
-        if gradient.stats()["computed"] == before:
+        if cache.stats()["computed"] == before:
             record["safety_shared"] = True  # another feature computed it at these weights
         self.safety = {}
         for p, g in zip(params, grads):
@@ -317,7 +309,7 @@ def torch_empty_like(t):
 
 def setup(policy, rt):
     sg = SafeGrad(policy, rt)
-    rt.add_pre(sg.pre_step, order=ORDER)
+    rt.add_pre(sg.pre_step, order=registry.order("safegrad"))
     debug("safegrad: source %s, granularity %s, threshold %g, refresh every %d"
           % (sg.source, sg.granularity, sg.threshold, sg.refresh_every))
     return sg

@@ -17,8 +17,11 @@ Set up for every policy (no section of its own). Three checks:
   feature's check: changed ones are recorded and, with freeze.restore, restored; a state dict
   shares storage with the model, so the file then holds the restored weights), and the hooks are
   checked. Each save leaves a "checkpoint" record with the path and the outcome.
+
+Saves and forwards made by safehook's own step callables (the monitor's snapshots and probe
+forwards, a rollback) are not checked: they are the runtime's (``rt.running``). The state is a
+``Tamper`` object, the runtime's feature "tamper"; its hooks and save wrappers are the runtime's.
 """
-import functools
 import sys
 
 from .. import _core
@@ -26,9 +29,7 @@ from ..runtime.context import debug
 
 WATCH_EVERY = 16   # forwards between two checks
 SAMPLE = 4         # trainable tensors at each end of the size order
-MAX_RECORDS = 5    # violations of one kind written per process
-
-_state = {"rt": None, "forwards": 0, "sample": None, "sums": None, "steps": None, "counts": {}, "saving": 0}
+MAX_RECORDS = 5    # violations of one kind written per runtime
 
 
 def _optmod():
@@ -46,26 +47,6 @@ def hooks_present():
     return (any(h is _core.pre_step for h in pre.values()) and any(h is _core.post_step for h in post.values()))
 
 
-def _violation(kind, what, fields):
-    rt = _state["rt"]
-    n = _state["counts"].get(kind, 0) + 1
-    _state["counts"][kind] = n
-    if n <= MAX_RECORDS:
-        rt.violation(what, dict(fields, kind=kind, occurrence=n), skip=3)
-
-
-def check_hooks(where):
-    rt = _state["rt"]
-    if rt is None or not rt.active() or hooks_present():
-        return True
-    m = _optmod()
-    _violation("hooks_removed", "safehook's optimizer step hooks were removed from torch; put back",
-               {"where": where})
-    m.register_optimizer_step_pre_hook(_core.pre_step)
-    m.register_optimizer_step_post_hook(_core.post_step)
-    return False
-
-
 def _pick(params):
     ps = [p for p in params if p.requires_grad and p.numel() > 0]
     ps.sort(key=lambda p: p.numel())
@@ -77,121 +58,141 @@ def _sums(ps):
     return checksums(ps)
 
 
-def check_moved(where):
-    """Sampled trainable tensors changed while no optimizer step went through safehook."""
-    rt = _state["rt"]
-    if rt is None or not rt.active() or not _state["sample"]:
-        return True
-    st = _core.stats()
-    if st["in_step"]:
-        # inside a step (a probe's forward, a rollback): the features move weights on purpose
-        return True
-    steps = st["steps"]
-    now = _sums(_state["sample"])
-    if steps == 0:
-        # before the first step through safehook a script may prepare its model by hand (a
-        # pretraining loop of its own); a job that never steps through safehook writes no
-        # "start" record, which is what the out-of-process checks (SPANK task check) flag
-        _state["sums"], _state["steps"] = now, steps
-        return True
-    moved = now != _state["sums"] and steps == _state["steps"]
-    if moved:
-        _violation("moved_without_step",
-                   "trainable parameters changed with no optimizer step through safehook (a manual update, "
-                   "a replaced step, an update in a gradient hook, or a loaded state dict)",
-                   {"where": where, "steps": steps})
-    _state["sums"], _state["steps"] = now, steps
-    return not moved
+class Tamper:
+    """The tamper checks of one runtime RT."""
 
+    def __init__(self, rt):
+        self.rt = rt
+        self.forwards = 0
+        self.sample = None   # the trainable tensors checked
+        self.sums = None     # their checksums at the last check
+        self.steps = None    # the step count then
+        self.counts = {}
+        self.saving = 0
 
-def _forward_pre(module, args):
-    _state["forwards"] += 1
-    if _state["forwards"] % WATCH_EVERY == 0:
-        try:
-            check_hooks("forward")
-            check_moved("forward")
-        except Exception as e:  # never break the user's forward
-            debug("tamper: check failed: %r" % (e,))
-    return None
+    def _violation(self, kind, what, fields):
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        if n <= MAX_RECORDS:
+            self.rt.violation(what, dict(fields, kind=kind, occurrence=n), skip=3)
 
+    def check_hooks(self, where):
+        if not self.rt.active() or hooks_present():
+            return True
+        self._violation("hooks_removed", "safehook's optimizer step hooks were removed from torch; put back",
+                        {"where": where})
+        self.rt.restore_step_hooks()
+        return False
 
-def _on_model(info):
-    _state["sample"] = _pick(info.root.parameters())
-    _state["sums"] = _sums(_state["sample"]) if _state["sample"] else None
-    _state["steps"] = _core.stats()["steps"]
-    info.root.register_forward_pre_hook(_forward_pre)
+    def check_moved(self, where):
+        """Sampled trainable tensors changed while no optimizer step went through safehook."""
+        if not self.rt.active() or not self.sample:
+            return True
+        st = _core.stats()
+        if st["in_step"] or self.rt.running:
+            # inside a step or safehook's own step callables (a probe's forward, a rollback):
+            # the features move weights on purpose
+            return True
+        steps = st["steps"]
+        now = _sums(self.sample)
+        if steps == 0:
+            # before the first step through safehook a script may prepare its model by hand (a
+            # pretraining loop of its own); a job that never steps through safehook writes no
+            # "start" record, which is what the out-of-process checks (SPANK task check) flag
+            self.sums, self.steps = now, steps
+            return True
+        moved = now != self.sums and steps == self.steps
+        if moved:
+            self._violation("moved_without_step",
+                            "trainable parameters changed with no optimizer step through safehook (a manual update, "
+                            "a replaced step, an update in a gradient hook, or a loaded state dict)",
+                            {"where": where, "steps": steps})
+        self.sums, self.steps = now, steps
+        return not moved
 
-
-def before_save(path):
-    """Run by the wrapped save functions before a checkpoint is written."""
-    rt = _state["rt"]
-    if rt is None or not rt.active():
-        return
-    rec = {"path": str(path) if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__") else type(path).__name__}
-    rec["hooks"] = "ok" if check_hooks("checkpoint") else "removed"
-    if not check_moved("checkpoint"):
-        rec["moved_without_step"] = True
-    from . import freeze
-    fz = freeze.CURRENT[0]
-    for fr in (fz.freezers if fz is not None else ()):  # one Freezer per bound model
-        if not fr.params:
-            continue
-        r = {}
-        fr.check(_core.stats()["current"] or None, r, where="checkpoint %s" % rec["path"])
-        if r.get("freeze_check") is not None:
-            rec["frozen"] = r["freeze_check"] if rec.get("frozen") in (None, r["freeze_check"]) else "mixed"
-        if "freeze_restored" in r:
-            rec["restored_before_write"] = bool(rec.get("restored_before_write")) or bool(r["freeze_restored"])
-    rt.audit("checkpoint", rec)
-
-
-def _wrap(owner, name):
-    real = getattr(owner, name, None)
-    if real is None or getattr(real, "_safehook_save", False):
-        return
-
-    @functools.wraps(real)
-    def save(*args, **kwargs):
-        if _state["saving"] == 0:  # a save that calls another save is one checkpoint
+    def forward_pre(self, module, args):
+        self.forwards += 1
+        if self.forwards % WATCH_EVERY == 0:
             try:
-                path = args[1] if len(args) > 1 else kwargs.get("f", kwargs.get("filename"))
-                before_save(path)
-            except Exception as e:  # never break the user's save
-                debug("tamper: checkpoint check failed: %r" % (e,))
-        _state["saving"] += 1
+                self.check_hooks("forward")
+                self.check_moved("forward")
+            except Exception as e:  # never break the user's forward
+                debug("tamper: check failed: %r" % (e,))
+        return None
+
+    def on_model(self, info):
+        self.sample = _pick(info.root.parameters())
+        self.sums = _sums(self.sample) if self.sample else None
+        self.steps = _core.stats()["steps"]
+        self.rt.register_hook("forward_pre", info.root, self.forward_pre)
+
+    def before_save(self, path):
+        """Run by the wrapped save functions before a checkpoint is written."""
+        rt = self.rt
+        if not rt.active() or rt.running:  # a save of safehook's own (the monitor's snapshot)
+            return
+        rec = {"path": str(path) if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__")
+               else type(path).__name__}
+        rec["hooks"] = "ok" if self.check_hooks("checkpoint") else "removed"
+        if not self.check_moved("checkpoint"):
+            rec["moved_without_step"] = True
+        fz = rt.feature("freeze")
+        for fr in (fz.freezers if fz is not None else ()):  # one Freezer per bound model
+            if not fr.params:
+                continue
+            r = {}
+            fr.check(_core.stats()["current"] or None, r, where="checkpoint %s" % rec["path"])
+            if r.get("freeze_check") is not None:
+                rec["frozen"] = r["freeze_check"] if rec.get("frozen") in (None, r["freeze_check"]) else "mixed"
+            if "freeze_restored" in r:
+                rec["restored_before_write"] = bool(rec.get("restored_before_write")) or bool(r["freeze_restored"])
+        rt.audit("checkpoint", rec)
+
+    def _wrap(self, owner, name):
+        if getattr(owner, name, None) is None:
+            return
+        tamper = self
+
+        def wrap(real):
+            def save(*args, **kwargs):
+                if tamper.saving == 0:  # a save that calls another save is one checkpoint
+                    try:
+                        path = args[1] if len(args) > 1 else kwargs.get("f", kwargs.get("filename"))
+                        tamper.before_save(path)
+                    except Exception as e:  # never break the user's save
+                        debug("tamper: checkpoint check failed: %r" % (e,))
+                tamper.saving += 1
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    tamper.saving -= 1
+            return save
+
+        self.rt.patch(owner, name, wrap)
+
+    def wrap_saves(self):
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            ser = sys.modules.get("torch.serialization")
+            self._wrap(torch, "save")
+            if ser is not None:
+                self._wrap(ser, "save")
         try:
-            return real(*args, **kwargs)
-        finally:
-            _state["saving"] -= 1
+            import safetensors.torch as st
+        except Exception:
+            return
+        self._wrap(st, "save_file")
+        self._wrap(st, "save_model")
 
-    save._safehook_save = True
-    setattr(owner, name, save)
-
-
-def _wrap_saves():
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        _wrap(torch, "save")
-        ser = sys.modules.get("torch.serialization")
-        if ser is not None:
-            _wrap(ser, "save")
-    try:
-        import safetensors.torch as st
-    except Exception:
-        return
-    _wrap(st, "save_file")
-    _wrap(st, "save_model")
-
-
-def _finish(fields):
-    if _state["rt"] is not None and _state["rt"].active() and not hooks_present():
-        _violation("hooks_removed", "safehook's optimizer step hooks were removed from torch", {"where": "exit"})
-    if _state["counts"]:
-        fields["tamper"] = dict(_state["counts"])
+    def finish(self, fields):
+        if self.rt.active() and not hooks_present():
+            self._violation("hooks_removed", "safehook's optimizer step hooks were removed from torch", {"where": "exit"})
+        if self.counts:
+            fields["tamper"] = dict(self.counts)
 
 
 def setup(policy, rt):
-    _state.update(rt=rt, forwards=0, counts={})
-    rt.on_model(_on_model)
-    _wrap_saves()
-    rt.on_finish(_finish)
+    t = rt.provide("tamper", Tamper(rt))
+    rt.on_model(t.on_model)
+    t.wrap_saves()
+    rt.on_finish(t.finish)

@@ -105,6 +105,14 @@ def check_like(name, ref, other, what):
                               "x".join(map(str, s2)), what, other.path))
 
 
+def finite(**values):
+    """Refuse a NaN or infinite parameter (NaN compares false with everything: --alpha nan
+    would write NaN weights and count nothing as changed). VALUES: {option name: value}."""
+    for k, v in values.items():
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise PosthocError("--%s must be a finite number, not %r" % (k.replace("_", "-"), v))
+
+
 def work_dtype(t):
     """The dtype the formulas run in: float64 stays float64, everything else float32."""
     import torch

@@ -8,7 +8,7 @@ tensor (1-D parameters, buffers) is copied from the aligned model unchanged."""
 import time
 
 from . import common as C
-from .tensors import PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct, write_like
 
 
 def extrapolate(w_aligned, w_base, k, alpha):
@@ -46,6 +46,7 @@ def harden(base, aligned, out, k=6, alpha=0.5, include=None, exclude=None, recor
     """Write the LoX-hardened ALIGNED model (paths) to OUT; returns the end record's summary.
     k: rank kept (0 = full); alpha: extrapolation coefficient; include/exclude: regexes over
     tensor names (default: every 2-D tensor, as the reference does)."""
+    C.finite(alpha=alpha)
     if k < 0:
         raise PosthocError("--rank must be >= 0 (0 = full rank)")
     check_distinct(out, base, aligned)
@@ -56,7 +57,8 @@ def harden(base, aligned, out, k=6, alpha=0.5, include=None, exclude=None, recor
     for name in ua.names():
         if sel(name, ua.info(name)[1]):
             C.check_like(name, ua, ub, "base")
-    rec = C.Record(record if record is not None else C.default_record(out), "lox",
+    dest = Output(out, ua, [ub, ua], record)
+    rec = C.Record(dest.record_path, "lox",
                    {"base": base, "aligned": aligned, "out": out, "rank": k, "alpha": alpha,
                     "include": include, "exclude": exclude})
     prog = C.Progress("harden", quiet)
@@ -78,10 +80,12 @@ def harden(base, aligned, out, k=6, alpha=0.5, include=None, exclude=None, recor
         return w
 
     try:
-        write_like(ua, out, produce, prog)
+        write_like(ua, dest.target, produce, prog)
+        rec.close(status="ok")  # before the rename: the record (OUT/posthoc.jsonl) goes with it
+        dest.commit("harden")
     except BaseException:
         rec.close(status="failed")
+        dest.abort()
         raise
-    rec.close(status="ok")
-    prog("done: %d of %d tensors changed, record %s" % (rec.changed, len(names), rec.path))
-    return {"tensors": len(names), "changed": rec.changed, "record": rec.path}
+    prog("done: %d of %d tensors changed, record %s" % (rec.changed, len(names), dest.record))
+    return {"tensors": len(names), "changed": rec.changed, "record": dest.record}

@@ -22,7 +22,7 @@ drifted furthest from a safety reference.
   and tensor is the fine-tuned model's, bit-identical."""
 
 from . import common as C
-from .tensors import PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct, write_like
 
 
 def neuron_rows(dr, fraction):
@@ -78,6 +78,7 @@ def restore(base, aligned, finetuned, out, fraction=0.2, rate=0.5, epsilon=0.2, 
             seed=0, direction="paper", include=None, exclude=None, record=None, quiet=False):
     """Write the NLSR restoration of the full model FINETUNED to OUT."""
     import torch
+    C.finite(neurons=fraction, rate=rate, epsilon=epsilon, amplify=beta)
     if not 0 < fraction <= 1:
         raise PosthocError("--neurons must be in (0, 1]")
     check_distinct(out, base, aligned, finetuned)
@@ -92,7 +93,8 @@ def restore(base, aligned, finetuned, out, fraction=0.2, rate=0.5, epsilon=0.2, 
     for n in targets:
         C.check_like(n, uf, ua, "aligned")
         C.check_like(n, uf, ub, "base")
-    rec = C.Record(record if record is not None else C.default_record(out), "nlsr",
+    dest = Output(out, uf, [ub, ua, uf], record)
+    rec = C.Record(dest.record_path, "nlsr",
                    {"base": base, "aligned": aligned, "finetuned": finetuned, "out": out,
                     "neuron_fraction": fraction, "rate": rate, "epsilon": epsilon, "beta": beta,
                     "seed": seed, "direction": direction, "neuron_score": "delta_row_norm",
@@ -144,12 +146,14 @@ def restore(base, aligned, finetuned, out, fraction=0.2, rate=0.5, epsilon=0.2, 
         return out_t
 
     try:
-        write_like(uf, out, produce, prog)
+        write_like(uf, dest.target, produce, prog)
+        rec.close(status="ok", layers=len(targets), transplanted=len(chosen))
+        dest.commit("restore")
     except BaseException:
         rec.close(status="failed")
+        dest.abort()
         raise
-    rec.close(status="ok", layers=len(targets), transplanted=len(chosen))
     prog("done: neurons transplanted in %d of %d layers, record %s"
-         % (len(chosen), len(targets), rec.path))
-    return {"layers": len(targets), "transplanted": len(chosen), "record": rec.path,
+         % (len(chosen), len(targets), dest.record))
+    return {"layers": len(targets), "transplanted": len(chosen), "record": dest.record,
             "similarities": sims, "chosen": sorted(chosen)}

@@ -2,22 +2,29 @@
 of each layer onto the alignment subspace where the update has drifted away from it.
 
 Per selected weight: V = W_aligned - W_base, C = V V^T / ||V||_F (the reference's projection;
-never formed here: C X = V (V^T X) / ||V||_F). With the fine-tuning update dW (W_finetuned -
-W_aligned for a full model; s * B A for a PEFT LoRA adapter), the similarity is
-cos(C dW, dW). A layer whose similarity is below the threshold (or, with --layers N, one of the
-N least similar layers) gets C dW in place of dW (an adapter: B -> C B); the others are left
-bit-identical."""
+C X is computed in the order with the smaller intermediate, see project()). With the
+fine-tuning update dW (W_finetuned - W_aligned for a full model; s * B A for a PEFT LoRA
+adapter), the similarity is cos(C dW, dW). A layer whose similarity is below the threshold
+(or, with --layers N, one of the N least similar layers) gets C dW in place of dW (an adapter:
+B -> C B); the others are left bit-identical."""
 import re
 
 from . import common as C
-from .tensors import PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct, write_like
 
 
 def project(v, x):
-    """C X with C = V V^T / ||V||_F, without forming the d_out x d_out matrix C."""
+    """C X with C = V V^T / ||V||_F (V: d_out x d_in, X: d_out x k), in the product order whose
+    intermediate is smaller: V (V^T X) holds a d_in x k matrix, (V V^T) X a d_out x d_out one.
+    For a full-model update (k = d_in) that is min(d_out, d_in)^2 <= the tensor's own size: a
+    wide weight (down_proj, d_in = 4 d_out) would otherwise hold d_in^2, 4x the tensor; for an
+    adapter's B (k = r) V (V^T B) is tiny."""
     import torch
     n = torch.linalg.matrix_norm(v)
-    return v @ (v.T @ x) / n
+    d_out, d_in = v.shape
+    if d_in * x.shape[1] <= d_out * d_out:
+        return (v @ (v.T @ x)).div_(n)
+    return ((v @ v.T) @ x).div_(n)
 
 
 def similarity(v, dw):
@@ -63,6 +70,7 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
     threshold: project layers with similarity below it; layers: project the N least similar
     layers instead (the reference's 'number' mode)."""
     import torch
+    C.finite(threshold=threshold)
     check_distinct(out, base, aligned, finetuned)
     ub, ua, uf = Source(base), Source(aligned), Source(finetuned)
     if ub.kind == "adapter" or ua.kind == "adapter":
@@ -89,7 +97,8 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
         for n in targets:
             C.check_like(n, uf, ua, "aligned")
             C.check_like(n, uf, ub, "base")
-    rec = C.Record(record if record is not None else C.default_record(out), "safelora",
+    dest = Output(out, uf, [ub, ua, uf], record)
+    rec = C.Record(dest.record_path, "safelora",
                    {"base": base, "aligned": aligned, "finetuned": finetuned, "out": out,
                     "threshold": threshold, "layers": layers, "adapter": adapter,
                     "include": include, "exclude": exclude})
@@ -151,11 +160,13 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
         return ua.get(w).to(p.dtype).add_(p)
 
     try:
-        write_like(uf, out, produce, prog)
+        write_like(uf, dest.target, produce, prog)
+        rec.close(status="ok", layers=len(targets), projected=len(chosen))
+        dest.commit("restore")
     except BaseException:
         rec.close(status="failed")
+        dest.abort()
         raise
-    rec.close(status="ok", layers=len(targets), projected=len(chosen))
-    prog("done: %d of %d layers projected, record %s" % (len(chosen), len(targets), rec.path))
-    return {"layers": len(targets), "projected": len(chosen), "record": rec.path,
+    prog("done: %d of %d layers projected, record %s" % (len(chosen), len(targets), dest.record))
+    return {"layers": len(targets), "projected": len(chosen), "record": dest.record,
             "similarities": sims}

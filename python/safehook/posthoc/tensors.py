@@ -201,6 +201,14 @@ def write_file(path, entries, metadata, produce):
     os.replace(tmp, path)
 
 
+# Side files are copied from the input folder, except weights in another format than the
+# safetensors being written (a stale pytorch_model.bin beside them would be loaded by some
+# loaders instead: a mix of edited and unedited weights), their indices, records and markers.
+_NOT_SIDE = (".safetensors", ".partial", ".jsonl", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+             ".onnx", ".npz", ".bin.index.json", ".pt.index.json")
+MARKER = "safehook-posthoc.json"  # in every output folder: what wrote it (a re-run may replace it)
+
+
 def write_like(src, out_dir, produce, progress=None):
     """Write into OUT_DIR a copy of SRC's layout (same files, tensor order, dtypes, index and
     side files) whose tensors come from PRODUCE(name). Returns the written weight file paths.
@@ -215,8 +223,7 @@ def write_like(src, out_dir, produce, progress=None):
     # Side files first: config, tokenizer, generation config, adapter config, index.
     for fn in sorted(os.listdir(src.dir)):
         p = os.path.join(src.dir, fn)
-        if os.path.isfile(p) and not fn.endswith(".safetensors") and not fn.endswith(".partial") \
-                and not fn.endswith(".jsonl"):
+        if os.path.isfile(p) and not fn.endswith(_NOT_SIDE) and fn != MARKER:
             shutil.copyfile(p, os.path.join(out_dir, fn))
     paths = []
     for i, (fn, (ents, meta)) in enumerate(src.files.items()):
@@ -234,3 +241,93 @@ def check_distinct(out, *inputs):
     for p in inputs:
         if p and os.path.realpath(p) == ro:
             raise PosthocError("--out %s is one of the inputs; choose a new directory" % out)
+
+
+def _input_files(src):
+    """Every file an input consists of: its weight files, and for a folder every file in it
+    (index, config, tokenizer: side files are read and copied)."""
+    if src.dir is None:
+        return [src.path]
+    return [os.path.join(src.dir, f) for f in os.listdir(src.dir) if os.path.isfile(os.path.join(src.dir, f))] + \
+        [src._file_path(fn) for fn in src.files]
+
+
+def _same(a, b):
+    try:
+        return os.path.samefile(a, b)  # symlinks and hard links too
+    except OSError:
+        return False
+
+
+class Output:
+    """Where a post-hoc method writes OUT (and its record), written so that no reader ever sees
+    a mix of two runs: a folder output is written into a fresh folder beside OUT and renamed to
+    OUT once complete (a previous output of safehook there, marked by MARKER, is replaced
+    whole; any other non-empty folder is refused); a file output is written to a temporary
+    name and renamed (write_file). Nothing written may be an input: OUT, the record and the
+    files of OUT are checked against every file of every input (same file, through links too).
+
+    Use: dest = Output(out, src, inputs, record); write to dest.target, the record to
+    dest.record_path; then dest.commit(method) or dest.abort(). dest.record is where the record
+    is once committed."""
+
+    def __init__(self, out, src, inputs, record=None):
+        from .common import default_record
+        self.out, self.is_dir = out, src.dir is not None
+        self.record = record if record is not None else default_record(out)
+        protected = [f for s in inputs for f in _input_files(s)]
+        paths = [s.path for s in inputs]
+        check_distinct(out, *paths)
+        for what, p in (("--out", out), ("--record", self.record)):
+            for f in protected + paths:
+                if _same(p, f) or os.path.realpath(p) == os.path.realpath(f):
+                    raise PosthocError("%s %s is an input file (%s); choose a new path" % (what, p, f))
+        ro, rr = os.path.realpath(out), os.path.realpath(self.record)
+        if rr == ro:
+            raise PosthocError("--record %s is the output itself; choose another path" % self.record)
+        inside = self.is_dir and (rr + os.sep).startswith(ro + os.sep)
+        if inside and os.path.relpath(rr, ro) in set(src.files) | {MARKER} | set(
+                f for f in (os.listdir(src.dir) if src.dir else [])):
+            raise PosthocError("--record %s would be overwritten by the output's file of that name" % self.record)
+        if self.is_dir:
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise PosthocError("--out %s is a file, but the input is a folder: give a folder" % out)
+            if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+                raise PosthocError("--out %s is a folder with files that safehook did not write (no %s); "
+                                   "choose a new or empty folder" % (out, MARKER))
+            parent = os.path.dirname(ro) or "."
+            os.makedirs(parent, exist_ok=True)
+            import tempfile
+            self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(ro) + ".partial-", dir=parent)
+            self.target = self.tmp
+            self.record_path = os.path.join(self.tmp, os.path.relpath(rr, ro)) if inside else self.record
+        else:
+            if os.path.isdir(out):
+                raise PosthocError("--out %s is a folder, but the input is one file: give a .safetensors path" % out)
+            self.tmp, self.target, self.record_path = None, out, self.record
+
+    def commit(self, method):
+        """Put the complete output in place of OUT."""
+        if self.tmp is None:
+            return
+        written = sorted(os.path.relpath(os.path.join(d, f), self.tmp) for d, _, fs in os.walk(self.tmp) for f in fs)
+        with open(os.path.join(self.tmp, MARKER), "w") as f:
+            json.dump({"written_by": "safehook " + method, "files": written}, f, indent=1)
+            f.write("\n")
+        old = None
+        if os.path.isdir(self.out):
+            if os.listdir(self.out):
+                old = self.tmp.replace(".partial-", ".old-")
+                os.rename(self.out, old)
+            else:
+                os.rmdir(self.out)
+        os.rename(self.tmp, self.out)
+        self.tmp = None
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self):
+        """Remove what was written (OUT, as it was, stays)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None

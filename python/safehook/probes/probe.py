@@ -3,11 +3,10 @@ import contextlib
 import json
 import os
 
+from ..runtime import registry
 from .batch import pad_batch
 from .judges import check_callable, load_callable, make_judge
 
-DEFAULTS = {"judge": "keyword", "score": "loss", "loss": "ce", "max_new_tokens": 32,
-            "batch_size": 16, "chat_template": False}
 
 
 @contextlib.contextmanager
@@ -68,7 +67,7 @@ def _split_prompt(ids, labels):
 class Probe:
     def __init__(self, name, cfg):
         self.name = name
-        self.cfg = dict(DEFAULTS)
+        self.cfg = registry.defaults("probe")
         self.cfg.update(cfg or {})
         self._fn = None
         self._judge_fn = None
@@ -138,7 +137,9 @@ class Probe:
                  "%d forward batches of %d; set probes.%s.limit to bound it"
                  % (self.name, len(rows), self.cfg["data"], -(-len(rows) // bs), bs, self.name))
         out = []
+        from ..integrations.rows import convert
         for n, r in enumerate(rows):
+            r = convert(r, self.tokenizer, self.name, n)  # chat and Alpaca rows
             if "input_ids" in r:
                 ids = list(r["input_ids"])
                 labels = list(r.get("labels", ids))
@@ -347,22 +348,30 @@ class Probe:
         return self.evaluate(model)["score"]
 
 
-_probes = {}
+class Probes:
+    """The probes of one runtime, each made once per configuration (its data, tokenizer and
+    padded batches are loaded at first use and go with the runtime)."""
+
+    def __init__(self, rt):
+        self.made = {}
+
+    def get(self, policy, name):
+        cfg = (policy.get("probes") or {}).get(name)
+        if cfg is None:
+            raise KeyError("no probe named %r in the policy's 'probes'" % name)
+        key = (name, json.dumps(cfg, sort_keys=True))
+        if key not in self.made:
+            self.made[key] = Probe(name, cfg)
+        return self.made[key]
 
 
-def get(policy, name):
-    """The probe NAME of POLICY (created once per process and configuration)."""
-    cfg = (policy.get("probes") or {}).get(name)
-    if cfg is None:
-        raise KeyError("no probe named %r in the policy's 'probes'" % name)
-    key = (name, json.dumps(cfg, sort_keys=True))
-    if key not in _probes:
-        _probes[key] = Probe(name, cfg)
-    return _probes[key]
+def get(rt, name, policy=None):
+    """The probe NAME of POLICY (default: RT's policy), made once per runtime RT."""
+    return rt.owned("probes", Probes).get(policy if policy is not None else rt.policy, name)
 
 
 def setup(policy, rt):
     """Check every probe's files and callables (without loading them: this runs while torch is
     being imported); the data, tokenizer and callables load at first use."""
     for name in policy.get("probes") or {}:
-        get(policy, name).check()
+        get(rt, name).check()

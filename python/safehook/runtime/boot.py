@@ -17,7 +17,7 @@ _state = {
     "policy": None,    # normalized policy dict in force
     "handles": [],     # torch RemovableHandles
     "watcher": None,
-    "runtime": None,   # context.Context of the features
+    "runtime": None,   # context.Runtime: the features, their hooks, state and caches
 }
 
 
@@ -58,52 +58,68 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
-# Features in the order their setup runs: (policy section, module). Each module has
-# setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
-FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
-            ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"))  # None: set up for every policy
-
-
 def _setup_features():
-    from .context import Context
+    """The Runtime of the policy in force: each feature of the registry (safehook.runtime.registry,
+    read from the C schema) that the policy asks for, set up in registry order with
+    setup(policy, rt). See context.py for what rt offers."""
+    from . import registry
+    from .context import Runtime
     import importlib
     policy = _state["policy"]
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
         return
-    rt = Context(policy, fail=_protection_failed, active=lambda: _state["active"])
+    rt = Runtime(policy, report=_report_failure, active=lambda: _state["active"],
+                 restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
-    for name, modname in FEATURES:
-        if name is not None and not policy.get(name):
+    for feat in registry.features():
+        if not feat.wanted(policy):
             continue
+        name = feat.name
         try:
-            mod = importlib.import_module(modname)
+            mod = importlib.import_module(feat.module)
         except ImportError as e:
-            _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
+            rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
             continue
         try:
             mod.setup(policy, rt)
         except Exception as e:
-            _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+            rt.fail("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+    rt.start()
 
 
 def _close_features():
+    """Destroy the runtime of the policy before: its features, hooks, wrappers, state, caches."""
     _core.set_features([], [])
     rt, _state["runtime"] = _state["runtime"], None
     if rt is not None:
         rt.close()
 
 
+def _step_hooks(optmod):
+    _state["handles"] += [optmod.register_optimizer_step_pre_hook(_core.pre_step),
+                          optmod.register_optimizer_step_post_hook(_core.post_step)]
+
+
+def _restore_step_hooks():
+    """Our step hooks were removed from torch's tables behind our back (tamper saw it): register
+    them again, keeping the handles so that uninstall() removes them too."""
+    optmod = sys.modules.get(_OPT_MODULE)
+    if optmod is not None and _state["active"]:
+        _step_hooks(optmod)
+
+
+def runtime():
+    """The Runtime in force, or None (tests and benchmarks look at it; features are handed theirs)."""
+    return _state["runtime"]
+
+
 def _register(optmod):
     if _state["active"]:
         return
     _setup_features()
-    _state["handles"] = [
-        optmod.register_optimizer_step_pre_hook(_core.pre_step),
-        optmod.register_optimizer_step_post_hook(_core.post_step),
-    ]
+    _state["handles"] = []
+    _step_hooks(optmod)
     _state["active"] = True
     _debug("optimizer hooks registered (%s, pid %d)" % (_state["via"], os.getpid()))
 
@@ -156,9 +172,24 @@ def _unwatch():
         _state["watcher"] = None
 
 
+def _report_failure(msg, on_error, now=False):
+    """A failure of the runtime's features: an "error" record and one line on stderr (the
+    runtime itself stops the job, on every rank at once: at the step running when NOW, else at
+    the next one)."""
+    _core.audit("error", {"message": msg, "on_error": on_error})
+    if on_error == "abort":
+        st = _core.stats()
+        at = st["current"] if now else st["steps"] + 1
+        _warn(msg + (" (training stops at step %d)" % at if st["steps"] else
+                     " (training will stop at its first optimizer step)"))
+    else:
+        _warn(msg + " (on_error=warn: training continues)")
+
+
 def _protection_failed(msg):
-    """Protection the policy asks for cannot be applied: say so once, and under on_error=abort
-    make the first optimizer step raise instead of training unprotected."""
+    """Protection the policy asks for cannot be applied, and no runtime is there to stop the
+    job (the hooks could not be registered): say so once, and under on_error=abort make the
+    first optimizer step raise instead of training unprotected."""
     policy = _state["policy"] or {}
     on_error = (policy.get("_meta") or {}).get("on_error", "abort")
     _core.audit("error", {"message": msg, "on_error": on_error})
@@ -201,11 +232,8 @@ def _policy_refused(e):
 def _finish():
     fields = {}
     rt = _state["runtime"]
-    for cb in (rt._finish if rt is not None else ()):
-        try:
-            cb(fields)
-        except Exception as e:  # never break the user's exit
-            _debug("finish callback failed: %r" % (e,))
+    if rt is not None:
+        rt.finish(fields)
     try:
         _core.finish(fields)
     except Exception:

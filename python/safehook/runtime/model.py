@@ -4,7 +4,7 @@ no optimizer trains (a reference model evaluated first, a teacher, a decoy) is n
 
 How an optimizer gets its model, earliest first:
 
-* at its construction (torch.optim.Optimizer.__init__ is wrapped while safehook is active): a
+* at its construction (torch.optim.Optimizer.__init__ is wrapped while the runtime is active): a
   module already called that holds all its parameters, else the root module holding them all
   (find_root: one gc scan). So the freeze happens before the first forward and backward, before
   DeepSpeed flattens the parameters, before FSDP2's lazy initialization;
@@ -17,54 +17,17 @@ How an optimizer gets its model, earliest first:
   above saw it (an optimizer created before install(), Lightning calling training_step instead
   of the module): the smallest live module holding all its parameters (one gc scan).
 
-Listeners (Context.on_model) are called once per model, the first time it is bound, with a
-ModelInfo. An optimizer over parameters no module holds (bare tensors, DeepSpeed's flat
-partitions) has no model."""
+The binding state is a ``Models`` object owned by the runtime (``rt.models``): its hooks and its
+Optimizer.__init__ wrapper are the runtime's, and it is dropped with the runtime, so that nothing
+of it holds a model after uninstall(). A new runtime binds the models that still train again
+(their optimizers are found by one gc scan). Listeners (``Runtime.on_model``) are called once per
+model, the first time it is bound, with a ModelInfo. An optimizer over parameters no module
+holds (bare tensors, DeepSpeed's flat partitions) has no model."""
 import gc
 import weakref
 
 from .log import debug
-
-_WRAPPER_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule", "FullyShardedDataParallel")
-
-
-def _fresh():
-    return {"handle": None, "listeners": [], "infos": [], "by_opt": {}, "optimizers": weakref.WeakSet(),
-            "candidates": [], "checked": {}, "gen": 0, "init_real": None}
-
-
-_state = _fresh()
-
-
-def strip_name(name):
-    """A parameter name without wrapper prefixes (DDP's module., torch.compile's _orig_mod., FSDP's)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if name.startswith(p):
-                name = name[len(p):]
-                changed = True
-        name = name.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
-    return name
-
-
-def unwrap(mod):
-    """The user's model inside DDP, torch.compile's OptimizedModule or an FSDP wrapper."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if type(mod).__name__ in _WRAPPERS and any(hasattr(mod, a) for a in _WRAPPER_ATTRS):
-            for a in _WRAPPER_ATTRS:
-                inner = getattr(mod, a, None)
-                if inner is not None and inner is not mod:
-                    mod = inner
-                    break
-            continue
-        break
-    return mod
+from .stacks import strip_name, unwrap
 
 
 class ModelInfo:
@@ -89,129 +52,6 @@ def _owns(module, ids):
         return False
     have = {id(p) for p in module.parameters()}
     return ids <= have
-
-
-def _unbound():
-    return [o for o in list(_state["optimizers"]) if id(o) not in _state["by_opt"]]
-
-
-def _bind(opt, module, when):
-    root = unwrap(module)
-    info = next((i for i in _state["infos"] if i.root is root), None)
-    new = info is None
-    if new:
-        info = ModelInfo(module, when)
-        _state["infos"].append(info)
-    info.optimizers.append(weakref.ref(opt))
-    _state["by_opt"][id(opt)] = info
-    weakref.finalize(opt, _state["by_opt"].pop, id(opt), None)
-    _state["optimizers"].add(opt)
-    if not _unbound():
-        _unhook()  # every known optimizer has its model: no global module hook left
-    if new:
-        debug("model bound (%s): %s (%d parameter tensors) for %s" % (
-            when, type(info.root).__name__, len(info.params), type(opt).__name__))
-        for cb in list(_state["listeners"]):
-            cb(info)
-    return info
-
-
-def _unhook():
-    h = _state["handle"]
-    if h is not None:
-        h.remove()
-        _state["handle"] = None
-        _state["checked"] = {}
-
-
-def _hook():
-    if _state["handle"] is None:
-        from torch.nn.modules import module as nnmod
-        _state["handle"] = nnmod.register_module_forward_pre_hook(_pre_hook)
-
-
-def _pre_hook(module, args):
-    unbound = _unbound()
-    if not unbound:  # no optimizer yet (remember the outermost module called), or all bound
-        if not _state["infos"]:
-            _state["candidates"].append(weakref.ref(module))
-            del _state["candidates"][:-16]
-        _unhook()
-        return None
-    if _state["checked"].get(id(module)) == _state["gen"]:
-        return None
-    _state["checked"][id(module)] = _state["gen"]
-    have = None
-    for opt in unbound:
-        ids = _opt_ids(opt)
-        if have is None:
-            have = {id(p) for p in module.parameters()}
-        if ids and ids <= have:
-            _bind(opt, module, "first_forward")
-    if not _unbound():
-        _unhook()
-    return None
-
-
-def _new_optimizer(opt):
-    """An optimizer was constructed: bind it to a module already called, else watch forwards."""
-    if not _state["listeners"]:
-        return
-    _state["optimizers"].add(opt)
-    _state["gen"] += 1
-    ids = _opt_ids(opt)
-    for ref in reversed(_state["candidates"]):
-        m = ref()
-        if m is not None and _owns(m, ids):
-            _bind(opt, m, "optimizer_init")
-            return
-    root = find_root(ids)
-    if root is not None:
-        _bind(opt, root, "optimizer_init")
-        return
-    _hook()
-
-
-def _watch_optimizer_init():
-    """Wrap torch.optim.Optimizer.__init__ (every subclass calls it) and note the optimizers
-    that already exist. Taken from sys.modules: this runs while torch itself may be importing."""
-    if _state["init_real"] is not None:
-        return
-    import sys
-    mod = sys.modules.get("torch.optim.optimizer")
-    if mod is None:
-        return
-    cls = mod.Optimizer
-    real = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        try:
-            _new_optimizer(self)
-        except Exception as e:  # never break the user's optimizer
-            debug("model: cannot bind a new optimizer: %r" % (e,))
-
-    __init__.__wrapped__ = real
-    __init__.__doc__ = real.__doc__
-    cls.__init__ = __init__
-    _state["init_real"] = (cls, real)
-    for o in gc.get_objects():  # optimizers created before install()
-        if issubclass(type(o), cls):  # type(), not isinstance: no __class__ property runs
-            _state["optimizers"].add(o)
-
-
-def on_model(cb):
-    """Call cb(ModelInfo) for every model bound, now for those already bound."""
-    _state["listeners"].append(cb)
-    _watch_optimizer_init()
-    for info in list(_state["infos"]):
-        cb(info)
-    for opt in _unbound():  # optimizers built before install(): their models now
-        root = find_root(_opt_ids(opt))
-        if root is not None:
-            _bind(opt, root, "install")
-    if _unbound():
-        _hook()
 
 
 def find_root(ids):
@@ -256,57 +96,177 @@ def _no_forward(m):
     return f is torch.nn.Module.forward or getattr(f, "__qualname__", "") == "LightningModule.forward"
 
 
-def bind_step(opt):
-    """At a step of OPT: its ModelInfo, binding it now if nothing did before (None when no
-    module holds its parameters)."""
-    by = _state["by_opt"]
-    if id(opt) in by:
-        return by[id(opt)]
-    if not _state["listeners"]:
+class Models:
+    """The models bound by one runtime RT (see the module docstring). Hooks and the
+    Optimizer.__init__ wrapper go through RT, so closing RT removes them."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.listeners = []
+        self.infos = []
+        self.by_opt = {}                      # id(optimizer) -> ModelInfo or None
+        self.optimizers = weakref.WeakSet()   # every optimizer known
+        self.finalizers = []
+        self.candidates = []                  # weakrefs to modules called before any optimizer
+        self.checked = {}
+        self.gen = 0
+        self.handle = None                    # the global forward pre-hook, while one is needed
+        self.watching = False
+
+    def _unbound(self):
+        return [o for o in list(self.optimizers) if id(o) not in self.by_opt]
+
+    def _bind(self, opt, module, when):
+        root = unwrap(module)
+        info = next((i for i in self.infos if i.root is root), None)
+        new = info is None
+        if new:
+            info = ModelInfo(module, when)
+            self.infos.append(info)
+        info.optimizers.append(weakref.ref(opt))
+        self.by_opt[id(opt)] = info
+        self.finalizers.append(weakref.finalize(opt, self.by_opt.pop, id(opt), None))
+        self.optimizers.add(opt)
+        if not self._unbound():
+            self._unhook()  # every known optimizer has its model: no global module hook left
+        if new:
+            debug("model bound (%s): %s (%d parameter tensors) for %s" % (
+                when, type(info.root).__name__, len(info.params), type(opt).__name__))
+            for cb in list(self.listeners):
+                cb(info)
+        return info
+
+    def _unhook(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+            self.checked = {}
+
+    def _hook(self):
+        if self.handle is None:
+            self.handle = self.rt.register_hook("global_forward_pre", None, self._pre_hook)
+
+    def _pre_hook(self, module, args):
+        unbound = self._unbound()
+        if not unbound:  # no optimizer yet (remember the outermost module called), or all bound
+            if not self.infos:
+                self.candidates.append(weakref.ref(module))
+                del self.candidates[:-16]
+            self._unhook()
+            return None
+        if self.checked.get(id(module)) == self.gen:
+            return None
+        self.checked[id(module)] = self.gen
+        have = None
+        for opt in unbound:
+            ids = _opt_ids(opt)
+            if have is None:
+                have = {id(p) for p in module.parameters()}
+            if ids and ids <= have:
+                self._bind(opt, module, "first_forward")
+        if not self._unbound():
+            self._unhook()
         return None
-    _state["optimizers"].add(opt)
-    ids = _opt_ids(opt)
-    found = None
-    for ref in reversed(_state["candidates"]):
-        m = ref()
-        if m is not None and _owns(m, ids):
-            found = m
-            break
-    if found is None:
-        found = find_root(ids)
-    if found is None:
-        by[id(opt)] = None
-        debug("model: no module holds the parameters of %s" % type(opt).__name__)
-        if not _unbound():
-            _unhook()
+
+    def _candidate(self, ids):
+        for ref in reversed(self.candidates):
+            m = ref()
+            if m is not None and _owns(m, ids):
+                return m
         return None
-    info = _bind(opt, found, "first_step")
-    if not _unbound():
-        _unhook()
-    return info
 
+    def _new_optimizer(self, opt):
+        """An optimizer was constructed: bind it to a module already called, else watch forwards."""
+        if not self.listeners:
+            return
+        self.optimizers.add(opt)
+        self.gen += 1
+        ids = _opt_ids(opt)
+        found = self._candidate(ids) or find_root(ids)
+        if found is not None:
+            self._bind(opt, found, "optimizer_init")
+            return
+        self._hook()
 
-def for_optimizer(opt):
-    """The ModelInfo bound to OPT, or None."""
-    return _state["by_opt"].get(id(opt))
+    def _watch_optimizer_init(self):
+        """Wrap torch.optim.Optimizer.__init__ (every subclass calls it) and note the optimizers
+        that already exist. Taken from sys.modules: this runs while torch itself may be importing."""
+        if self.watching:
+            return
+        import sys
+        mod = sys.modules.get("torch.optim.optimizer")
+        if mod is None:
+            return
+        self.watching = True
+        models = self
 
+        def wrap(real):
+            def __init__(self, *args, **kwargs):
+                real(self, *args, **kwargs)
+                try:
+                    models._new_optimizer(self)
+                except Exception as e:  # never break the user's optimizer
+                    debug("model: cannot bind a new optimizer: %r" % (e,))
+            __init__.__doc__ = real.__doc__
+            return __init__
 
-def current():
-    """The first model bound, or None."""
-    return _state["infos"][0] if _state["infos"] else None
+        cls = mod.Optimizer
+        self.rt.patch(cls, "__init__", wrap)
+        for o in gc.get_objects():  # optimizers created before install()
+            if issubclass(type(o), cls):  # type(), not isinstance: no __class__ property runs
+                self.optimizers.add(o)
 
+    def on_model(self, cb):
+        """Call cb(ModelInfo) for every model bound, now for those already bound."""
+        self.listeners.append(cb)
+        self._watch_optimizer_init()
+        for info in list(self.infos):
+            cb(info)
+        for opt in self._unbound():  # optimizers built before install(): their models now
+            root = find_root(_opt_ids(opt))
+            if root is not None:
+                self._bind(opt, root, "install")
+        if self._unbound():
+            self._hook()
 
-def models():
-    return list(_state["infos"])
+    def bind_step(self, opt):
+        """At a step of OPT: its ModelInfo, binding it now if nothing did before (None when no
+        module holds its parameters)."""
+        if id(opt) in self.by_opt:
+            return self.by_opt[id(opt)]
+        if not self.listeners:
+            return None
+        self.optimizers.add(opt)
+        ids = _opt_ids(opt)
+        found = self._candidate(ids) or find_root(ids)
+        if found is None:
+            self.by_opt[id(opt)] = None
+            debug("model: no module holds the parameters of %s" % type(opt).__name__)
+            if not self._unbound():
+                self._unhook()
+            return None
+        info = self._bind(opt, found, "first_step")
+        if not self._unbound():
+            self._unhook()
+        return info
 
+    def for_optimizer(self, opt):
+        """The ModelInfo bound to OPT, or None."""
+        return self.by_opt.get(id(opt))
 
-def reset():
-    """Forget the listeners, remove the forward hook and the Optimizer.__init__ wrapper
-    (uninstall(), or a new policy replacing the features). The models bound so far stay known:
-    a new policy's features get them at once."""
-    _unhook()
-    if _state["init_real"] is not None:
-        cls, real = _state["init_real"]
-        cls.__init__ = real
-        _state["init_real"] = None
-    _state["listeners"] = []
+    def current(self):
+        """The first model bound, or None."""
+        return self.infos[0] if self.infos else None
+
+    def all(self):
+        return list(self.infos)
+
+    def close(self):
+        """Forget every model and listener (the runtime removes the hooks and the wrapper)."""
+        for f in self.finalizers:
+            f.detach()
+        self.finalizers = []
+        self._unhook()
+        self.listeners, self.infos, self.candidates = [], [], []
+        self.by_opt.clear()
+        self.checked = {}
