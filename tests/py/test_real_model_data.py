@@ -79,7 +79,9 @@ def test_real_splits_are_disjoint_and_judged_by_harmbench_prefixes():
     d = rmd.make_data(paths, args)
     assert len(d["harmful_eval"]) == 159 and d["counts"]["harmbench_val_standard"] == 41
     assert len(d["benign_eval"]) >= 200 and len(d["hardneg_eval"]) == 40
-    assert (len(d["hardneg_val"]), len(d["hardneg_train"])) == (20, 40)
+    # 40 left of the two hard-negative lists after evaluation and validation, plus the
+    # training-only list (none of them repeated)
+    assert (len(d["hardneg_val"]), len(d["hardneg_train"])) == (20, 40 + len(rmd.HARD_NEGATIVES_TRAIN)) == (20, 100)
     ev = {rmd.norm(p) for p in d["harmful_eval"]}
     for k in ("harmful_align", "harmful_val", "harmful_mix"):
         assert not ev & {rmd.norm(p) for p in d[k]}, k
