@@ -438,6 +438,9 @@ def build_parser():
     s.add_argument("--align-answer-tokens", type=int, default=48, help="tokens of the base model's own answers")
     s.add_argument("--align-eval-every", type=int, default=40)
     s.add_argument("--align-stop-when-met", action="store_true", help="stop at the first checkpoint that meets every target")
+    s.add_argument("--align-refusals", choices=("all", "prefixed"), default="all",
+                   help="refusals taught: all three, or the two HarmBench's prefix judge recognizes")
+    s.add_argument("--align-init", help="a second stage: start from this earlier adapter folder (with its manifest)")
     s.add_argument("--attempts-log", default=ra.ATTEMPTS)
     s = sub.choices["run"]
     s.add_argument("--quick", action="store_true", help="the smoke run: %s" % QUICK)

@@ -149,6 +149,8 @@ def align(args, base_dir, data, provenance, data_args, log):
     Returns the manifest."""
     import torch
     t_start, c_start = time.time(), time.process_time()
+    code = {f: sha256(os.path.join(HERE, f)) for f in
+            ("real_model_align.py", "real_model_data.py", "real_model_gen.py", "real_model_train.py")}
     model, tok = load(base_dir, args.device)
     base_sha = sha256(os.path.join(base_dir, "model.safetensors"))[:12]
     ans_path = lambda what: os.path.join(os.path.dirname(base_dir), "base-answers-%s-%s-%s.json" % (
@@ -162,16 +164,37 @@ def align(args, base_dir, data, provenance, data_args, log):
     hnp = [p for p in data["hardneg_train"]]
     hn = own_pairs(tok, hnp, base_answers(model, tok, hnp, args.align_answer_tokens, ans_path("hardneg_train"), log),
                    args.align_answer_tokens)
-    harm = [(p, gen.REFUSALS[i % len(gen.REFUSALS)], True) for i, p in enumerate(data["harmful_align"])]
+    # the refusals taught: all of gen.REFUSALS, or ('prefixed') only those HarmBench's prefix judge
+    # recognizes as refusals (it has no "I can't help"; the keyword judge knows all three)
+    refusals = [t for t in gen.REFUSALS if args.align_refusals == "all" or not gen.jailbroken_prefix(t)]
+    harm = [(p, refusals[i % len(refusals)], True) for i, p in enumerate(data["harmful_align"])]
     benign = sg + hn * args.align_hardneg_repeat
     model = lora_model(model, args.align_rank, args.align_alpha)
+    init = None
+    if getattr(args, "align_init", None):
+        # a second stage: start from an earlier attempt's adapter (checked against its manifest)
+        # with a fresh optimizer and its own batch order
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        im = check_asset(args.align_init)
+        sd = load_file(os.path.join(args.align_init, "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(model, sd)
+        if res.unexpected_keys or len(sd) != sum(1 for n, _ in model.named_parameters() if "lora_" in n):
+            raise RuntimeError("%s does not fit the adapter (%d tensors, unexpected %s)" % (
+                args.align_init, len(sd), res.unexpected_keys[:3]))
+        init = {"dir": args.align_init, "asset_sha256": im["asset_sha256"], "command": im["command"],
+                "recipe": im["recipe"], "selected_step": im["validation"]["selected_step"],
+                "figures": im["validation"]["figures"], "init": im.get("init")}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
-    plan = batches(harm, benign, args.align_steps, args.align_batch, args.align_harm_share, args.seed)
+    plan_seed = args.seed + (1000 if init else 0)
+    plan = batches(harm, benign, args.align_steps, args.align_batch, args.align_harm_share, plan_seed)
     recipe = {k: getattr(args, k) for k in ("align_rank", "align_alpha", "align_lr", "align_steps", "align_batch",
                                             "align_harm_share", "align_benign", "align_hardneg_repeat",
-                                            "align_max_len", "align_eval_every", "align_answer_tokens", "seed")}
-    recipe.update(refusal_rows=len(harm), sharegpt_rows=len(sg), hardneg_rows=len(hn))
+                                            "align_max_len", "align_eval_every", "align_answer_tokens", "align_refusals", "seed")}
+    recipe.update(refusal_rows=len(harm), refusal_texts=refusals, sharegpt_rows=len(sg), hardneg_rows=len(hn), plan_seed=plan_seed,
+                  init=init and {"dir": init["dir"], "sha256": init["asset_sha256"]["adapter_model.safetensors"],
+                                 "selected_step": init["selected_step"]})
     log("align: %s" % json.dumps(recipe))
     attempt_id = "%s-%d" % (time.strftime("%Y%m%d-%H%M%S"), os.getpid())
     _record(args.attempts_log, {"attempt": attempt_id, "event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -202,6 +225,11 @@ def align(args, base_dir, data, provenance, data_args, log):
             if not best.get("met") and (meets(r) or "score" not in best or score(r) < best["score"]):
                 best.update(score=score(r), step=s + 1, met=meets(r), figures=row,
                             state={k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+                # the best checkpoint so far is written at once (an attempt stopped early keeps it),
+                # its manifest marked partial until the attempt ends
+                write_asset(model, args, recipe, best, history, code, base_dir, provenance, data_args,
+                            {"wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - c_start, 1)},
+                            partial=True, init=init)
             if best.get("met") and args.align_stop_when_met:
                 break
             model.train()
@@ -214,6 +242,17 @@ def align(args, base_dir, data, provenance, data_args, log):
                "step_s_mean": round(sum(times) / len(times), 3), "wall_s": round(time.time() - t_start, 1),
                "cpu_s": round(time.process_time() - c_start, 1), "loadavg": _load()}
     _record(args.attempts_log, attempt)
+    man = write_asset(model, args, recipe, best, history, code, base_dir, provenance, data_args,
+                      {"wall": attempt["wall_s"], "cpu": attempt["cpu_s"]}, partial=False, init=init)
+    log("align: wrote %s (step %d, %s, met %s, %.0fs)" % (args.asset_dir, best["step"], best["figures"], best["met"],
+                                                        attempt["wall_s"]))
+    return man
+
+
+def write_asset(model, args, recipe, best, history, code, base_dir, provenance, data_args, seconds, partial,
+                init=None):
+    """Save MODEL's adapter (its parameters are the selected checkpoint's) and its manifest to
+    args.asset_dir; PARTIAL: the attempt has not ended (the manifest says so)."""
     out = args.asset_dir
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
@@ -225,17 +264,16 @@ def align(args, base_dir, data, provenance, data_args, log):
            "command": " ".join(["python", "bench/real_model.py"] + sys.argv[1:]),
            "packages": versions(), "inputs": provenance, "data_args": data_args,
            "base_model_sha256": sha256(os.path.join(base_dir, "model.safetensors")),
-           "code_sha256": {f: sha256(os.path.join(HERE, f)) for f in
-                           ("real_model_align.py", "real_model_data.py", "real_model_gen.py", "real_model_train.py")},
-           "recipe": recipe, "targets": TARGETS, "validation": {"selected_step": best["step"], "figures": best["figures"],
-                                                               "met": best["met"], "history": history},
-           "seconds": {"wall": attempt["wall_s"], "cpu": attempt["cpu_s"]},
+           "code_sha256": code, "recipe": recipe, "targets": TARGETS,
+           "validation": {"selected_step": best["step"], "figures": best["figures"], "met": best["met"],
+                          "history": list(history)},
+           "init": init, "partial": partial, "seconds": seconds,
            "asset_sha256": {n: sha256(os.path.join(out, n)) for n in ASSET_FILES},
            "bytes": {n: os.path.getsize(os.path.join(out, n)) for n in ASSET_FILES}}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
+    tmp = os.path.join(out, "manifest.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(man, f, indent=1)
-    log("align: wrote %s (step %d, %s, met %s, %.0fs)" % (out, best["step"], best["figures"], best["met"],
-                                                        attempt["wall_s"]))
+    os.replace(tmp, os.path.join(out, "manifest.json"))
     return man
 
 

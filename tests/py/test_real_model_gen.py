@@ -79,6 +79,7 @@ def test_shipped_asset_matches_its_manifest():
     man = ra.check_asset()
     assert os.path.getsize(os.path.join(ra.ASSET_DIR, "adapter_model.safetensors")) <= 20 * 10 ** 6
     assert man["validation"]["figures"]["step"] == man["validation"]["selected_step"]
+    assert man.get("partial") is not True  # written at the end of its attempt, not mid-way
     for k in ("command", "packages", "inputs", "data_args", "recipe", "base_model_sha256"):
         assert man[k], k
     assert all(len(v["sha256"]) == 64 for v in man["inputs"].values())
