@@ -124,6 +124,8 @@ def _sgd_update(p, g, group, state):
 
 
 def _adam_update(p, g, group, state, decoupled):
+    # torch's own sequence (lerp, mul + addcmul, sqrt / sqrt(bc2) + eps), on fresh temporaries
+    # changed in place: a third of the memory passes of the textbook expression
     b1, b2 = group["betas"]
     b1, b2 = float(b1), float(b2)
     eps, wd, lr = group["eps"], group.get("weight_decay", 0), _lr(group)
@@ -134,15 +136,17 @@ def _adam_update(p, g, group, state, decoupled):
     t = float(state["step"]) + 1 if "step" in state else 1.0
     m = state.get("exp_avg")
     v = state.get("exp_avg_sq")
-    m = (1 - b1) * g if m is None else m * b1 + (1 - b1) * g
-    v = (1 - b2) * g * g if v is None else v * b2 + (1 - b2) * g * g
+    m = g.mul(1 - b1) if m is None else torch.lerp(m, g, 1 - b1)
+    v = g.mul(g).mul_(1 - b2) if v is None else v.mul(b2).addcmul_(g, g, value=1 - b2)
     if group.get("amsgrad", False):
         vm = state.get("max_exp_avg_sq")
-        v = v if vm is None else torch.maximum(vm, v)
+        if vm is not None:
+            torch.maximum(vm, v, out=v)
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-    upd = -(lr / bc1) * m / (v.sqrt() / (bc2 ** 0.5) + eps)
+    den = v.sqrt_().div_(bc2 ** 0.5).add_(eps)
+    upd = m.div_(den).mul_(-(lr / bc1))
     if wd and decoupled:
-        upd = upd - lr * wd * p
+        upd.add_(p, alpha=-lr * wd)
     return upd
 
 
