@@ -30,14 +30,21 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
     ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || need+=(libclang-rt-14-dev)
 fi
 if [ ${#need[@]} -gt 0 ]; then
+    echo "apt-get install ${need[*]}"
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-step "python packages"
-"$PYTHON" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
-"$PYTHON" -m pip install -q --disable-pip-version-check --no-build-isolation .
+# The test stack, pinned (torch==2.13.0 is the CPU build on this project's machines; a CUDA build
+# here would be several GB and is refused below), then safehook itself.
+step "python packages: the test stack of tests/requirements.txt (torch, transformers, peft, accelerate, lightning, trl, deepspeed, ...)"
+"$PYTHON" -m pip install --disable-pip-version-check --progress-bar on -r tests/requirements.txt
+"$PYTHON" -c 'import sys, torch; cuda = torch.version.cuda
+print("torch %s (%s)" % (torch.__version__, "CUDA %s build: expected the CPU build" % cuda if cuda else "CPU build"))
+sys.exit(1 if cuda else 0)'
+step "safehook: build and install (pip install --no-build-isolation .)"
+"$PYTHON" -m pip install --disable-pip-version-check --progress-bar on --no-build-isolation .
 
 step "C unit tests (warnings are errors)"
 rm -rf build-test build-asan

@@ -138,7 +138,9 @@ class Probe:
                  "%d forward batches of %d; set probes.%s.limit to bound it"
                  % (self.name, len(rows), self.cfg["data"], -(-len(rows) // bs), bs, self.name))
         out = []
+        from ..integrations.rows import convert
         for n, r in enumerate(rows):
+            r = convert(r, self.tokenizer, self.name, n)  # chat and Alpaca rows
             if "input_ids" in r:
                 ids = list(r["input_ids"])
                 labels = list(r.get("labels", ids))

@@ -63,7 +63,8 @@ def _configure(policy):
 FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
             ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
             ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"))  # None: set up for every policy
+            (None, "safehook.features.tamper"),  # None: set up for every policy
+            (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
 
 
 def _setup_features():

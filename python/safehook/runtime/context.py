@@ -103,6 +103,7 @@ class Runtime:
         self._published = False
         self._closed = False
         self.models = None       # model.Models, made by the first on_model
+        self._records = []       # observers of audit(): on_record
 
     @property
     def on_error(self):
@@ -270,7 +271,19 @@ class Runtime:
 
     # -- records --
     def audit(self, event, fields=None, step=None):
-        return _core.audit(event, fields, step)
+        ok = _core.audit(event, fields, step)
+        for cb in self._records:
+            try:
+                cb(event, fields, step)
+            except Exception as e:  # an observer never breaks the step that recorded
+                debug("record observer failed: %r" % (e,))
+        return ok
+
+    def on_record(self, cb):
+        """Call cb(event, fields, step) after each record written through audit() (e.g.
+        safehook.integrations, which passes the records on to the Trainer's, Accelerate's and
+        Python's logs). cb must not change FIELDS; its errors are logged, never raised."""
+        self._records.append(cb)
 
     def violation(self, what, fields=None, skip=1):
         """A 'violation' record with the Python stack and the native (libunwind) stack of the
