@@ -76,6 +76,8 @@ static const sh_field SAFEGRAD[] = {
     {"refresh_drift", SH_K_NUM, 0, 0, INF, NULL, NULL, SH_T_LE, NULL},
     {"drift_rows", SH_K_INT, 0, 1, 4096, NULL, "8", SH_T_GE, NULL},
     {"directions", SH_K_INT, 0, 1, 16, NULL, "1", SH_T_GE, NULL},
+    /* rows of the probe per refresh, in rotation (default: all of them at every refresh) */
+    {"rows", COUNT(1), NULL, SH_T_GE, NULL},
     {"granularity", SH_K_ENUM, 0, 0, 0, GRANULARITY, "\"global\"", SH_T_ORDER, GRANULARITY},
     /* the projection moves the cosine up to the threshold: a higher one always leaves at least
      * as much of the safety direction (monotone), so raising it tightens; 1 cannot be reached */

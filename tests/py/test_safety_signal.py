@@ -102,6 +102,65 @@ def test_one_direction_is_safegrads_projection():
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def _slice_ce(model, rows):
+    """The token-mean cross-entropy of ROWS (pre-tokenized dicts), one graph."""
+    from tinylm import rows_batch
+    ids, mask, labels = rows_batch(rows)
+    out = model(input_ids=ids, attention_mask=mask)
+    lg = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(lg, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def test_rotating_rows_ring_equals_the_slices_gradients(tmp_path):
+    """rows R: the first refresh fills the ring with `directions` slices of R rows; each later
+    refresh computes the next R rows (wrapping) and replaces the oldest; the signal is the mean
+    of the held slices' gradients and the directions its parts."""
+    sys.path.insert(0, SCRIPTS)
+    from tinylm import TinyLM
+    from safehook.probes import Probe
+    from safehook.probes import gradient
+    gen = torch.Generator().manual_seed(4)
+    rows = []
+    for _ in range(8):
+        prompt = torch.randint(4, 40, (6,), generator=gen).tolist()
+        tail = torch.randint(50, 60, (int(torch.randint(2, 5, (1,), generator=gen)),), generator=gen).tolist()
+        rows.append({"input_ids": prompt + tail, "labels": [-100] * 6 + tail})
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"data": str(path), "batch_size": 2, "judge": "keyword", "score": "loss", "loss": "ce",
+           "max_new_tokens": 8, "chat_template": False}
+    torch.manual_seed(0)
+    model = TinyLM()
+    params = list(model.parameters())
+    sg = gradient.SafetyGradients()
+    sig = sg.signal(Probe("p", cfg), model, every=1, directions=2, rows=3)
+
+    def ref(idx):
+        return torch.autograd.grad(_slice_ce(model, [rows[i] for i in idx]), params)
+
+    u1 = sig.at(params, 1)
+    assert u1.fresh and u1.reason == "first" and len(u1.directions) == 2
+    want = [ref([0, 1, 2]), ref([3, 4, 5])]
+    for n in range(len(params)):
+        torch.testing.assert_close(u1.grads[n], (want[0][n] + want[1][n]) / 2, rtol=1e-5, atol=1e-7)
+        for j in range(2):
+            torch.testing.assert_close(u1.directions[j][n], want[j][n] / 2, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # the model moves; the next slice is computed at the new weights
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    u2 = sig.at(params, 2)
+    assert u2.fresh and u2.reason == "every" and u2.age == 0 and u2.oldest == 1
+    new = ref([6, 7, 0])  # wraps around the probe
+    for n in range(len(params)):
+        torch.testing.assert_close(u2.directions[0][n], want[1][n] / 2, rtol=1e-5, atol=1e-7)  # kept, older
+        torch.testing.assert_close(u2.directions[1][n], new[n] / 2, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(u2.grads[n], (want[1][n] + new[n]) / 2, rtol=1e-5, atol=1e-7)
+    assert sig.counts["rows"] == 9
+    sg.invalidate("rollback")  # fills the ring again
+    u3 = sig.at(params, 3)
+    assert u3.fresh and u3.reason == "rollback" and sig.counts["rows"] == 15 and u3.oldest == 0
+
+
 # -- real training runs (tests/py/monitor_scripts/train.py) --
 
 def _run(tmp_path, sections, cfg):

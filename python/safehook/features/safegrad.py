@@ -69,6 +69,7 @@ class SafeGrad:
         self.drift = cfg.get("refresh_drift")
         self.drift_rows = int(cfg.get("drift_rows", 8))
         self.directions = int(cfg.get("directions", 1))
+        self.rows = cfg.get("rows")
         self.loss_kind = cfg.get("loss", "ce")
         self.on_error = rt.on_error
         self.info = None      # the first model bound
@@ -104,8 +105,8 @@ class SafeGrad:
                                      % (path, n, bad, d.numel()))
         elif self.source != "anchor":
             raise ValueError("safegrad.source must be probe, direction or anchor, got %r" % self.source)
-        if self.source != "probe" and (self.drift is not None or self.directions != 1):
-            raise ValueError("safegrad.refresh_drift and safegrad.directions need source 'probe'")
+        if self.source != "probe" and (self.drift is not None or self.directions != 1 or self.rows is not None):
+            raise ValueError("safegrad.refresh_drift, safegrad.rows and safegrad.directions need source 'probe'")
         if self.directions > 1 and self.threshold != 0.0:
             raise ValueError("safegrad.directions > 1 projects onto the cone of the directions, at threshold 0 only "
                              "(got threshold %g)" % self.threshold)
@@ -271,7 +272,7 @@ class SafeGrad:
             return None
         cache = gradient.of(self.rt)
         sig = cache.signal(self.probe, info.root, self.loss_kind, every=self.refresh_every, drift=self.drift,
-                           drift_rows=self.drift_rows, directions=self.directions)
+                           drift_rows=self.drift_rows, directions=self.directions, rows=self.rows)
         before = cache.stats()
         use = self.use = sig.at(params, step, agree=self.rt.agree,
                                 broadcast=_broadcast if getattr(self, "_replicated", False) else None)

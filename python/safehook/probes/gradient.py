@@ -112,7 +112,7 @@ class SafetyGradients:
         for sig in self.signals.values():
             sig.invalidate(reason)
 
-    def signal(self, probe, model, loss="ce", every=1, drift=None, drift_rows=8, directions=1):
+    def signal(self, probe, model, loss="ce", every=1, drift=None, drift_rows=8, directions=1, rows=None):
         """The cached safety signal of (PROBE, LOSS, MODEL) across steps (see Signal), made at
         the first call; later calls return the same one with the settings given."""
         if loss not in LOSSES:
@@ -121,7 +121,7 @@ class SafetyGradients:
         sig = self.signals.get(key)
         if sig is None or sig.probe is not probe or sig.model is not model:
             sig = self.signals[key] = Signal(self, probe, model, loss)
-        sig.configure(every, drift, drift_rows, directions)
+        sig.configure(every, drift, drift_rows, directions, rows)
         return sig
 
     def current(self, probe, model, step, loss="ce"):
@@ -162,7 +162,7 @@ class SafetyGradients:
             ref = refs[i]
             yield (ref.exp() * (ref - logp)).sum() / max(ntok, 1)
 
-    def _compute(self, probe, model, params, loss, slices=1):
+    def _compute(self, probe, model, params, loss, slices=1, terms=None):
         """(loss, [grad or None per param]); with SLICES > 1, (loss, total, [slice gradients]):
         the probe's batch terms dealt round-robin into SLICES parts, each part's gradient
         (a tensor of zeros where a part does not reach a tensor that another does), and their
@@ -187,7 +187,7 @@ class SafetyGradients:
         used = 0
         try:
             with eval_mode(model), torch.enable_grad():
-                for i, term in enumerate(self.loss_terms(probe, model, loss)):
+                for i, term in enumerate(terms() if terms is not None else self.loss_terms(probe, model, loss)):
                     term.backward()
                     total += float(term.detach())
                     if slices > 1:
@@ -237,6 +237,23 @@ class SafetyGradients:
             return total, out
         return total, out, parts
 
+    def slice_terms(self, probe, model, lo, n):
+        """Yield differentiable terms whose sum is the probe's token-mean cross-entropy on N of its
+        rows from row LO on (wrapping around; for a contrastive probe, safe minus harmful on
+        those rows), one batch of ``batch_size`` rows each."""
+        from .batch import pad_batch
+        dev = next(model.parameters()).device
+        sets = probe._sets()
+        total = len(sets[0][1])
+        idx = [(lo + i) % total for i in range(min(n, total))]
+        bs = probe.cfg["batch_size"]
+        for sign, seqs in sets:
+            sub = [seqs[i] for i in idx]
+            ntok = sum(len([l for l in q[1][1:] if l != -100]) for q in sub)
+            for i in range(0, len(sub), bs):
+                ids, mask, labels = pad_batch(sub[i:i + bs], 0, dev)
+                yield probe._summed_ce(model, (ids, labels, mask)) * (sign / max(ntok, 1))
+
     def drift_loss(self, probe, model, rows, loss="ce"):
         """The probe's token-mean cross-entropy on its first ROWS rows (a callable probe: its
         loss), no gradients, eval mode: the signal's drift check."""
@@ -269,12 +286,14 @@ class Use:
     "invalidated", "agreed": another rank's reason), ``loss`` (the probe loss where it was
     computed), ``drift`` (the drift check's rise, when it ran), and ``gram`` (a dict the
     projection keeps its Gram matrices in, one per set of directions)."""
-    __slots__ = ("step", "done", "grads", "directions", "fresh", "age", "reason", "loss", "drift", "gram",
+    __slots__ = ("step", "done", "grads", "directions", "fresh", "age", "oldest", "reason", "loss", "drift", "gram",
                  "params")
 
     def record(self):
         """The step record's ``safety`` field: which gradient the projection and the gate used."""
         r = {"fresh": self.fresh, "age": self.age, "directions": 1 if self.directions is None else len(self.directions)}
+        if self.oldest != self.age:
+            r["oldest"] = self.oldest
         if self.reason:
             r["reason"] = self.reason
         if self.drift is not None:
@@ -282,10 +301,13 @@ class Use:
         return r
 
 
+FULL = ("first", "params", "rollback", "invalidated", "moved_without_step", "drift")
+
+
 class Signal:
     """The safety signal of one (probe, loss, model) across steps: the probe loss's gradient
-    (optionally as K slice gradients: the cached safety subspace) computed at one step and used
-    by SafeGrad's projection and the gate until a refresh is due:
+    (optionally as K directions: the cached safety subspace) computed at one step and used by
+    SafeGrad's projection and the gate until a refresh is due:
 
     * ``every`` K steps after the last computation (K = 1: every step, as before);
     * earlier when ``drift`` is set and the drift check fires: the probe's cross-entropy on its
@@ -294,34 +316,50 @@ class Signal:
     * at once after ``invalidate()`` (a rollback), when the parameters asked for are not those
       it holds, or at the first step.
 
-    One decision for all ranks: the refresh is agreed ("any") before anything is computed, and
-    DDP replicas take rank 0's directions (one broadcast per refresh), so that every rank holds
-    the same cached directions and projects with the same numbers. FSDP2 shards hold their own
-    shard of each direction (DTensor), computed together."""
+    What a refresh computes. ``rows`` None (all the probe): the whole probe, dealt round-robin
+    into ``directions`` slices by batch (the directions: their gradients; their sum: the
+    probe loss's gradient). ``rows`` R: the probe is read R rows at a time, in rotation: a
+    refresh computes the gradient of the next R rows (their token-mean loss) and it replaces
+    the oldest of the ``directions`` held (a ring); the signal's gradient is the mean of those
+    held. The first refresh, and one after a drift, a rollback or a change of parameters, fills
+    the whole ring (``directions`` x R rows).
+
+    One decision for all ranks: the refresh (and whether it fills the ring) is agreed before
+    anything is computed, and DDP replicas take rank 0's directions (one broadcast per
+    refresh), so that every rank holds the same cached directions and projects with the same
+    numbers. FSDP2 shards hold their own shard of each direction (DTensor), computed together."""
 
     def __init__(self, owner, probe, model, loss):
         self.owner, self.probe, self.model, self.loss_kind = owner, probe, model, loss
-        self.every, self.drift, self.drift_rows, self.k = 1, None, 8, 1
-        self.step = None      # the step the held gradient was computed at
+        self.every, self.drift, self.drift_rows, self.k, self.rows = 1, None, 8, 1, None
+        self.step = None      # the step the newest direction was computed at
         self.grads = {}       # id(p) -> (p, gradient)
         self.held = {}        # id(p) -> p: the parameters it was computed for
-        self.dirs = None      # K dicts id(p) -> (p, slice gradient), or None
+        self.dirs = None      # K dicts id(p) -> (p, direction), or None
+        self.ring = []        # rows mode: [(step, first row, {id(p): (p, gradient of those rows)})], oldest first
+        self.next_row = 0
         self.loss = None
         self.ref = None       # the drift rows' loss where it was computed
         self.invalid = "first"
         self.last = None      # the Use of the last step decided
         self.gram = {}
-        self.counts = {"fresh": 0, "cached": 0, "drift_checks": 0}
+        self.counts = {"fresh": 0, "cached": 0, "drift_checks": 0, "rows": 0}
 
-    def configure(self, every, drift, drift_rows, directions):
+    def configure(self, every, drift, drift_rows, directions, rows=None):
         every, directions = int(every), int(directions)
-        if every < 1 or directions < 1 or int(drift_rows) < 1:
-            raise ValueError("refresh every, drift rows and directions must be >= 1")
+        if every < 1 or directions < 1 or int(drift_rows) < 1 or (rows is not None and int(rows) < 1):
+            raise ValueError("refresh every, drift rows, rows and directions must be >= 1")
         if drift is not None and not float(drift) >= 0:
             raise ValueError("the drift bound must be >= 0")
-        if directions != self.k:
+        if rows is not None and (self.loss_kind != "ce" or self.probe.cfg.get("callable")):
+            raise ValueError("rows (a rotating slice of the probe) needs loss 'ce' and a probe with data")
+        if rows is not None:
+            rows = int(rows)
+            if rows >= len(self.probe.examples()):
+                rows = None  # the whole probe at every refresh
+        if directions != self.k or rows != self.rows:
             self.invalid = self.invalid or "params"
-        self.every, self.drift, self.drift_rows, self.k = every, drift, int(drift_rows), directions
+        self.every, self.drift, self.drift_rows, self.k, self.rows = every, drift, int(drift_rows), directions, rows
 
     def invalidate(self, reason="invalidated"):
         self.invalid = reason
@@ -348,28 +386,31 @@ class Signal:
             reason = "params"
         if reason is None and step - self.step >= self.every:
             reason = "every"
-        # the same collectives on every rank, in the same order: the refresh first, then (when
-        # none is due anywhere) the drift check
-        fresh = reason is not None
+        # the same collectives on every rank, in the same order: the refresh first (2: fill
+        # everything, 1: the next slice), then, when none is due anywhere, the drift check
+        need = 0 if reason is None else (2 if reason in FULL else 1)
         if agree is not None:
-            fresh = agree(fresh, "any")
-            if fresh and reason is None:
-                reason = "agreed"
-        if not fresh and self.drift is not None and self.ref is not None:
+            got = int(agree(need, "max"))
+            if got != need:
+                reason = reason or "agreed"  # another rank's reason (or a fuller refresh than ours)
+            need = got
+        if need == 0 and self.drift is not None and self.ref is not None:
             rise = self.owner.drift_loss(self.probe, self.model, self.drift_rows, self.loss_kind) - self.ref
             self.counts["drift_checks"] += 1
             if agree is not None:
                 rise = agree(rise, "max")
             if rise > float(self.drift):
-                fresh, reason = True, "drift"
+                need, reason = 2, "drift"
+        fresh = need > 0
         if fresh:
-            self._refresh(params, step, broadcast)
+            self._refresh(params, step, broadcast, full=need == 2)
             self.counts["fresh"] += 1
         else:
             self.counts["cached"] += 1
         u = Use()
         u.step, u.done, u.fresh, u.reason, u.loss, u.drift = step, done, fresh, reason, self.loss, rise
         u.age = step - self.step
+        u.oldest = step - self.ring[0][0] if self.ring else u.age
         u.params = [id(p) for p in params]
         u.grads = [self.grads[id(p)][1] if id(p) in self.grads else None for p in params]
         u.directions = None if self.dirs is None else \
@@ -378,7 +419,9 @@ class Signal:
         self.last = u
         return u
 
-    def _refresh(self, params, step, broadcast):
+    def _refresh(self, params, step, broadcast, full):
+        if self.rows is not None:
+            return self._refresh_rows(params, step, broadcast, full)
         self.grads, self.dirs, self.gram, self.held = {}, None, {}, {}  # the old tensors go first
         if self.k > 1:
             loss, total, parts = self.owner._compute(self.probe, self.model, params, self.loss_kind, self.k)
@@ -394,9 +437,64 @@ class Signal:
             loss = agree_loss(loss, broadcast)
         self.grads = {id(p): (p, g) for p, g in zip(params, total) if g is not None}
         self.held = {id(p): p for p in params}
+        self.counts["rows"] += len(self.probe.examples())
         if parts is not None and len(parts) > 1:
             self.dirs = [{id(p): (p, g) for p, g in zip(params, q) if g is not None} for q in parts]
         self.loss, self.step, self.invalid = loss, step, None
+        self._set_ref(broadcast)
+
+    def _refresh_rows(self, params, step, broadcast, full):
+        import torch
+        n = len(self.probe.examples())
+        if full or len(self.ring) != self.k:
+            self.ring = []
+        self.grads, self.dirs, self.gram, self.held = {}, None, {}, {}
+        todo = self.k if not self.ring else 1
+        losses = []
+        for _ in range(todo):
+            lo = self.next_row
+            self.next_row = (lo + self.rows) % n
+            loss, g = self.owner._compute(self.probe, self.model, params, "ce",
+                                          terms=lambda lo=lo: self.owner.slice_terms(self.probe, self.model, lo,
+                                                                                      self.rows))
+            self.owner.counts["computed"] += 1
+            self.counts["rows"] += self.rows
+            if broadcast is not None:
+                broadcast([t for t in g if t is not None])
+                loss = agree_loss(loss, broadcast)
+            if len(self.ring) == self.k:
+                self.ring.pop(0)  # the oldest goes first
+            self.ring.append((step, lo, {id(p): (p, t) for p, t in zip(params, g) if t is not None}, loss))
+            losses.append(loss)
+        k = len(self.ring)
+        # the signal: the mean of the held slices' gradients (each slice's own token-mean
+        # loss); the directions: their parts of it (each divided by k), so that they sum to it
+        with torch.no_grad():
+            for p in params:
+                have = [r[2][id(p)][1] for r in self.ring if id(p) in r[2]]
+                if not have:
+                    continue
+                tot = torch.zeros_like(have[0], memory_format=torch.contiguous_format)
+                for t in have:
+                    tot.add_(t)
+                self.grads[id(p)] = (p, tot.div_(k))
+            if k > 1:
+                self.dirs = []
+                for r in self.ring:
+                    d = {}
+                    for p in params:
+                        t = r[2].get(id(p))
+                        if t is not None:
+                            d[id(p)] = (p, t[1] / k)
+                        elif id(p) in self.grads:
+                            d[id(p)] = (p, torch.zeros_like(self.grads[id(p)][1]))
+                    self.dirs.append(d)
+        self.held = {id(p): p for p in params}
+        self.loss = sum(r[3] for r in self.ring) / k
+        self.step, self.invalid = step, None
+        self._set_ref(broadcast)
+
+    def _set_ref(self, broadcast):
         self.ref = self.owner.drift_loss(self.probe, self.model, self.drift_rows, self.loss_kind) \
             if self.drift is not None else None
         if broadcast is not None and self.ref is not None:
