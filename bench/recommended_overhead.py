@@ -35,7 +35,8 @@ shaping's forward hooks; the ladder measures what a user pays for adding each se
         --variant 'k16={"safegrad": {"refresh_every": 16}}'   # a policy patch beside the shipped one
     python bench/recommended_overhead.py --quick            # the quick preset's base (design runs)
 
-``--variant NAME=JSON`` adds a configuration: the shipped recommended policy with JSON merged in
+``--patch JSON`` changes the recommended policy the ladder is built from (e.g. the settings of a
+candidate before it is shipped). ``--variant NAME=JSON`` adds a configuration: the shipped recommended policy with JSON merged in
 (objects merged key by key, ``null`` deletes a key); ``--policy NAME=FILE`` one from a file whose
 probe paths are replaced by the demo's, as the demo does for recommended. The audit log of each
 run is summarised (safety gradients computed fresh or reused from the cache, gate actions,
@@ -180,6 +181,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the quick preset's base model")
     ap.add_argument("--setting", default="harmful_mix@0.1", help="the demo's fine-tuning data (benign, harmful_mix@P)")
     ap.add_argument("--only", default=None, help="comma-separated configurations to run (plain always runs)")
+    ap.add_argument("--patch", default=None, metavar="JSON",
+                    help="merged into the shipped recommended policy before the ladder is built from it")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="the shipped recommended policy with JSON merged in")
     ap.add_argument("--policy", action="append", default=[], metavar="NAME=FILE", help="a policy file")
@@ -207,6 +210,8 @@ def main():
     W.write_jsonl(data, [W.encode(tok, r) for r in world.finetune_data(args.setting, cfg["finetune"]["examples"])])
 
     rec = M.policy("recommended", probe, cfg)
+    if args.patch:
+        rec = merge(rec, json.loads(args.patch))
     pols = ladder_policies(rec)
     for spec in args.variant:
         name, _, js = spec.partition("=")
