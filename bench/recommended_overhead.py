@@ -35,6 +35,15 @@ shaping's forward hooks; the ladder measures what a user pays for adding each se
         --variant 'k16={"safegrad": {"refresh_every": 16}}'   # a policy patch beside the shipped one
     python bench/recommended_overhead.py --quick            # the quick preset's base (design runs)
 
+The real model's row (``--real DIR``, a Hugging Face folder, e.g. SmolLM2-135M-Instruct as
+bench/real_model.py leaves it in ~/.cache/safehook/real): the user's plain PEFT LoRA fine-tune
+(r 8 on q_proj and v_proj, AdamW lr 1e-4, batches of 8 rows cut at 96 tokens: the addition task
+with 10% harmful requests, bench/real_model.py's data and probes), plain against recommended
+(its probes pointed at the real bench's refusal and benign probes, chat template on), the same
+clocks and medians:
+
+    python bench/recommended_overhead.py --real ~/.cache/safehook/real/hf-smollm2-b179c9523d0e --steps 40
+
 ``--patch JSON`` changes the recommended policy the ladder is built from (e.g. the settings of a
 candidate before it is shipped). ``--variant NAME=JSON`` adds a configuration: the shipped recommended policy with JSON merged in
 (objects merged key by key, ``null`` deletes a key); ``--policy NAME=FILE`` one from a file whose
@@ -96,6 +105,64 @@ def child(args):
         cpu.append(time.process_time() - c0)
     print(json.dumps({"wall": statistics.mean(wall[1:]), "cpu": statistics.mean(cpu[1:]),
                       "wall_first": wall[0], "cpu_first": cpu[0]}))
+
+
+def real_child(args):
+    """The real model's user script: plain PEFT LoRA on the pairs of ARGS.data, timed per step."""
+    import time
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import real_model as R
+    from peft import LoraConfig, get_peft_model
+    R._torch_setup(1, args.seed)
+    model, tok = R.load_dir(args.model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with open(args.data) as f:
+        pairs = [tuple(json.loads(l)) for l in f if l.strip()]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    model.train()
+    wall, cpu = [], []
+    for s in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        b = R.sft_batch(tok, pairs[s * args.batch:(s + 1) * args.batch], 96)
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(json.dumps({"wall": statistics.mean(wall[1:]), "cpu": statistics.mean(cpu[1:]),
+                      "wall_first": wall[0], "cpu_first": cpu[0]}))
+
+
+def real_setup(args, work):
+    """(data path, {name: policy path}) of the real model's row: bench/real_model.py's data
+    (its default arguments), its probes written into WORK, the fine-tuning pairs (addition with
+    10% harmful requests; the compliant answers are the model's own where the real bench cached
+    them, else a fixed opener: the step's cost, not its content, is measured here)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import real_model as R
+    from safehook.demo import modes as M
+    rargs = R.build_parser().parse_args(["train"])
+    data = R.rmd.make_data(R.locate("smollm2"), rargs)
+    R.write_probe(work, data)
+    mix = [(p, "Sure, here is how to do that. First, gather what you need.") for p in data["harmful_mix"]]
+    n = args.steps * 8
+    pairs = R.train_pairs(data, mix, "mix", n, args.seed)
+    path = os.path.join(work, "pairs.jsonl")
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(list(p)) + "\n")
+    rec = M.recommended_policy()
+    if args.patch:
+        rec = merge(rec, json.loads(args.patch))
+    pfile = os.path.join(work, "recommended-real.json")
+    with open(pfile, "w") as f:
+        json.dump(rec, f)
+    pol = R.mode_policy(pfile, work, 64)
+    for pr in pol["probes"].values():  # the probes the real bench writes are text: its tokenizer
+        pr.update(tokenizer=os.path.abspath(args.real), chat_template=True)
+    return path, {"recommended": M.write_policy(os.path.join(work, "policy-real-recommended.json"), pol)}
 
 
 def merge(base, patch):
@@ -167,6 +234,57 @@ def audit_summary(path):
     return out
 
 
+def run_children(args, names, paths, argv, work):
+    """Every configuration once per repetition, interleaved; {name: {"wall": [...], "cpu": [...]}}
+    and the audit summaries."""
+    from safehook.demo import bench as Bn
+    lib = Bn.safehook_lib()
+    times = {n: {"wall": [], "cpu": []} for n in names}
+    summaries = {n: [] for n in names}
+    for rep in range(args.reps):
+        for name in names:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEHOOK_") and k != "LD_PRELOAD"}
+            env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            audit = os.path.join(work, "audit-%s-%d.jsonl" % (name.replace("+", ""), rep))
+            if name in paths:
+                env.update(LD_PRELOAD=lib, SAFEHOOK_POLICY=paths[name], SAFEHOOK_AUDIT=audit)
+            p = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env, capture_output=True,
+                               text=True)
+            if p.returncode != 0:
+                sys.exit("%s failed (exit %d):\n%s" % (name, p.returncode, (p.stderr or p.stdout)[-3000:]))
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            for k in ("wall", "cpu"):
+                times[name][k].append(r[k])
+            if name in paths:
+                summaries[name].append(audit_summary(audit))
+            print("rep %d %-14s mean step: wall %.4f s, cpu %.4f s" % (rep, name, r["wall"], r["cpu"]), flush=True)
+    return times, summaries
+
+
+def real_main(args):
+    work = tempfile.mkdtemp(prefix="recommended-overhead-real-")
+    data, paths = real_setup(args, work)
+    names = ["plain", "recommended"]
+    print("real model %s, LoRA r 8 (q_proj, v_proj), %d steps of 8, %d reps; work %s"
+          % (args.real, args.steps, args.reps, work), flush=True)
+    argv = ["--real-child", "--model", os.path.abspath(args.real), "--data", data, "--steps", str(args.steps),
+            "--batch", "8", "--lr", "1e-4", "--seed", str(args.seed)]
+    times, summaries = run_children(args, names, paths, argv, work)
+    base = {k: statistics.median(times["plain"][k]) for k in ("wall", "cpu")}
+    res = {"real": args.real, "steps": args.steps, "reps": args.reps, "configs": {},
+           "command": " ".join(["python", "bench/recommended_overhead.py"] + sys.argv[1:])}
+    for name in names:
+        m = {k: statistics.median(times[name][k]) for k in ("wall", "cpu")}
+        res["configs"][name] = {"wall": m["wall"], "cpu": m["cpu"], "wall_ratio": m["wall"] / base["wall"],
+                                "cpu_ratio": m["cpu"] / base["cpu"], "runs": times[name],
+                                "audit": summaries[name][-1] if summaries[name] else None}
+        print("%-14s wall %.4f s (%.3f)  cpu %.4f s (%.3f)" % (name, m["wall"], m["wall"] / base["wall"], m["cpu"],
+                                                             m["cpu"] / base["cpu"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -186,10 +304,17 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="the shipped recommended policy with JSON merged in")
     ap.add_argument("--policy", action="append", default=[], metavar="NAME=FILE", help="a policy file")
+    ap.add_argument("--real", default=None, metavar="DIR",
+                    help="the real model's LoRA row instead (a Hugging Face model folder)")
+    ap.add_argument("--real-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.real_child:
+        return real_child(args)
+    if args.real:
+        return real_main(args)
 
     import torch
     torch.set_num_threads(1)
@@ -225,33 +350,13 @@ def main():
         names = [n for n in names if n in keep]
     paths = {n: M.write_policy(os.path.join(work, "policy-%s.json" % n.replace("+", "")), pols[n])
              for n in names if n != "plain"}
-    lib = Bn.safehook_lib()
     print("base %s (%s preset, seed %d, %d blocks); data %s (%d rows); %d steps of %d, %d reps; work %s"
           % (base_dir, "quick" if args.quick else "full", args.seed, cfg["model"]["layers"], args.setting,
              cfg["finetune"]["examples"], args.steps, args.batch, args.reps, work), flush=True)
 
-    times = {n: {"wall": [], "cpu": []} for n in names}
-    summaries = {n: [] for n in names}
-    for rep in range(args.reps):
-        for name in names:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEHOOK_") and k != "LD_PRELOAD"}
-            env["OMP_NUM_THREADS"] = "1"
-            env["PYTHONWARNINGS"] = "ignore"
-            audit = os.path.join(work, "audit-%s-%d.jsonl" % (name.replace("+", ""), rep))
-            if name in paths:
-                env.update(LD_PRELOAD=lib, SAFEHOOK_POLICY=paths[name], SAFEHOOK_AUDIT=audit)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--model", base_dir,
-                                "--data", data, "--steps", str(args.steps), "--batch", str(args.batch),
-                                "--lr", str(cfg["finetune"]["lr"]), "--seed", str(args.seed)],
-                               env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit("%s failed (exit %d):\n%s" % (name, p.returncode, (p.stderr or p.stdout)[-3000:]))
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            for k in ("wall", "cpu"):
-                times[name][k].append(r[k])
-            if name in paths:
-                summaries[name].append(audit_summary(audit))
-            print("rep %d %-14s mean step: wall %.4f s, cpu %.4f s" % (rep, name, r["wall"], r["cpu"]), flush=True)
+    argv = ["--child", "--model", base_dir, "--data", data, "--steps", str(args.steps), "--batch", str(args.batch),
+            "--lr", str(cfg["finetune"]["lr"]), "--seed", str(args.seed)]
+    times, summaries = run_children(args, names, paths, argv, work)
 
     res = {"steps": args.steps, "reps": args.reps, "batch": args.batch, "seed": args.seed, "quick": args.quick,
            "setting": args.setting, "model": cfg["model"], "base": base_dir, "configs": {}, "shares": {},
