@@ -28,7 +28,9 @@ typedef struct {
     PyObject *pre_features;  /* list of callables f(opt, step, record) */
     PyObject *post_features; /* list of callables f(opt, step, record) */
     PyObject *closure_wrap;  /* f(opt, step, index, args, kwargs) -> (args, kwargs), or NULL */
+    PyObject *gate;          /* f(): raises to stop the job before a step is counted, or NULL */
     PyObject *pending;     /* str: a policy error that stops training at its first step */
+    PyObject *start_extra; /* dict: fields the features add to the "start" record (start_fields) */
     sh_policy *policy;
     long long steps;       /* outermost optimizer steps, all optimizers */
     long long nested;      /* step calls made inside another optimizer's step */
@@ -38,6 +40,9 @@ typedef struct {
 } core_state;
 
 static inline core_state *get_state(PyObject *m) { return (core_state *)PyModule_GetState(m); }
+
+/* The one module state of this process (one interpreter, one load), for the preload's check. */
+static core_state *the_state;
 
 /* The step running in this thread. Per thread: two threads stepping two optimizers at once are
  * two outer steps, each with its own nesting and step number. The module is loaded once per
@@ -155,6 +160,8 @@ static int require_audited(core_state *st, const char *event, int r) {
 
 /* ---- runtime configuration ---- */
 
+static json_t *versions_json(void);
+
 PyDoc_STRVAR(configure_doc,
 "configure(policy_path=None, policy_text=None, policy_name=None, system_path=None, audit_path=None)\n"
 "--\n\n"
@@ -206,10 +213,26 @@ static PyObject *core_configure(PyObject *m, PyObject *args, PyObject *kw) {
     } else if (!daemon) {
         sh_audit_close(); /* a policy without a log: nothing goes to the log of the one before */
     }
+    /* Under the daemon sink, the activation is a record of its own, sent before torch loads: the
+     * root watcher matches it (by the kernel's pid of its sender) with the process that maps
+     * libtorch. An enforced job whose activation the daemon did not take does not start. */
+    if (sh_audit_daemon()) {
+        json_t *f = json_pack("{s:s,s:s,s:b}", "policy", p->origin, "digest", p->digest, "enforce", p->enforce);
+        json_object_set_new(f, "versions", versions_json());
+        int er = sh_audit_emit("activate", -1, f);
+        if (er < 0 && p->enforce) {
+            PyErr_Format(st->error, "the audit daemon did not take the 'activate' record (%s)",
+                         er == -ENOSPC ? "its log is full" : strerror(-er));
+            free(before);
+            sh_policy_free(p);
+            return NULL;
+        }
+    }
     const char *now = sh_audit_path();
     if (!before || !now || strcmp(before, now))
         st->started = 0; /* a new log gets its own "start" record at the next step */
     free(before);
+    Py_CLEAR(st->start_extra); /* said by the features of the policy before */
     sh_policy_free(st->policy);
     st->policy = p;
     const char *level = json_string_value(json_object_get(audit_sec, "level"));
@@ -244,20 +267,41 @@ static PyObject *core_set_pending_error(PyObject *m, PyObject *msg) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(start_fields_doc,
+"start_fields(fields)\n--\n\n"
+"Add the dict FIELDS to the 'start' record when it is still to be written (the first optimizer\n"
+"step writes it): True. False when it was written already (then write the fields elsewhere).");
+
+static PyObject *core_start_fields(PyObject *m, PyObject *fields) {
+    core_state *st = get_state(m);
+    if (!PyDict_Check(fields))
+        return PyErr_Format(PyExc_TypeError, "fields must be a dict");
+    if (st->started)
+        Py_RETURN_FALSE;
+    if (!st->start_extra && !(st->start_extra = PyDict_New()))
+        return NULL;
+    if (PyDict_Update(st->start_extra, fields) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
 PyDoc_STRVAR(set_features_doc,
-"set_features(pre, post, closure_wrap=None)\n--\n\n"
+"set_features(pre, post, closure_wrap=None, gate=None)\n--\n\n"
 "Set the lists of callables f(optimizer, step, record) run in the pre- and post-step hooks.\n"
 "A callable may add keys to record (a dict merged into the step's audit record). When a step\n"
 "gets a closure and closure_wrap is set, the pre hook returns closure_wrap(optimizer, step,\n"
 "index, args, kwargs) (new args and kwargs for step()) instead of running the pre features:\n"
-"the wrapped closure runs them with step_features() once its backward is done.");
+"the wrapped closure runs them with step_features() once its backward is done. gate() is called\n"
+"first in every outer step, before it is counted or recorded: when it raises, the step raises\n"
+"(the runtime's fail path: every rank stops at the same step, before any record of it).");
 
 static PyObject *core_set_features(PyObject *m, PyObject *args) {
-    PyObject *pre, *post, *wrap = Py_None;
-    if (!PyArg_ParseTuple(args, "O!O!|O", &PyList_Type, &pre, &PyList_Type, &post, &wrap))
+    PyObject *pre, *post, *wrap = Py_None, *gate = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!|OO", &PyList_Type, &pre, &PyList_Type, &post, &wrap, &gate))
         return NULL;
     core_state *st = get_state(m);
     Py_XSETREF(st->closure_wrap, wrap == Py_None ? NULL : Py_NewRef(wrap));
+    Py_XSETREF(st->gate, gate == Py_None ? NULL : Py_NewRef(gate));
     Py_XSETREF(st->pre_features, PyList_GetSlice(pre, 0, PY_SSIZE_T_MAX));
     Py_XSETREF(st->post_features, PyList_GetSlice(post, 0, PY_SSIZE_T_MAX));
     if (!st->pre_features || !st->post_features)
@@ -457,6 +501,14 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
         Py_RETURN_NONE;
     }
     step_tls.depth = 1;
+    if (st->gate) {
+        PyObject *g = Py_NewRef(st->gate); /* held: the gate may replace the features */
+        PyObject *ok = PyObject_CallNoArgs(g);
+        Py_DECREF(g);
+        if (!ok)
+            goto error;
+        Py_DECREF(ok);
+    }
 
     PyObject *entry = optimizer_entry(st, opt);
     if (!entry)
@@ -480,6 +532,13 @@ static PyObject *core_pre_step(PyObject *m, PyObject *const *args, Py_ssize_t na
             json_object_set_new(f, "enforce", json_boolean(st->policy->enforce));
         }
         json_object_set_new(f, "versions", versions_json());
+        if (st->start_extra) {
+            json_t *extra = to_json(st->start_extra, 0);
+            if (json_is_object(extra))
+                json_object_update_missing(f, extra); /* never over the policy's own fields */
+            json_decref(extra);
+            Py_CLEAR(st->start_extra);
+        }
         if (require_audited(st, "start", emit("start", -1, f)) < 0)
             goto error;
     }
@@ -636,6 +695,7 @@ static PyMethodDef core_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))core_configure, METH_VARARGS | METH_KEYWORDS, configure_doc},
     {"set_pending_error", core_set_pending_error, METH_O, set_pending_doc},
     {"set_features", core_set_features, METH_VARARGS, set_features_doc},
+    {"start_fields", core_start_fields, METH_O, start_fields_doc},
     {"pre_step", (PyCFunction)(void (*)(void))core_pre_step, METH_FASTCALL, pre_step_doc},
     {"post_step", (PyCFunction)(void (*)(void))core_post_step, METH_FASTCALL, post_step_doc},
     {"step_features", core_step_features, METH_VARARGS, step_features_doc},
@@ -649,6 +709,7 @@ static PyMethodDef core_methods[] = {
 
 static int core_exec(PyObject *m) {
     core_state *st = get_state(m);
+    the_state = st;
     st->error = PyErr_NewExceptionWithDoc("safehook.SafehookError", "An error raised by safehook.", NULL, NULL);
     if (!st->error || PyModule_AddObjectRef(m, "SafehookError", st->error) < 0)
         return -1;
@@ -680,7 +741,9 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->pre_features);
     Py_VISIT(st->post_features);
     Py_VISIT(st->closure_wrap);
+    Py_VISIT(st->gate);
     Py_VISIT(st->pending);
+    Py_VISIT(st->start_extra);
     return 0;
 }
 
@@ -692,12 +755,16 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->pre_features);
     Py_CLEAR(st->post_features);
     Py_CLEAR(st->closure_wrap);
+    Py_CLEAR(st->gate);
     Py_CLEAR(st->pending);
+    Py_CLEAR(st->start_extra);
     return 0;
 }
 
 static void core_free(void *m) {
     core_clear((PyObject *)m);
+    if (the_state == get_state((PyObject *)m))
+        the_state = NULL;
     sh_policy_free(get_state((PyObject *)m)->policy);
 }
 
@@ -729,3 +796,19 @@ static struct PyModuleDef core_module = {
 };
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
+
+/* For libsafehook.so's fail-closed check, found with dlsym() on this very file (opened by path
+ * with RTLD_NOLOAD), so that a module object someone put in sys.modules cannot answer for it:
+ * safehook_core_def() is this extension's module definition (PyModule_GetDef of the genuine
+ * module object returns it), safehook_core_status() its activation as the C state sees it. */
+__attribute__((visibility("default"))) const void *safehook_core_def(void) { return &core_module; }
+
+/* Bits: 1 a policy is in force or a pending error will stop the first step (activated), 2 the
+ * records go to safehookd, 4 the policy is enforced. */
+__attribute__((visibility("default"))) int safehook_core_status(void) {
+    core_state *st = the_state;
+    if (!st)
+        return 0;
+    return (st->policy || st->pending ? 1 : 0) | (sh_audit_daemon() ? 2 : 0) |
+           (st->policy && st->policy->enforce ? 4 : 0);
+}

@@ -18,6 +18,7 @@ static int audit_daemon; /* audit_fd is a connection to safehookd */
 static pid_t audit_pid;  /* the process that opened audit_fd */
 static dev_t audit_dev;  /* ...and what it was, so that a descriptor the host closed and */
 static ino_t audit_ino;  /* reused is never written to */
+static int audit_broken; /* the connection lost a reply: the next record reconnects */
 
 static int file_open(const char *path) {
     int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, 0644);
@@ -40,6 +41,7 @@ static int adopt(int fd, const char *path, int daemon) {
     audit_pid = getpid();
     audit_dev = st.st_dev;
     audit_ino = st.st_ino;
+    audit_broken = 0;
     return 0;
 }
 
@@ -74,10 +76,11 @@ bool sh_audit_fd_is_ours(void) {
     return audit_fd >= 0 && fstat(audit_fd, &st) == 0 && st.st_dev == audit_dev && st.st_ino == audit_ino;
 }
 
-/* Before a write: a forked child reconnects (safehookd stamps the pid that connected), and a
- * descriptor the host closed (and maybe reused for its own file) is replaced, never written. */
+/* Before a write: a forked child reconnects (its own connection, not its parent's), so does a
+ * process whose connection lost a reply, and a descriptor the host closed (and maybe reused
+ * for its own file) is replaced, never written. */
 static int check_origin(void) {
-    int fresh = getpid() != audit_pid && audit_daemon;
+    int fresh = (getpid() != audit_pid || audit_broken) && audit_daemon;
     if (!fresh && sh_audit_fd_is_ours())
         return 0;
     int fd = audit_daemon ? sh_audit_sink_connect(audit_path) : file_open(audit_path);
@@ -94,7 +97,25 @@ static int check_origin(void) {
     audit_pid = getpid();
     audit_dev = st.st_dev;
     audit_ino = st.st_ino;
+    audit_broken = 0;
     return 0;
+}
+
+/* Send one record to safehookd. A connection the daemon closed (a restart, a dropped client)
+ * took nothing: the record goes once more on a new one. One that timed out may still answer
+ * later: it is never used again. */
+static int daemon_send(const char *text, size_t len) {
+    int r = sh_audit_sink_send(audit_fd, text, len);
+    if (r == -EPIPE || r == -ECONNRESET || r == -ENOTCONN) {
+        audit_broken = 1;
+        int c = check_origin();
+        if (c < 0)
+            return c;
+        r = sh_audit_sink_send(audit_fd, text, len);
+    }
+    if (r == -ETIMEDOUT || r == -ECONNABORTED || r == -EPIPE || r == -ECONNRESET || r == -ENOTCONN)
+        audit_broken = 1;
+    return r;
 }
 
 static int write_all(int fd, const char *buf, size_t len) {
@@ -149,7 +170,7 @@ int sh_audit_emit(const char *event, long long step, json_t *fields) {
     }
     size_t len = strlen(text);
     if (audit_daemon) {
-        ret = sh_audit_sink_send(audit_fd, text, len);
+        ret = daemon_send(text, len);
         free(text);
         goto out_fields;
     }

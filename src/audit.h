@@ -36,8 +36,10 @@ const char *sh_audit_path(void);
  * ...FIELDS}. STEP < 0 leaves "step" out. Takes ownership of FIELDS (may be NULL); keys of FIELDS
  * named event/time/pid/step are ignored. Returns 0, -ENOENT when no log is open, or a negative
  * errno from the write (for safehookd: see sh_audit_sink_send; -ENOSPC: the daemon refused it
- * for a full disk). A forked child reconnects to safehookd before its first record; a
- * descriptor the host closed and reused is reopened, never written to. */
+ * for a full disk). A forked child reconnects to safehookd before its first record; so does a
+ * process whose last record got no reply in time (the late reply is never read as this one's);
+ * a connection the daemon closed is replaced and the record sent once more; a descriptor the
+ * host closed and reused is reopened, never written to. */
 int sh_audit_emit(const char *event, long long step, json_t *fields);
 
 #endif

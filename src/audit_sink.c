@@ -1,5 +1,6 @@
-/* Client of safehookd (daemon/safehookd.c): a UNIX seqpacket connection; the daemon takes the
- * peer's uid and pid from the kernel (SO_PEERCRED), so a record cannot claim another sender. */
+/* Client of safehookd (daemon/safehookd.c): a UNIX seqpacket connection, one record per
+ * message, one reply byte per record. The daemon takes the sender's uid and pid of every
+ * message from the kernel (SCM_CREDENTIALS), so a record cannot claim another sender. */
 #include "audit_sink.h"
 
 #include <errno.h>
@@ -9,6 +10,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+static int timeout_ms = 5000;
+
+void sh_audit_sink_set_timeout(int ms) { timeout_ms = ms > 0 ? ms : 5000; }
+
 int sh_audit_sink_connect(const char *socket_path) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(socket_path) >= sizeof addr.sun_path)
@@ -17,7 +22,7 @@ int sh_audit_sink_connect(const char *socket_path) {
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    struct timeval tv = {.tv_sec = 5};
+    struct timeval tv = {.tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000};
     int r = 0;
     if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0 ||
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
@@ -39,7 +44,7 @@ int sh_audit_sink_send(int fd, const char *text, size_t len) {
         n = send(fd, text, len, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return errno == EAGAIN ? -ETIMEDOUT : -errno;
+        return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT : -errno;
     if ((size_t)n != len)
         return -EMSGSIZE;
     char reply;
@@ -47,8 +52,14 @@ int sh_audit_sink_send(int fd, const char *text, size_t len) {
         n = recv(fd, &reply, 1, 0);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return errno == EAGAIN ? -ETIMEDOUT : -errno;
+        return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT : -ECONNABORTED;
     if (n == 0)
-        return -ECONNRESET;
-    return reply == 'O' ? 0 : reply == 'F' ? -ENOSPC : -EINVAL;
+        return -ECONNABORTED;
+    switch (reply) {
+    case 'O': return 0;
+    case 'F': return -ENOSPC;
+    case 'T': return -EBUSY;
+    case 'R': return -EPERM;
+    default: return -EINVAL;
+    }
 }

@@ -3,6 +3,7 @@
  * the precedence of the embedded default, the system policy and the user policy. Validation
  * is policy_schema.c; tightening under an enforced system policy is policy_merge.c. */
 #include "policy.h"
+#include "system_path.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -169,7 +170,13 @@ static int load_system(const char *system_path, loaded *out, sh_policy_error *er
     if (r == -ENOENT || r == -ENOTDIR) {
         if (err)
             memset(err, 0, sizeof *err);
-        return 0;
+        if (sh_system_absence_trusted(path))
+            return 0;
+        /* a user namespace (or a folder someone else can write) may be hiding it */
+        sh_policy_set_error(err, SH_POLICY_ERR_INVALID, path, 0, 0, "",
+                            "cannot be seen from this process (a user namespace or a mount may hide it); "
+                            "an enforced system policy may be in force");
+        return -EACCES;
     }
     return r;
 }

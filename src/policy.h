@@ -43,9 +43,12 @@ typedef struct sh_policy {
     const char *audit_path; /* borrowed from doc; NULL when no audit path is set */
 } sh_policy;
 
-/* The embedded default policy (policies/default.json compiled in). */
+/* The embedded default policy (policies/default.json compiled in), and the policy it falls back
+ * to for a model it cannot protect (policies/default-fallback.json; runtime/default.py decides). */
 extern const char sh_default_policy[];
 extern const size_t sh_default_policy_len;
+extern const char sh_default_fallback_policy[];
+extern const size_t sh_default_fallback_policy_len;
 
 /* Parse and validate TEXT (LEN bytes) named SOURCE in messages. On success stores a new policy
  * (origin SOURCE) in *ret and returns 0; otherwise fills *err and returns -EINVAL (or -ENOMEM).

@@ -26,6 +26,8 @@ static const char *const GRANULARITY[] = {"global", "layer", "tensor", NULL};
 static const char *const KIND[] = {"loss", "score", NULL};
 static const char *const JUDGE[] = {"keyword", "exact", NULL};
 static const char *const PROBE_LOSS[] = {"ce", "contrastive", NULL};
+/* the probe sets shipped inside the Python package (python/safehook/data) */
+static const char *const BUILTIN[] = {"refusals", "benign", NULL};
 static const char *const SCORE[] = {"loss", "refusal_rate", "over_refusal", NULL};
 static const char *const GATE_MODE[] = {"first_order", "exact", NULL};
 static const char *const GATE_ACTION[] = {"shrink", "scale", "skip", NULL};
@@ -51,9 +53,6 @@ static const sh_field TOP[] = {
     {"on_error", SH_K_ENUM, 0, 0, 0, ON_ERROR, "\"abort\"", SH_T_ORDER, ON_ERROR_ORDER},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
-
-/* Sections are the object-valued top-level keys, in the order the normalized policy lists them. */
-static const char *const SECTIONS[] = {"freeze", "safegrad", "probes", "gate", "monitor", "shaping", "audit", NULL};
 
 static const sh_field FREEZE[] = {
     {"layers", SH_K_LAYERS, 0, 0, 0, NULL, NULL, SH_T_LAYERS, NULL},
@@ -89,6 +88,7 @@ static const sh_field SAFEGRAD[] = {
  * (policy_merge.c compares them whole); the rules here are unused. */
 static const sh_field PROBE[] = {
     {"data", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
+    {"builtin", SH_K_ENUM, 0, 0, 0, BUILTIN, NULL, SH_T_SAME, NULL},
     {"tokenizer", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"callable", SH_K_CALLABLE, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"kind", SH_K_ENUM, 0, 0, 0, KIND, "\"loss\"", SH_T_SAME, NULL},
@@ -157,15 +157,33 @@ static const sh_field AUDIT[] = {
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 
+/* The features: the one place a feature is declared (see sh_feature). Adding one is its field
+ * table above, one line here, and its Python module. Sections are the object-valued top-level
+ * keys, in this order in the normalized policy. */
+static const sh_feature FEATURES[] = {
+    {"freeze", "freeze", FREEZE, 0, "safehook.features.freeze", 10},
+    {"safegrad", "safegrad", SAFEGRAD, 0, "safehook.features.safegrad", 20},
+    {"probes", "probes", PROBE, SH_S_MAP, "safehook.probes", 0},
+    {"gate", "gate", GATE, 0, "safehook.features.gate", 30},
+    {"monitor", "monitor", MONITOR, 0, "safehook.features.monitor", 40},
+    {"shaping", "shaping", SHAPING, 0, "safehook.features.shaping", 15},
+    {"audit", "audit", AUDIT, 0, NULL, 0},
+    {"tamper", NULL, NULL, SH_S_ALWAYS, "safehook.features.tamper", 0},
+    /* the step stats, passed on to the Trainer's, Accelerate's and Python's logs */
+    {"tap", NULL, NULL, SH_S_ALWAYS, "safehook.integrations.tap", 1000000},
+    {NULL, NULL, NULL, 0, NULL, 0},
+};
+
+const sh_feature *sh_schema_features(void) { return FEATURES; }
+
 const sh_field *sh_schema_fields(const char *section) {
-    static const struct {
-        const char *name;
-        const sh_field *fields;
-    } all[] = {{"", TOP},      {"freeze", FREEZE},   {"safegrad", SAFEGRAD}, {"probe", PROBE},
-               {"gate", GATE}, {"monitor", MONITOR}, {"shaping", SHAPING}, {"audit", AUDIT}};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        if (strcmp(all[i].name, section) == 0)
-            return all[i].fields;
+    if (strcmp(section, "") == 0)
+        return TOP;
+    if (strcmp(section, "probe") == 0)
+        return PROBE;
+    for (const sh_feature *f = FEATURES; f->name; f++)
+        if (f->section && !(f->flags & SH_S_MAP) && strcmp(f->section, section) == 0)
+            return f->fields;
     return NULL;
 }
 
@@ -508,11 +526,13 @@ static int section_rules(ctx *c, const char *name, json_t *sec) {
 static int probe_rules(ctx *c, json_t *probe) {
     size_t base = strlen(c->ptr);
     int data = json_object_get(probe, "data") != NULL, fn = json_object_get(probe, "callable") != NULL;
-    if (!data && !fn)
-        FAIL(c, "a probe needs \"data\" (a JSONL file) or \"callable\"");
-    if (data && fn) {
-        sh_pointer_push(c->ptr, sizeof c->ptr, "callable");
-        FAIL(c, "a probe has \"data\" or \"callable\", not both");
+    int shipped = json_object_get(probe, "builtin") != NULL;
+    if (!data && !fn && !shipped)
+        FAIL(c, "a probe needs \"data\" (a JSONL file), \"builtin\" (a shipped set) or \"callable\"");
+    if (data + fn + shipped > 1) {
+        sh_pointer_push(c->ptr, sizeof c->ptr, fn ? "callable" : "builtin");
+        FAIL(c, "a probe has one of \"data\", \"builtin\" or \"callable\", not %s",
+             data + fn + shipped == 3 ? "all three" : "two");
     }
     if (fn && json_object_get(probe, "tokenizer")) {
         sh_pointer_push(c->ptr, sizeof c->ptr, "tokenizer");
@@ -533,10 +553,33 @@ static int valid_probe_name(const char *s) {
     return 1;
 }
 
+/* "probes": "builtin" stands for every shipped set, each a probe of its own name. */
+static json_t *builtin_probes(void) {
+    json_t *all = json_object();
+    for (size_t i = 0; all && BUILTIN[i]; i++)
+        if (json_object_set_new(all, BUILTIN[i], json_pack("{s:s}", "builtin", BUILTIN[i])) < 0) {
+            json_decref(all);
+            return NULL;
+        }
+    return all;
+}
+
 static int check_probes(ctx *c, const json_t *v, json_t **out) {
     *out = NULL;
-    if (!json_is_object(v))
-        FAIL(c, "must be an object of named probes, not %s", article_type(v));
+    if (json_is_string(v) && strcmp(json_string_value(v), "builtin") == 0) {
+        json_t *all = builtin_probes();
+        if (!all)
+            return -ENOMEM;
+        int r = check_probes(c, all, out);
+        json_decref(all);
+        return r;
+    }
+    if (!json_is_object(v)) {
+        if (json_is_string(v))
+            FAIL(c, "must be an object of named probes or \"builtin\" (the shipped ones), not \"%s\"",
+                 json_string_value(v));
+        FAIL(c, "must be an object of named probes or \"builtin\" (the shipped ones), not %s", article_type(v));
+    }
     json_t *norm = json_object();
     if (!norm)
         return -ENOMEM;
@@ -567,34 +610,47 @@ fail:
     return r;
 }
 
+/* REF, the value of SECTION.FIELD (absent: NULL), names a probe of PROBES. */
+static int check_reference(ctx *c, json_t *probes, const char *section, const char *field, json_t *ref) {
+    const char *name = json_string_value(ref);
+    if (!name || json_object_get(probes, name))
+        return 0;
+    c->ptr[0] = '\0';
+    sh_pointer_push(c->ptr, sizeof c->ptr, section);
+    sh_pointer_push(c->ptr, sizeof c->ptr, field);
+    char shown[120];
+    sh_policy_describe(ref, shown, sizeof shown);
+    if (!probes)
+        FAIL(c, "no probe named %s: the policy has no \"probes\" section", shown);
+    const char *names[64];
+    size_t n = 0;
+    const char *key;
+    json_t *item;
+    json_object_foreach(probes, key, item) {
+        if (n < 64)
+            names[n++] = key;
+    }
+    const char *hint = sh_suggest(name, names, n);
+    if (hint)
+        FAIL(c, "no probe named %s in /probes (did you mean \"%s\"?)", shown, hint);
+    FAIL(c, "no probe named %s in /probes", shown);
+}
+
+/* Every probe reference (a field of kind SH_K_PROBE_REF, in section and field order) names a
+ * probe of /probes. */
 static int check_references(ctx *c, json_t *norm) {
-    static const char *const users[][2] = {{"safegrad", "probe"}, {"gate", "probe"}, {"monitor", "probe"},
-                                           {"shaping", "probe"},  {"shaping", "benign"}};
     json_t *probes = json_object_get(norm, "probes");
-    for (size_t i = 0; i < sizeof users / sizeof users[0] && !(c->flags & SH_NORM_OVERLAY); i++) {
-        json_t *ref = json_object_get(json_object_get(norm, users[i][0]), users[i][1]);
-        const char *name = json_string_value(ref);
-        if (!name || json_object_get(probes, name))
+    for (const sh_feature *s = FEATURES; s->name && !(c->flags & SH_NORM_OVERLAY); s++) {
+        if (!s->section || (s->flags & SH_S_MAP))
             continue;
-        c->ptr[0] = '\0';
-        sh_pointer_push(c->ptr, sizeof c->ptr, users[i][0]);
-        sh_pointer_push(c->ptr, sizeof c->ptr, users[i][1]);
-        char shown[120];
-        sh_policy_describe(ref, shown, sizeof shown);
-        if (!probes)
-            FAIL(c, "no probe named %s: the policy has no \"probes\" section", shown);
-        const char *names[64];
-        size_t n = 0;
-        const char *key;
-        json_t *item;
-        json_object_foreach(probes, key, item) {
-            if (n < 64)
-                names[n++] = key;
+        json_t *sec = json_object_get(norm, s->section);
+        for (const sh_field *f = s->fields; sec && f->name; f++) {
+            int r = f->kind == SH_K_PROBE_REF ? check_reference(c, probes, s->section, f->name,
+                                                                json_object_get(sec, f->name))
+                                              : 0;
+            if (r < 0)
+                return r;
         }
-        const char *hint = sh_suggest(name, names, n);
-        if (hint)
-            FAIL(c, "no probe named %s in /probes (did you mean \"%s\"?)", shown, hint);
-        FAIL(c, "no probe named %s in /probes", shown);
     }
     return 0;
 }
@@ -619,10 +675,11 @@ int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, j
     json_decref(tmp);
     c.ptr[0] = '\0';
 
-    const char *names[16];
+    const char *names[32];
     size_t n = field_names(TOP, names);
-    for (size_t i = 0; SECTIONS[i]; i++)
-        names[n++] = SECTIONS[i];
+    for (const sh_feature *s = FEATURES; s->name; s++)
+        if (s->section)
+            names[n++] = s->section;
 
     json_t *got = json_object();
     if (!got)
@@ -661,10 +718,10 @@ int sh_policy_normalize(const json_t *raw, const char *source, unsigned flags, j
         json_object_set_new(norm, f->name,
                             value ? json_incref(value) : json_loads(f->def, JSON_DECODE_ANY, NULL));
     }
-    for (size_t i = 0; SECTIONS[i]; i++) {
-        json_t *value = json_object_get(got, SECTIONS[i]);
+    for (const sh_feature *s = FEATURES; s->name; s++) {
+        json_t *value = s->section ? json_object_get(got, s->section) : NULL;
         if (value)
-            json_object_set(norm, SECTIONS[i], value);
+            json_object_set(norm, s->section, value);
     }
     json_decref(got);
     if ((r = check_references(cp, norm)) < 0) {

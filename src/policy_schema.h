@@ -60,6 +60,26 @@ typedef struct sh_field {
  * name), terminated by an entry with a NULL name; NULL for an unknown section. */
 const sh_field *sh_schema_fields(const char *section);
 
+#define SH_S_MAP 1u    /* the section maps names to entries of FIELDS (probes) */
+#define SH_S_ALWAYS 2u /* no section of its own: set up for every policy */
+
+/* One feature of safehook, declared once: its policy section (NULL with SH_S_ALWAYS) and that
+ * section's fields with their defaults, the Python module that sets it up (NULL: a section no
+ * module reads by itself, audit), and the order of its step callables (lower runs first; 0:
+ * none). Features are listed in the order their setup runs, which is also the order the
+ * normalized policy lists their sections. */
+typedef struct sh_feature {
+    const char *name;
+    const char *section;
+    const sh_field *fields;
+    unsigned flags;
+    const char *module;
+    int order;
+} sh_feature;
+
+/* The features, terminated by an entry with a NULL name. */
+const sh_feature *sh_schema_features(void);
+
 /* Validate a user policy as an overlay on an enforced system policy: every key it writes is
  * checked, but required keys, rules between keys and references to probes are left to the
  * merged result (the system policy may supply them). */

@@ -1,30 +1,25 @@
-/* safehook_spank.so: Slurm SPANK plugin that deploys safehook on every task of every job and
- * checks, out of process, that every task which imported torch was protected.
+/* safehook_spank.so: Slurm SPANK plugin that deploys safehook on every task of every job, and
+ * tells safehookd's root watcher which processes are whose.
  *
  * plugstack.conf:
  *   required /usr/lib/.../safehook_spank.so lib=/path/libsafehook.so [socket=/run/safehook/audit.sock]
- *            [log=/var/log/safehook/audit.jsonl] [digest=HEX] [policy=/path/user-policy.json]
+ *            [log=/var/log/safehook/audit.jsonl] [policy=/path/user-policy.json] [wait=SECONDS]
  *
  * In slurmstepd (root), per step:
- *   user_init       sends a "job_start" record to safehookd (job, step, uid) and starts a watcher
- *                   thread that scans, every 100 ms, the processes descended from the step's tasks
- *                   and notes those that map libtorch (imported torch, whatever their environment);
+ *   user_init       sends "job_start" (job, step, uid) to safehookd;
  *   task_init       (in the task, before exec) puts lib in LD_PRELOAD (and policy in SAFEHOOK_POLICY);
- *   task_post_fork  adds the task's pid to the watch;
- *   task_exit       reads safehookd's log from the step's start and, for every torch process of the
- *                   task, looks for its "start" record (enforce true, from the system policy, with
- *                   the expected digest when digest= is given) and its "end" record; it sends one
- *                   "task_check" record per task (verdict "ok" or "flagged", with what is missing
- *                   per pid), and logs a flagged task in slurmd's log.
- * `srun env -i python train.py` drops LD_PRELOAD: the process still maps libtorch, has no start
- * record, and is flagged. Limits: a process that imports torch and exits within one scan period
- * (100 ms) can be missed; records are matched by the pid safehookd stamps from SO_PEERCRED, so a
- * PID namespace inside the task (unshare -p) hides the match and flags the task. */
-#include <dirent.h>
+ *   task_post_fork  sends "task_start" with the task's pid, before the task is let run: the daemon
+ *                   follows that process's lineage from the kernel's fork events from then on;
+ *   task_exit       sends "task_end" with the exit status;
+ *   exit            (after Slurm has stopped what it could find of the step) sends "step_end", then
+ *                   waits up to wait= seconds (default 60) for the daemon's "watch_task" verdict of
+ *                   each task, and says a flagged one in slurmd's log.
+ * The verdicts are the daemon's own records, from kernel facts (daemon/watch.c): which processes
+ * of the task mapped libtorch, whether each mapped the installed libsafehook and _core and sent
+ * an activation record, which outlived the step, and the model files they wrote. Nothing here
+ * reads what a job sent. Only root may send these marks (safehookd refuses them from others). */
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
-#include <pthread.h>
 #include <slurm/spank.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -39,29 +34,23 @@
 SPANK_PLUGIN(safehook, 1);
 
 #define MAX_TASKS 256
-#define MAX_PIDS 4096
 
 static struct {
-    char lib[1024], socket[1024], log[1024], digest[65], policy[1024];
+    char lib[1024], socket[1024], log[1024], policy[1024];
+    int wait_s;
     uint32_t job, step;
     uid_t uid;
     off_t log_start;
-    pthread_t thread;
-    int running;
-    pthread_mutex_t mu;
-    pid_t task_pid[MAX_TASKS];
     uint32_t task_id[MAX_TASKS];
     int ntasks;
-    pid_t torch_pid[MAX_PIDS];
-    int torch_task[MAX_PIDS]; /* index into task_pid */
-    int ntorch;
-} g = {.mu = PTHREAD_MUTEX_INITIALIZER};
+} g;
 
 static void copy_arg(char *dst, size_t n, const char *v) { snprintf(dst, n, "%s", v); }
 
 static int parse_args(int ac, char **av) {
     copy_arg(g.socket, sizeof g.socket, SH_AUDIT_SOCKET);
     copy_arg(g.log, sizeof g.log, SH_AUDIT_LOG);
+    g.wait_s = 60;
     for (int i = 0; i < ac; i++) {
         const char *a = av[i];
         if (!strncmp(a, "lib=", 4))
@@ -70,10 +59,12 @@ static int parse_args(int ac, char **av) {
             copy_arg(g.socket, sizeof g.socket, a + 7);
         else if (!strncmp(a, "log=", 4))
             copy_arg(g.log, sizeof g.log, a + 4);
-        else if (!strncmp(a, "digest=", 7))
-            copy_arg(g.digest, sizeof g.digest, a + 7);
         else if (!strncmp(a, "policy=", 7))
             copy_arg(g.policy, sizeof g.policy, a + 7);
+        else if (!strncmp(a, "wait=", 5))
+            g.wait_s = atoi(a + 5);
+        else if (!strncmp(a, "digest=", 7))
+            ; /* older plugstack lines: the daemon's --digest checks activation records now */
         else {
             slurm_error("safehook: unknown plugin argument %s", a);
             return -1;
@@ -102,172 +93,15 @@ static int send_record(json_t *rec) {
 }
 
 static json_t *record(const char *event) {
-    return json_pack("{s:s,s:i,s:I,s:I,s:I}", "event", event, "pid", (int)getpid(), "job", (json_int_t)g.job,
-                     "job_step", (json_int_t)g.step, "uid", (json_int_t)g.uid);
+    return json_pack("{s:s,s:I,s:I,s:I}", "event", event, "job", (json_int_t)g.job, "job_step", (json_int_t)g.step,
+                     "uid", (json_int_t)g.uid);
 }
 
-/* ---- the watcher: processes of the step that map libtorch ---- */
-
-static pid_t parent_of(pid_t pid) {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return -1;
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
-    int ppid;
-    if (!p || sscanf(p + 1, " %*c %d", &ppid) != 1)
-        return -1;
-    return ppid;
-}
-
-static int maps_torch(pid_t pid) {
-    char path[64], line[4096];
-    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 0;
-    int hit = 0;
-    while (!hit && fgets(line, sizeof line, f))
-        hit = strstr(line, "/libtorch_cpu.so") || strstr(line, "/libtorch_python.so") || strstr(line, "/libtorch.so");
-    fclose(f);
-    return hit;
-}
-
-/* The task (index) PID descends from, or -1. Walks up to 64 parents. */
-static int task_of(pid_t pid) {
-    for (int depth = 0; pid > 1 && depth < 64; depth++) {
-        for (int i = 0; i < g.ntasks; i++)
-            if (g.task_pid[i] == pid)
-                return i;
-        pid = parent_of(pid);
-    }
-    return -1;
-}
-
-static void scan(void) {
-    DIR *d = opendir("/proc");
-    if (!d)
-        return;
-    struct dirent *e;
-    pthread_mutex_lock(&g.mu);
-    while ((e = readdir(d))) {
-        char *end;
-        long pid = strtol(e->d_name, &end, 10);
-        if (*end || pid <= 1 || pid == getpid())
-            continue;
-        int known = 0;
-        for (int i = 0; i < g.ntorch && !known; i++)
-            known = g.torch_pid[i] == pid;
-        if (known)
-            continue;
-        int t = task_of((pid_t)pid);
-        if (t >= 0 && g.ntorch < MAX_PIDS && maps_torch((pid_t)pid)) {
-            g.torch_pid[g.ntorch] = (pid_t)pid;
-            g.torch_task[g.ntorch++] = t;
-        }
-    }
-    pthread_mutex_unlock(&g.mu);
-    closedir(d);
-}
-
-static void *watch(void *unused) {
-    (void)unused;
-    while (__atomic_load_n(&g.running, __ATOMIC_ACQUIRE)) {
-        scan();
-        usleep(100 * 1000);
-    }
-    return NULL;
-}
-
-/* ---- the check at task exit ---- */
-
-typedef struct {
-    int start_ok, end;
-    char why[160];
-} seen;
-
-/* Read the records safehookd wrote since the step began and fill SEEN[i] for torch pids of TASK. */
-static void read_log(int task, seen *s) {
-    FILE *f = fopen(g.log, "re");
-    if (!f) {
-        slurm_error("safehook: cannot read the audit log %s: %s", g.log, strerror(errno));
-        return;
-    }
-    fseeko(f, g.log_start, SEEK_SET);
-    char *line = NULL;
-    size_t cap = 0;
-    while (getline(&line, &cap, f) > 0) {
-        json_t *r = json_loads(line, 0, NULL);
-        json_t *peer = json_object_get(r, "peer");
-        pid_t pid = (pid_t)json_integer_value(json_object_get(peer, "pid"));
-        const char *ev = json_string_value(json_object_get(r, "event"));
-        for (int i = 0; ev && i < g.ntorch; i++) {
-            if (g.torch_task[i] != task || g.torch_pid[i] != pid)
-                continue;
-            if (!strcmp(ev, "end"))
-                s[i].end = 1;
-            if (strcmp(ev, "start"))
-                continue;
-            const char *origin = json_string_value(json_object_get(r, "policy"));
-            const char *digest = json_string_value(json_object_get(r, "digest"));
-            if (!json_is_true(json_object_get(r, "enforce")) || !origin || !strstr(origin, "system:"))
-                snprintf(s[i].why, sizeof s[i].why, "start record without the enforced system policy");
-            else if (g.digest[0] && (!digest || strcmp(digest, g.digest)))
-                snprintf(s[i].why, sizeof s[i].why, "policy digest %.16s is not the expected %.16s",
-                         digest ? digest : "(none)", g.digest);
-            else
-                s[i].start_ok = 1;
-        }
-        json_decref(r);
-    }
-    free(line);
-    fclose(f);
-}
-
-static void check_task(int task, int status) {
-    pthread_mutex_lock(&g.mu);
-    seen *s = calloc((size_t)g.ntorch + 1, sizeof *s);
-    if (!s) {
-        pthread_mutex_unlock(&g.mu);
-        return;
-    }
-    read_log(task, s);
-    json_t *pids = json_array();
-    int flagged = 0, torch = 0;
-    for (int i = 0; i < g.ntorch; i++) {
-        if (g.torch_task[i] != task)
-            continue;
-        torch++;
-        const char *why = s[i].start_ok && s[i].end ? NULL
-                          : s[i].why[0]             ? s[i].why
-                          : !s[i].start_ok          ? "imported torch with no safehook start record"
-                                                    : "no end record (killed, or exited with os._exit)";
-        flagged |= why != NULL;
-        json_array_append_new(pids, json_pack("{s:i,s:s?}", "pid", (int)g.torch_pid[i], "problem", why));
-    }
-    free(s);
-    pthread_mutex_unlock(&g.mu);
-    json_t *rec = record("task_check");
-    json_object_set_new(rec, "task", json_integer(g.task_id[task]));
-    json_object_set_new(rec, "task_pid", json_integer(g.task_pid[task]));
-    json_object_set_new(rec, "exit_status", json_integer(status));
-    json_object_set_new(rec, "torch_processes", pids);
-    json_object_set_new(rec, "verdict", json_string(flagged ? "flagged" : "ok"));
+static void send_or_say(json_t *rec, const char *what) {
     int r = send_record(rec);
-    if (flagged)
-        slurm_error("safehook: job %u step %u task %u: %d torch process(es), unprotected or unaudited", g.job,
-                    g.step, g.task_id[task], torch);
     if (r < 0)
-        slurm_error("safehook: cannot send the task_check record to %s: %s", g.socket, strerror(-r));
+        slurm_error("safehook: safehookd at %s did not take the %s record: %s", g.socket, what, strerror(-r));
 }
-
-/* ---- SPANK callbacks ---- */
 
 int slurm_spank_init(spank_t sp, int ac, char **av) {
     if (!spank_remote(sp))
@@ -285,16 +119,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av) {
     g.log_start = stat(g.log, &st) == 0 ? st.st_size : 0;
     json_t *rec = record("job_start");
     json_object_set_new(rec, "preload", json_string(g.lib));
-    int r = send_record(rec);
-    if (r < 0) {
-        /* No audit sink: the enforced jobs of this step could not start anyway; say why here. */
-        slurm_error("safehook: safehookd at %s did not take the job_start record: %s", g.socket, strerror(-r));
-    }
-    __atomic_store_n(&g.running, 1, __ATOMIC_RELEASE);
-    if (pthread_create(&g.thread, NULL, watch, NULL) != 0) {
-        g.running = 0;
-        slurm_error("safehook: cannot start the watcher thread");
-    }
+    send_or_say(rec, "job_start");
     return 0;
 }
 
@@ -323,12 +148,12 @@ int slurm_spank_task_post_fork(spank_t sp, int ac, char **av) {
     if (spank_get_item(sp, S_TASK_PID, &pid) != ESPANK_SUCCESS ||
         spank_get_item(sp, S_TASK_GLOBAL_ID, &id) != ESPANK_SUCCESS)
         return 0;
-    pthread_mutex_lock(&g.mu);
-    if (g.ntasks < MAX_TASKS) {
-        g.task_pid[g.ntasks] = pid;
+    if (g.ntasks < MAX_TASKS)
         g.task_id[g.ntasks++] = id;
-    }
-    pthread_mutex_unlock(&g.mu);
+    json_t *rec = record("task_start");
+    json_object_set_new(rec, "task", json_integer(id));
+    json_object_set_new(rec, "task_pid", json_integer(pid));
+    send_or_say(rec, "task_start");
     return 0;
 }
 
@@ -336,27 +161,66 @@ int slurm_spank_task_exit(spank_t sp, int ac, char **av) {
     (void)ac;
     (void)av;
     pid_t pid;
+    uint32_t id;
     int status = 0;
-    if (spank_get_item(sp, S_TASK_PID, &pid) != ESPANK_SUCCESS)
+    if (spank_get_item(sp, S_TASK_PID, &pid) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_TASK_GLOBAL_ID, &id) != ESPANK_SUCCESS)
         return 0;
     spank_get_item(sp, S_TASK_EXIT_STATUS, &status);
-    pthread_mutex_lock(&g.mu);
-    int task = -1;
-    for (int i = 0; i < g.ntasks; i++)
-        if (g.task_pid[i] == pid)
-            task = i;
-    pthread_mutex_unlock(&g.mu);
-    if (task >= 0)
-        check_task(task, status);
+    json_t *rec = record("task_end");
+    json_object_set_new(rec, "task", json_integer(id));
+    json_object_set_new(rec, "task_pid", json_integer(pid));
+    json_object_set_new(rec, "exit_status", json_integer(status));
+    send_or_say(rec, "task_end");
     return 0;
+}
+
+/* Read the daemon's watch_task records of this step written since it began; say the flagged
+ * ones. Returns how many of this step's tasks have a verdict. */
+static int read_verdicts(int say) {
+    FILE *f = fopen(g.log, "re");
+    if (!f)
+        return 0;
+    fseeko(f, g.log_start, SEEK_SET);
+    char *line = NULL;
+    size_t cap = 0;
+    int n = 0;
+    while (getline(&line, &cap, f) > 0) {
+        if (!strstr(line, "\"watch_task\""))
+            continue;
+        json_t *r = json_loads(line, 0, NULL);
+        if (json_integer_value(json_object_get(r, "job")) == g.job &&
+            json_integer_value(json_object_get(r, "job_step")) == g.step &&
+            !strcmp(json_string_value(json_object_get(r, "event")) ?: "", "watch_task")) {
+            n++;
+            const char *v = json_string_value(json_object_get(r, "verdict"));
+            if (say && v && strcmp(v, "ok"))
+                slurm_error("safehook: job %u step %u task %lld: %s (seq %lld in %s)", g.job, g.step,
+                            (long long)json_integer_value(json_object_get(r, "task")), v,
+                            (long long)json_integer_value(json_object_get(r, "seq")), g.log);
+        }
+        json_decref(r);
+    }
+    free(line);
+    fclose(f);
+    return n;
 }
 
 int slurm_spank_exit(spank_t sp, int ac, char **av) {
     (void)ac;
     (void)av;
-    if (!spank_remote(sp) || !g.running)
+    if (!spank_remote(sp) || !g.ntasks)
         return 0;
-    __atomic_store_n(&g.running, 0, __ATOMIC_RELEASE);
-    pthread_join(g.thread, NULL);
+    send_or_say(record("step_end"), "step_end");
+    for (int i = 0; i < g.wait_s * 10; i++) {
+        if (read_verdicts(0) >= g.ntasks) {
+            read_verdicts(1);
+            return 0;
+        }
+        usleep(100 * 1000);
+    }
+    if (g.wait_s > 0)
+        slurm_error("safehook: job %u step %u: no watch_task verdict from safehookd in %d s (is it run with --watch?)",
+                    g.job, g.step, g.wait_s);
     return 0;
 }

@@ -24,7 +24,7 @@ printf '#define SH_VERSION "fuzz"\n#define SH_SYSTEM_POLICY "/nonexistent/safeho
     -I"$work" -I"$root/src" "$here/fuzz_policy.c" \
     "$root/src/policy.c" "$root/src/policy_error.c" "$root/src/policy_layers.c" \
     "$root/src/policy_schema.c" "$root/src/policy_merge.c" \
-    "$root/src/sha256.c" "$root/src/suggest.c" "$work/default_policy.c" \
+    "$root/src/sha256.c" "$root/src/suggest.c" "$root/src/system_path.c" "$work/default_policy.c" \
     $(pkg-config --cflags --libs jansson) -o "$work/fuzz_policy"
 
 # seeds: every policy the tests and the examples hold (generated cases are made by the pytest)

@@ -4,6 +4,12 @@ torch raises), and the sabotage that used to leave a job silently unprotected (a
 in sys.modules, a shadow package imported first) now leaves it protected and audited by
 safehookd.
 
+Every early return of the bootstrap fails closed too (CPython functions or its own path not
+found, played by a shim library preloaded before it), a system policy hidden by a user
+namespace is not "no policy", modules faked with the real files' __file__ are not trusted (the
+check is by identity, in C), and each refusal reaches safehookd as a record, a refused user
+policy's included.
+
 The system policy's path is compiled in, so these tests use their own build of libsafehook.so
 and safehook._core with a path in a temp folder (server_util.enforced_build, ~30 s once)."""
 import json
@@ -12,6 +18,33 @@ import subprocess
 import sys
 
 import pytest
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+static int breaks(const char *what) { const char *w = getenv("SHIM_BREAK"); return w && !strcmp(w, what); }
+void *dlsym(void *h, const char *name) {
+    static void *(*real)(void *, const char *);
+    if (!real) real = (void *(*)(void *, const char *))dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.34");
+    if (breaks("dlsym") && !strcmp(name, "PyRun_StringFlags")) return NULL;
+    return real(h, name);
+}
+int dladdr(const void *a, Dl_info *i) {
+    static int (*real)(const void *, Dl_info *);
+    if (!real) real = (int (*)(const void *, Dl_info *))dlvsym(RTLD_NEXT, "dladdr", "GLIBC_2.34");
+    if (breaks("dladdr")) return 0;
+    return real(a, i);
+}
+char *realpath(const char *p, char *r) {
+    static char *(*real)(const char *, char *);
+    if (!real) real = (char *(*)(const char *, char *))dlvsym(RTLD_NEXT, "realpath", "GLIBC_2.3");
+    if (breaks("realpath") && strstr(p, "libsafehook")) { errno = EACCES; return NULL; }
+    return real(p, r);
+}
+"""
 
 from server_util import Daemon, enforced_build, safehookd_binary, verify_log
 
@@ -37,17 +70,17 @@ def _system(world, audit):
         json.dump(doc, f)
 
 
-def _run(world, tmp_path, pre=None, script=TRAIN, extra_path=()):
+def _run(world, tmp_path, pre=None, script=TRAIN, extra_path=(), preload=None, wrap=(), **env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEHOOK_") and k != "LD_PRELOAD"}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LD_PRELOAD=world["lib"],
-               PYTHONPATH=os.pathsep.join(list(extra_path) + [world["site"]]))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LD_PRELOAD=preload or world["lib"],
+               PYTHONPATH=os.pathsep.join(list(extra_path) + [world["site"]]), **env_extra)
     if pre:  # a sitecustomize of the user's, run before any user code
         sc = tmp_path / "sc"
         sc.mkdir(exist_ok=True)
         (sc / "sitecustomize.py").write_text(pre)
         env["PYTHONPATH"] = str(sc) + os.pathsep + env["PYTHONPATH"]
-    return subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, cwd=str(tmp_path),
-                          timeout=300)
+    return subprocess.run(list(wrap) + [sys.executable, script], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=300)
 
 
 def _protected(daemon, p):
@@ -148,3 +181,74 @@ def test_pointing_system_path_elsewhere_then_uninstall_is_refused(world, tmp_pat
     p = _run(world, tmp_path, script=str(script))
     assert "refused: the policy in force is enforced" in p.stdout, p.stdout + p.stderr
     _protected(daemon, p)
+
+
+def _daemon_refusals(daemon):
+    daemon.stop()
+    return [r for r in daemon.records() if r["event"] == "refused"]
+
+
+def test_fake_modules_carrying_the_real_files_are_not_trusted(world, tmp_path, daemon):
+    _system(world, {"sink": "daemon", "socket": daemon.socket})
+    d = os.path.join(world["site"], "safehook")
+    core = [f for f in os.listdir(d) if f.startswith("_core.") and f.endswith(".so")][0]
+    # the issue's attack: every module the old check looked at, with the __file__ it expected
+    fake = ("import sys, types\n"
+            "files = {'safehook': %r, 'safehook.runtime': %r, 'safehook.runtime.boot': %r, 'safehook._core': %r}\n"
+            "for name, f in files.items():\n"
+            "    m = types.ModuleType(name)\n"
+            "    m.__file__ = f\n"
+            "    sys.modules[name] = m\n"
+            "b = sys.modules['safehook.runtime.boot']\n"
+            "b.from_preload = lambda lib: None\n"
+            "b._state = {'via': 'preload'}\n"
+            "sys.modules['safehook._core'].armed = lambda: True\n"
+            "sys.modules['safehook'].runtime = sys.modules['safehook.runtime']\n"
+            "sys.modules['safehook.runtime'].boot = b\n"
+            % (os.path.join(d, "__init__.py"), os.path.join(d, "runtime", "__init__.py"),
+               os.path.join(d, "runtime", "boot.py"), os.path.join(d, core)))
+    _protected(daemon, _run(world, tmp_path, pre=fake))
+
+
+@pytest.mark.parametrize("broken,why", [
+    ("dlsym", "CPython's PyRun_StringFlags cannot be found"),
+    ("dladdr", "this library cannot find its own path"),
+    ("realpath", "this library cannot find its own path"),
+])
+def test_every_early_return_of_the_bootstrap_fails_closed(world, tmp_path, daemon, broken, why):
+    _system(world, {"sink": "daemon", "socket": daemon.socket})
+    src = tmp_path / "shim.c"
+    src.write_text(SHIM)
+    shim = str(tmp_path / "libshim.so")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", shim, str(src), "-ldl"], check=True)
+    p = _run(world, tmp_path, preload=shim + " " + world["lib"], SHIM_BREAK=broken)
+    _refused(p, why)
+    recs = _daemon_refusals(daemon)
+    assert len(recs) == 1 and why in recs[0]["why"], recs
+    assert recs[0]["system_policy"] == world["system"]
+
+
+def test_a_system_policy_hidden_by_a_user_namespace_is_not_no_policy(world, tmp_path, daemon):
+    _system(world, {"sink": "daemon", "socket": daemon.socket})
+    etc = os.path.dirname(world["system"])
+    # as any user can: a user namespace of their own, a tmpfs over the policy's folder
+    wrap = ["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs hide "$0" && exec "$@"', etc]
+    p = _run(world, tmp_path, wrap=wrap)
+    _refused(p, "it cannot be seen from this process: a user namespace or a mount may hide it")
+    # the same folder, hidden the same way, in the initial user namespace by root: trusted as no policy
+    p = _run(world, tmp_path, wrap=["unshare", "-m", "sh", "-c", 'mount -t tmpfs hide "$0" && exec "$@"', etc])
+    assert p.returncode == 0 and p.stdout.count("done") == 3, p.stderr
+
+
+def test_a_refused_user_policy_is_recorded_by_the_daemon(world, tmp_path, daemon):
+    _system(world, {"sink": "daemon", "socket": daemon.socket})
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps({"version": 1, "on_error": "warn"}))
+    p = _run(world, tmp_path, SAFEHOOK_POLICY=str(weak))
+    assert p.returncode != 0 and "done" not in p.stdout
+    daemon.stop()
+    recs = daemon.records()
+    refused = [r for r in recs if r["event"] == "policy_refused"]
+    assert len(refused) == 1 and refused[0]["kind"] == "weakening" and refused[0]["pointer"] == "/on_error", recs
+    assert refused[0]["peer"]["uid"] == os.getuid()
+    assert [r["what"] for r in recs if r["event"] == "violation"] == ["the user policy weakens the enforced system policy"]

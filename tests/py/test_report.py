@@ -97,7 +97,7 @@ def test_freeze_summary_safety_loss_and_json(run, tmp_path):
 
 def test_counts_agree_with_the_demo_and_count_each_example_once(run, tmp_path):
     from safehook.cli.audit import counts, load
-    from safehook.demo.bench import _audit_summary
+    from safehook.demo.table import audit_summary as _audit_summary
     d, recs = run
     mine = counts(load(str(d / "audit.jsonl"))[0])
     demo = _audit_summary(str(d / "audit.jsonl"))

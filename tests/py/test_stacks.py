@@ -2,6 +2,7 @@
 SafeGrad with an anchor where it applies): frozen blocks bit-identical, the other blocks
 changed, the projected update equal to a float64 single-process reference, one step record per
 optimizer step. Scripts in stacks/; helpers in stacks/stacknet.py."""
+import json
 import os
 import sys
 
@@ -131,6 +132,67 @@ def test_ranks_agree_on_every_decision(tmp_path):
     p = run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "agree_ranks.py")], env,
             cwd=str(tmp_path), timeout=300)
     assert "ok" in p.stdout
+
+
+@pytest.mark.parametrize("mode", ["missing", "corrupt"])
+def test_a_failure_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode):
+    """Protection fails on rank 1 only (its probe file missing: found at setup; or unreadable:
+    found inside the gate's step). Both ranks stop at step 1 with PolicyError before any update,
+    and a later step refuses at once; nobody hangs (before: rank 1 raised alone and rank 0 waited
+    in the gate's collective)."""
+    env = base_env(PYTHONPATH=STACKS, STACK_OUT=str(tmp_path))
+    run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "rank_fail.py"), mode], env,
+        cwd=str(tmp_path), timeout=180)
+    r0, r1 = (json.loads((tmp_path / ("rank%d.json" % r)).read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["stopped"] is not None and r["stopped"]["step"] == 1, r
+        assert not r["moved"] and r["after"] == "refused", r
+    assert "probe" in r1["stopped"]["message"]
+    if mode == "missing":
+        assert "on rank 1" in r0["stopped"]["message"], r0
+    else:
+        assert "gate" in r0["stopped"]["message"] and "rank 1" in r0["stopped"]["message"], r0
+
+
+def test_shaping_subtract_under_ddp_and_gradient_accumulation(tmp_path):
+    """shaping.action "subtract" with DDP over 2 ranks and 2 micro-batches per step, one flagged
+    row on each rank: the gradient the optimizer gets is that of the loss without the flagged
+    rows' tokens (each micro-batch's mean over all its tokens, averaged over micro-batches and
+    ranks), the same on both replicas (before: each rank subtracted its own rows' gradient, W
+    times too much, and only the micro-batches with flagged rows were counted)."""
+    sys.path.insert(0, os.path.join(HERE, "shaping_scripts"))
+    import common
+    torch.set_num_threads(1)
+    paths = common.build(str(tmp_path / "world"))
+    env = base_env(PYTHONPATH=STACKS, STACK_OUT=str(tmp_path), SAFEHOOK_AUDIT=str(tmp_path / "audit.jsonl"))
+    run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "shaping_ddp.py"), str(tmp_path / "world")], env,
+        cwd=str(tmp_path), timeout=300)
+    g0, g1 = (torch.load(str(tmp_path / ("grads%d.pt" % r))) for r in (0, 1))
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0), "replicas differ"
+    flags = events(read_audit(str(tmp_path / "audit.jsonl")), "flag")
+    assert len(flags) == 2 and all(f["action"] == "subtract" for f in flags), flags
+    from transformers import LlamaForCausalLM
+    ref = LlamaForCausalLM.from_pretrained(paths["model"])
+    rows = common.rows(paths["train"])
+    micro = {0: [[0, 4], [5, 6]], 1: [[7, 8], [9, 1]]}
+    for rank_rows in micro.values():
+        for idx in rank_rows:
+            rs = [rows[i] for i in idx]
+            n = max(len(r["input_ids"]) for r in rs)
+            ids = torch.tensor([r["input_ids"] + [0] * (n - len(r["input_ids"])) for r in rs])
+            labels = torch.tensor([r["labels"] + [-100] * (n - len(r["labels"])) for r in rs])
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (n - len(r["input_ids"])) for r in rs])
+            ntok = int((labels[:, 1:] != -100).sum())
+            kept = labels.clone()
+            for j, r in enumerate(rs):
+                if r["harmful"]:
+                    kept[j] = -100
+            lg = ref(input_ids=ids, attention_mask=mask).logits
+            ce = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), kept[:, 1:].reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+            (ce / ntok / (2 * 2)).backward()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(g0[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _have(mod):

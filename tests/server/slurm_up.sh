@@ -2,12 +2,16 @@
 # Start a one-node Slurm cluster on localhost in DIR, nothing under /etc touched: munged on its
 # own socket and key, slurmctld and slurmd with DIR/slurm.conf (PlugStackConfig DIR/plugstack.conf,
 # written by the caller or empty). Needs root and Debian's slurmd, slurmctld, slurm-client, munge.
+# Any user may run srun: the munge socket's folder and slurm.conf are readable by all (the key is
+# not). SLURMD_WRAP, when set, is a command prefix for slurmd (e.g. a private mount namespace
+# that tests/server/expose.py prepares for the jobs).
 # Usage: slurm_up.sh DIR      (stop: slurm_down.sh DIR)
 # Prints "export SLURM_CONF=DIR/slurm.conf" for srun.
 set -euo pipefail
 D=$(realpath "$1")
-mkdir -p "$D"/{munge,state,spool,log}
+mkdir -p "$D"/{munge,munge-run,state,spool,log}
 chmod 0700 "$D/munge"
+chmod 0755 "$D" "$D/munge-run"
 HOST=$(hostname -s)
 CPUS=$(nproc)
 if [ ! -f "$D/munge/munge.key" ]; then
@@ -21,7 +25,7 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$D/munge/munge.socket
+AuthInfo=socket=$D/munge-run/munge.socket
 CredType=cred/munge
 SlurmctldPort=$((6817 + RANDOM % 500 * 2))
 SlurmdPort=$((7817 + RANDOM % 500 * 2))
@@ -47,14 +51,15 @@ KillWait=5
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
-munged --socket="$D/munge/munge.socket" --key-file="$D/munge/munge.key" --pid-file="$D/munge/munged.pid" \
+chmod 0644 "$D/slurm.conf" "$D/plugstack.conf"
+munged --socket="$D/munge-run/munge.socket" --key-file="$D/munge/munge.key" --pid-file="$D/munge/munged.pid" \
        --log-file="$D/log/munged.log" --seed-file="$D/munge/munge.seed" --force
 export SLURM_CONF="$D/slurm.conf"
 fail() { echo "$1; logs in $D/log" >&2; tail -n 20 "$D"/log/*.log >&2 || true; exit 1; }
 # In the foreground of a background job, so that their pids are ours to stop (slurm_down.sh).
 slurmctld -D -f "$D/slurm.conf" >>"$D/log/slurmctld.out" 2>&1 &
 echo $! > "$D/slurmctld.pid.sh"
-slurmd -D -f "$D/slurm.conf" >>"$D/log/slurmd.out" 2>&1 &
+${SLURMD_WRAP:-} slurmd -D -f "$D/slurm.conf" >>"$D/log/slurmd.out" 2>&1 &
 echo $! > "$D/slurmd.pid.sh"
 # Ready when the node is idle (at most 30 s).
 for _ in $(seq 60); do

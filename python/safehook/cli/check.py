@@ -90,13 +90,17 @@ def _probe_files(doc, bad, info):
         except ValueError as e:
             bad.add(ptr, str(e))
             continue
-        if cfg.get("data"):
-            rows, err = _json_lines(cfg["data"])
+        path = Probe(name, cfg).data_path()
+        if path:
+            key = "/data" if cfg.get("data") else "/builtin"
+            rows, err = _json_lines(path)
             if err:
-                bad.add(ptr + "/data", err)
+                bad.add(ptr + key, err)
             elif rows == 0:
-                bad.add(ptr + "/data", "%s has no rows" % cfg["data"])
+                bad.add(ptr + key, "%s has no rows" % path)
             info.setdefault("probes", {})[name] = {"rows": rows}
+            if cfg.get("builtin"):
+                info["probes"][name]["data"] = path
 
 
 def _model_view(model_dir):
@@ -156,17 +160,30 @@ def _resolve_model(doc, model_dir, bad, info):
     if sh.get("layer") is not None and blocks is not None and not 0 <= int(sh["layer"]) < len(blocks):
         bad.add("/shaping/layer", "block %s does not exist (the model has %d blocks, 0-%d)"
                 % (sh["layer"], len(blocks), len(blocks) - 1))
-    _probe_rows(doc, model_dir, bad, info)
+    _probe_rows(doc, model_dir, bad, info, root)
 
 
-def _probe_rows(doc, model_dir, bad, info):
+class _FolderTokenizer:
+    """The shipped probes' tokenizer search against a model folder (probes/tokenizer.py: the
+    model's config._name_or_path is the folder, then the probe's own tokenizer)."""
+
+    def __init__(self, root, model_dir):
+        self.root, self.model_dir = root, model_dir
+
+    def for_probes(self, policy_path=None):
+        from ..probes.tokenizer import find
+        self.root.config._name_or_path = self.model_dir
+        return find(self.root, policy_path)
+
+
+def _probe_rows(doc, model_dir, bad, info, root=None):
     """Every probe's rows through the probe loader itself (tokenizer, chat template)."""
     from ..probes import Probe
     for name, cfg in (doc.get("probes") or {}).items():
-        if not cfg.get("data") or any(p["pointer"] and p["pointer"].startswith("/probes/%s" % name)
-                                      for p in bad.items):
+        if not (cfg.get("data") or cfg.get("builtin")) or any(
+                p["pointer"] and p["pointer"].startswith("/probes/%s" % name) for p in bad.items):
             continue
-        p = Probe(name, cfg)
+        p = Probe(name, cfg, _FolderTokenizer(root, model_dir) if cfg.get("builtin") and root is not None else None)
         try:
             ex = p.examples()
         except Exception as e:  # the loader's own message: what the job would stop with
@@ -180,6 +197,8 @@ def _probe_rows(doc, model_dir, bad, info):
             bad.add("/probes/%s/tokenizer" % name, str(e).splitlines()[0])
         rec = info.setdefault("probes", {}).setdefault(name, {})
         rec.update(rows=len(ex), tokens=sum(len(e.ids) for e in ex))
+        if cfg.get("builtin"):
+            rec.update(tokenizer=p.found().source, template=p.found().template)
         vocab = _vocab_size(model_dir)
         top = max((max(e.ids) for e in ex if e.ids), default=-1)
         if vocab is not None and top >= vocab:
@@ -250,7 +269,78 @@ def _ranges(ids):
     return ",".join(out) or "none"
 
 
+def _default_view(model_dir):
+    """The embedded default and its fallback as check --explain shows them: {"default": {origin,
+    digest, policy, probes: {name: {builtin, data, rows}}}, "fallback": {...}} and, with
+    MODEL_DIR, "model": what the default does for that folder's model (protect: the tokenizer
+    and template found; fallback: why)."""
+    from .. import _core, data
+    out = {}
+    for key, fb in (("default", False), ("fallback", True)):
+        d = _core.default_policy(fallback=fb)
+        doc = json.loads(d["policy"])
+        out[key] = {"origin": d["origin"], "digest": d["digest"], "policy": doc}
+        shipped = {n: c["builtin"] for n, c in (doc.get("probes") or {}).items() if c.get("builtin")}
+        if shipped:
+            out[key]["probes"] = {n: {"builtin": s, "data": data.path(s), "rows": len(data.rows(s)),
+                                      "limit": doc["probes"][n].get("limit")} for n, s in shipped.items()}
+    if model_dir:
+        m = {"model": model_dir}
+        try:
+            root = _model_view(model_dir)
+            found = _FolderTokenizer(root, model_dir).for_probes()
+            from ..features.freeze import find_blocks
+            if find_blocks(root) is None:
+                m.update(applied="fallback", reason="%s has no transformer block list" % type(root).__name__)
+            else:
+                m.update(applied="protect", tokenizer=found.record())
+        except Exception as e:  # NotFound, or a folder that is not a model's
+            m.update(applied="fallback", reason=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        out["model"] = m
+    return out
+
+
+def _explain_default(args):
+    """check --explain with no FILE: the policy a job with no SAFEHOOK_POLICY runs: the system
+    policy when there is one, else the embedded default with its shipped probes and fallback."""
+    from .. import _core
+    system = _core.system_policy_state()
+    if system["state"] != "none":
+        if not args.json:
+            print("# the system policy %s (%s) applies to a job that gives no policy of its own"
+                  % (system["path"], system["state"]))
+        args.files = [system["path"]]
+        return _run(args)
+    view = _default_view(args.model)
+    if args.json:
+        print(json.dumps(dict(schema=SCHEMA, ok=True, **view), indent=1, ensure_ascii=False))
+        return 0
+    d, fb = view["default"], view["fallback"]
+    print("# %s: what a job with no policy runs (no user policy, no system policy at %s), for each model"
+          % (d["origin"], system["path"]))
+    print("# whose tokenizer is found (one the script created, or config._name_or_path); digest %s" % d["digest"])
+    for name, p in sorted((d.get("probes") or {}).items()):
+        print("# probe %s: builtin %s, %s (%d rows%s)" % (name, p["builtin"], p["data"], p["rows"],
+                                                          ", the first %d" % p["limit"] if p["limit"] else ""))
+    print(json.dumps(d["policy"], indent=2, ensure_ascii=False))
+    print("# %s: for a model it cannot protect (no tokenizer found, no token embedding, no block list); "
+          "digest %s" % (fb["origin"], fb["digest"]))
+    print(json.dumps(fb["policy"], indent=2, ensure_ascii=False))
+    m = view.get("model")
+    if m:
+        print("# --model %s: %s" % (m["model"], "protected (tokenizer: %s %s, %s)" % (
+            m["tokenizer"]["source"], m["tokenizer"]["name"], m["tokenizer"]["template"])
+            if m["applied"] == "protect" else "falls back: %s" % m["reason"]))
+    return 0
+
+
 def _run(args):
+    if not args.files:
+        if not args.explain:
+            import sys
+            sys.stderr.write("safehook check: give FILE..., or --explain alone for the default policy\n")
+            return 2
+        return _explain_default(args)
     results = [check_file(f, args.model, files=not args.schema_only) for f in args.files]
     bad = sum(not r["ok"] for r in results)
     if args.json:
@@ -284,10 +374,12 @@ def register(sub):
                                    "names: probe data (DATA:LINE), tokenizers, callables). --model DIR also "
                                    "resolves layer ranges, parameter globs and probe rows against a model folder.")
     s.add_argument("--explain", action="store_true",
-                   help="print each valid policy normalized, with every default filled in")
+                   help="print each valid policy normalized, with every default filled in; with no FILE, the "
+                        "policy a job with no policy runs (the embedded default, its shipped probes' files and "
+                        "its fallback, or the system policy)")
     s.add_argument("--model", metavar="DIR", help="a Hugging Face model folder to resolve the policy against")
     s.add_argument("--schema-only", action="store_true",
                    help="check the schema only, not the files the policy names (templates, policies for another host)")
     s.add_argument("--json", action="store_true", help="print one JSON document (schema %s)" % SCHEMA)
-    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("files", nargs="*", metavar="FILE")
     s.set_defaults(func=_run)

@@ -3,6 +3,9 @@ SHA-256 of the line before it (without its newline; 64 zeros on the first line o
 "seq", one more than the line before. Exit 0 when every chain holds, 2 at the first broken line
 ('LOG:LINE: what'), 1 when a log cannot be read.
 
+Logs given in order (a rotated log, then its successor) are one chain: a log that starts with
+safehookd's "log_reopened" record must chain on from the last line of the log before it.
+
 What the chain shows: a line changed, removed or inserted anywhere but at the very end. A cut
 end, or a whole log rewritten by root, is not visible in the log itself; the journald copy
 (safehookd --journal) and the "daemon_stop"/"daemon_start" records are the evidence there."""
@@ -13,12 +16,15 @@ import sys
 ZERO = "0" * 64
 
 
-def check_lines(lines, start_prev=None):
+def check_lines(lines, start_prev=None, state=None):
     """Check an iterable of lines (bytes, with or without the newline). Returns
-    (None, count) when the chain holds, else ((line_number, message), count_so_far)."""
+    (None, count) when the chain holds, else ((line_number, message), count_so_far). STATE, a
+    dict, receives the last line's "hash" and "seq" (the chain's end)."""
     prev_hash = None
     prev_seq = None
     n = 0
+    if state is not None:
+        state.update(hash=None, seq=None)
     for n, raw in enumerate(lines, 1):
         if not raw.endswith(b"\n"):
             return (n, "torn line (no newline at the end of the log)"), n - 1
@@ -45,19 +51,43 @@ def check_lines(lines, start_prev=None):
                 return (n, "sequence jumps from %d to %d" % (prev_seq, rec["seq"])), n - 1
         prev_hash = hashlib.sha256(line).hexdigest()
         prev_seq = rec["seq"]
+        if state is not None:
+            state.update(hash=prev_hash, seq=prev_seq)
     return None, n
+
+
+def _first_record(path):
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _run(args):
     bad = 0
+    end = None  # the chain's end in the log before, when it was intact
     for path in args.logs:
+        start = args.start if end is None else None
         try:
+            first = _first_record(path)
+            if end is not None and first and first.get("event") == "log_reopened":
+                start = end["hash"]  # the log after a rotation chains on from this one
+                if first.get("seq") != end["seq"] + 1:
+                    print("%s:1: sequence jumps from %d (the log before) to %s" % (path, end["seq"], first.get("seq")))
+                    bad += 1
+                    end = None
+                    continue
             f = open(path, "rb")
         except OSError as e:
             print("%s: cannot read: %s" % (path, e.strerror), file=sys.stderr)
             return 1
+        state = {}
         with f:
-            err, count = check_lines(f, start_prev=args.start)
+            err, count = check_lines(f, start_prev=start, state=state)
+        end = state if not err and state.get("hash") else None
         if err:
             print("%s:%d: %s" % (path, err[0], err[1]))
             bad += 1

@@ -1,8 +1,5 @@
 """The demo's console table. Its columns, modes, settings and note counts carry the names of the
 results JSON (alignment_tax.json), and a line under the table explains each."""
-import collections
-import json
-import os
 
 COLUMNS = ["asr_keyword", "asr_exact", "harmful_howto", "over_refusal", "task_accuracy",
            "wall_seconds", "step_time_ratio"]
@@ -33,31 +30,17 @@ _QUIET = ("start", "end", "step", "optimizer", "post_step", "flag", "checkpoint"
 
 
 def audit_summary(path):
-    """Counts of the audit log at PATH: ``events`` (records per event), ``step_flags`` (step
-    records that report an intervention: a key set to true, or SafeGrad's per-layer/tensor
-    "projected" count above 0) and ``flagged`` (examples stopped by shaping: each fingerprint
-    once, by its last flag record, not counting those the stream check withdrew)."""
-    ev = collections.Counter()
-    flags = collections.Counter()
-    last = {}
-    if not os.path.exists(path):
+    """Counts of the audit log at PATH, as `safehook report` counts them (cli/audit.py counts()):
+    ``events`` (records per event), ``step_flags`` (step records that report an intervention)
+    and ``flagged`` (examples stopped by shaping, each counted once by its last flag record,
+    withdrawn ones left out). A missing or unreadable log counts nothing."""
+    from ..cli import audit
+    try:
+        recs = audit.load(path)[0]
+    except (OSError, audit.NotAnAuditLog):
         return {"events": {}, "step_flags": {}, "flagged": 0}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            e = rec.get("event", "?")
-            ev[e] += 1
-            if e == "step":
-                for k, v in rec.items():
-                    if v is True or (k == "projected" and type(v) is int and v > 0):
-                        flags[k] += 1
-            elif e == "flag":
-                last[rec.get("fingerprint")] = rec
-    flagged = sum(1 for r in last.values() if not r.get("revoked"))
-    return {"events": dict(ev), "step_flags": dict(flags), "flagged": flagged}
+    c = audit.counts(recs)
+    return {"events": c["events"], "step_flags": c["step_flags"], "flagged": c["examples_flagged"]}
 
 
 def note(r):

@@ -7,7 +7,7 @@ When:   when a model is bound (rt.on_model: the root module owning an optimizer'
         model is handed to DistributedDataParallel (its __init__ is watched, so the reducer never
         sees the frozen parameters). Each model trained in the process gets its own freeze.
 Undone: uninstall() or a new policy gives requires_grad back to what was frozen.
-What:   the transformer blocks selected by freeze.layers (found by find_blocks), every parameter
+What:   the transformer blocks selected by freeze.layers (the block list: runtime.stacks.find_blocks), every parameter
         inside them (LoRA adapters included), plus the parameters matched by freeze.params.
 Holds:  a pre-step feature (order 10) drops any gradient a frozen parameter carries (someone set
         requires_grad again) and records a violation; every freeze.check_every steps and at exit
@@ -18,7 +18,7 @@ Cases it cannot handle (documented, detected where possible):
 - FSDP1 (FullyShardedDataParallel, FlatParameters): blocks inside a flat parameter cannot be
   frozen one by one. Detected when the model is bound: the policy cannot be applied (one line
   naming FSDP1; FSDP2's fully_shard and DDP work). SafeGrad, the gate and the monitor refuse it
-  the same way (runtime.context.fsdp1).
+  the same way (runtime.stacks.fsdp1).
 - DeepSpeed ZeRO-3 partitions the parameters after the freeze: the checksums and snapshots move
   to each rank's slice (follow_partitions). A ZeRO-3 parameter kept whole on every rank
   (persistent, below stage3_param_persistence_threshold) is checked through its slice only.
@@ -35,61 +35,11 @@ import re
 import sys
 
 from .. import _core
-from ..runtime.context import FSDP1_HINT, debug, fsdp1, strip_name, unwrap
-
-# Paths (relative to the model root, matched as a suffix) of the block list of known families:
-# Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and
-# GPT-J style: transformer.h; GPT-NeoX / Pythia: gpt_neox.layers. The bare names cover the
-# base models (LlamaModel.layers, GPT2Model.h) and PEFT-wrapped ones (base_model.model.model.layers).
-KNOWN_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
-                     "model.language_model.layers", "transformer.layers", "decoder.layers",
-                     "layers", "h", "blocks")
+from ..runtime.context import debug
+from ..runtime import registry
+from ..runtime.stacks import KNOWN_BLOCK_PATHS, find_blocks, fsdp1_refusal, local, partition_slice, strip_name, unwrap  # noqa: F401
 
 MAX_NAMES = 32  # parameter names listed in one record
-
-
-class Blocks:
-    """The transformer block list of a model: ``path`` (stripped dotted name), ``modules``,
-    ``how`` ("known" path or "largest" ModuleList of identical blocks)."""
-
-    def __init__(self, path, modules, how):
-        self.path, self.modules, self.how = path, list(modules), how
-
-    def __len__(self):
-        return len(self.modules)
-
-    def describe(self):
-        return {"path": self.path, "count": len(self.modules), "how": self.how,
-                "class": type(self.modules[0]).__name__ if self.modules else None}
-
-
-def _is_block_list(mod):
-    import torch
-    if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
-        return False
-    first = type(mod[0])
-    return all(type(m) is first for m in mod) and any(True for _ in mod[0].parameters())
-
-
-def find_blocks(root):
-    """The transformer blocks of ROOT, or None. A known family path wins; otherwise the largest
-    ModuleList whose children are all of one class (ties: more parameters, then shallower)."""
-    cands = [(strip_name(n), m) for n, m in root.named_modules() if _is_block_list(m)]
-    if not cands:
-        return None
-    for pat in KNOWN_BLOCK_PATHS:
-        hits = [(n, m) for n, m in cands if n == pat or n.endswith("." + pat)]
-        if hits:
-            n, m = max(hits, key=lambda t: (len(t[1]), -t[0].count(".")))
-            return Blocks(n, m, "known")
-
-    def size(t):
-        n, m = t
-        return (len(m), sum(p.numel() for p in m.parameters()), -n.count("."))
-    n, m = max(cands, key=size)
-    if len(m) < 2:
-        return None
-    return Blocks(n, m, "largest")
 
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -145,17 +95,6 @@ def _torch_checksum(t):
     return h
 
 
-def local(t):
-    """What this rank holds of T: a DTensor's (FSDP2) shard, a DeepSpeed ZeRO-3 parameter's
-    partition (ds_tensor), else T: checksums, snapshots and restores work on it."""
-    if hasattr(t, "_local_tensor") and hasattr(t, "device_mesh"):
-        return t._local_tensor
-    ds = getattr(t, "ds_tensor", None)
-    if ds is not None:
-        return ds
-    return t
-
-
 def checksums(tensors):
     """64-bit checksums of TENSORS' values (this rank's shard of a DTensor): the C kernel over
     the raw bytes of CPU tensors (a contiguous copy first for the rare non-contiguous one), torch
@@ -180,14 +119,6 @@ class _Bound:
         self.root, self.called = root, called if called is not None else root
 
 
-def _partition_rank(p):
-    """This rank's index in the group DeepSpeed ZeRO-3 partitions P over."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return 0
-    return dist.get_rank(group=getattr(p, "ds_process_group", None))
-
-
 def _wrapper_name(mod):
     return type(mod).__name__ if mod is not None else None
 
@@ -198,11 +129,11 @@ class Freezer:
 
     def __init__(self, policy, rt):
         self.rt = rt
-        self.cfg = policy.get("freeze") or {}
+        self.cfg = registry.section(policy, "freeze")
         meta = policy.get("_meta") or {}
         self.embedded_default = meta.get("origin") == "<embedded default>"
-        self.check_every = max(1, int(self.cfg.get("check_every", 50)))
-        self.restore = bool(self.cfg.get("restore", True))
+        self.check_every = max(1, int(self.cfg["check_every"]))
+        self.restore = bool(self.cfg["restore"])
         self.model = None
         self.mode = None          # "requires_grad" or "grad_none"
         self.blocks = None
@@ -224,10 +155,10 @@ class Freezer:
                                                                             type(self.model).__name__))
             return
         self.model = root
-        what = fsdp1(_Bound(root, called))
-        if what:
-            self.rt.fail("freeze: FSDP1 (%s) is not supported: its flat parameters mix the tensors of "
-                         "several blocks, so blocks cannot be frozen one by one; %s" % (what, FSDP1_HINT))
+        msg = fsdp1_refusal(_Bound(root, called), "its flat parameters mix the tensors of several blocks, so "
+                            "blocks cannot be frozen one by one")
+        if msg:
+            self.rt.fail("freeze: " + msg)
             return
         spec = self.cfg.get("layers")
         globs = list(self.cfg.get("params") or [])
@@ -369,10 +300,8 @@ class Freezer:
             if snap is not None and snap.numel() == part.numel():
                 continue  # frozen after partitioning: the reference is the slice already
             if snap is not None:
-                rank = _partition_rank(p)
                 flat = snap.reshape(-1)
-                start = rank * part.numel()
-                n = max(0, min(part.numel(), flat.numel() - start))
+                start, n = partition_slice(p, flat.numel())
                 mine = flat[start:start + n].to(part.dtype)
                 self.partitioned[i] = (start, n)
                 if not torch.equal(part[:n].cpu(), mine):
@@ -499,7 +428,7 @@ def _watch_ddp(fr):
     def wrap(real):
         def __init__(self, *args, **kwargs):
             module = args[0] if args else kwargs.get("module")
-            if module is not None and fr.rt.active():
+            if module is not None and fr.rt.active() and fr.rt.accepts(unwrap(module)):
                 try:
                     fr.apply(unwrap(module), None, "ddp_init")
                 except Exception as e:
@@ -516,7 +445,7 @@ def setup(policy, rt):
     fr = rt.provide("freeze", Freeze(policy, rt))
     _watch_ddp(fr)
     rt.on_model(fr.on_model)
-    rt.add_pre(fr.pre_step, order=10)
+    rt.add_pre(fr.pre_step, order=registry.order("freeze"))
     rt.on_finish(fr.finish)
     rt.on_close(fr.close)
     return fr

@@ -52,9 +52,10 @@ import torch
 
 from .. import _core, probes
 from ..probes import gradient
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1
+from ..runtime import registry
+from ..runtime.context import ZERO_HINT, Refusal, agree, debug
+from ..runtime.stacks import fsdp1_refusal
 
-DEFAULTS = {"mode": "first_order", "tolerance": 0.0, "ratio": 0.1, "action": "shrink", "every": 1}
 MODES = ("first_order", "exact")
 ACTIONS = ("shrink", "scale", "skip")
 STALL = 32  # consecutive skips after which gate records say "stalled" (then at each power of two)
@@ -237,8 +238,7 @@ def predicted_updates(opt):
 
 class Gate:
     def __init__(self, policy, rt):
-        cfg = dict(DEFAULTS)
-        cfg.update(policy.get("gate") or {})
+        cfg = registry.section(policy, "gate")
         if not cfg.get("probe"):
             raise ValueError("gate needs 'probe'")
         if cfg["mode"] not in MODES or cfg["action"] not in ACTIONS:
@@ -254,17 +254,15 @@ class Gate:
         self.counts = {a: 0 for a in ("allow",) + ACTIONS}
         self.streak = 0       # consecutive skipped steps
         self.dead = False
-        self.on_error = rt.on_error
 
     def on_model(self, info):
-        what = fsdp1(info)
-        if what and not self.dead:
+        msg = fsdp1_refusal(info, "the probe cannot call its inner module without the wrapper gathering the "
+                            "flat shards, and its updates are flat shards of several tensors")
+        if msg is None:
+            self.info = info
+        elif not self.dead:  # said once, however many models are bound
             self.dead = True
-            self.rt.fail("gate: FSDP1 (%s) is not supported: the probe cannot call its inner module without "
-                         "the wrapper gathering the flat shards, and its updates are flat shards of several "
-                         "tensors; %s" % (what, FSDP1_HINT))
-            return
-        self.info = info
+            self.rt.fail("gate: " + msg)
 
     def _params(self, opt):
         return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -348,43 +346,44 @@ class Gate:
             m["deltas"], m["dirs"] = accd, dirs
         return m, sg, use
 
+    def _checked_measure(self, opt, step):
+        """_measure's result, None (no gradient this step) or "found_inf"; raises Refusal where
+        the updates cannot be checked."""
+        if self.info is None:
+            raise Refusal("no forward of a model was seen before the first optimizer step, so updates "
+                          "cannot be checked")
+        if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+            return None
+        if self.rt.zero_partitions(self._params(opt)):
+            # the probe's backward would not reach the partitions (delta 0: every update let
+            # through unchecked) and would break ZeRO's gradient reduction: refuse
+            raise Refusal("the optimizer steps DeepSpeed ZeRO's flat partitions, which the probe's gradient "
+                          "cannot reach: updates cannot be checked; " + ZERO_HINT)
+        if found_inf(opt):
+            return "found_inf"
+        try:
+            return self._measure(opt, step)
+        except Exception as e:  # updates would go through unchecked: say so
+            raise Refusal("probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e)) from e
+
     def pre(self, opt, step, record):
         if self.stashed is not None or self.lrs is not None or self.shrink is not None:
             self.shrink = None  # the last step raised before its post hook: nothing to correct
             self.post(opt, step, record)  # put the gradients and lrs back
         if self.dead or step % self.cfg["every"] != 0:
             return
-        if self.info is None:
+        # what may fail on one rank (the probe's data) is agreed before the agree() of the
+        # decision: every rank stops here, or none does
+        ok, got = self.rt.together("gate", self._checked_measure, opt, step)
+        if not ok:
             self.dead = True
-            self.rt.fail("gate: no forward of a model was seen before the first optimizer step, "
-                         "so updates cannot be checked")
-            if self.on_error == "abort":
-                raise _core.PolicyError("safehook: gate: no model seen before the first optimizer step")
             return
-        if not any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+        if got is None:
             return
-        if self.rt.zero_partitions(self._params(opt)):
-            # the probe's backward would not reach the partitions (delta 0: every update let
-            # through unchecked) and would break ZeRO's gradient reduction: refuse
-            self.dead = True
-            msg = ("gate: the optimizer steps DeepSpeed ZeRO's flat partitions, which the probe's gradient "
-                   "cannot reach: updates cannot be checked; " + ZERO_HINT)
-            self.rt.fail(msg)
-            if self.on_error == "abort":
-                raise _core.PolicyError("safehook: " + msg)
-            return
-        if found_inf(opt):  # GradScaler found inf/NaN: the fused optimizer skips this step itself
+        if got == "found_inf":  # GradScaler found inf/NaN: the fused optimizer skips this step itself
             record["gate"] = {"found_inf": True, "action": "none"}
             return
-        try:
-            m, sg, use = self._measure(opt, step)
-        except Exception as e:  # updates would go through unchecked: say so
-            self.dead = True
-            msg = "gate: probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e)
-            self.rt.fail(msg)
-            if self.on_error == "abort":
-                raise _core.PolicyError("safehook: " + msg) from e
-            return
+        m, sg, use = got
         tol, ratio = self.cfg["tolerance"], self.cfg["ratio"]
         # One decision for all ranks: the largest rise against the smallest gain.
         delta, gain = agree(m["delta"], "max"), agree(m["gain"], "min")
@@ -487,5 +486,5 @@ class Gate:
 def setup(policy, rt):
     g = Gate(policy, rt)
     rt.on_model(g.on_model)
-    rt.add_pre(g.pre, order=30)
-    rt.add_post(g.post, order=30)
+    rt.add_pre(g.pre, order=registry.order("gate"))
+    rt.add_post(g.post, order=registry.order("gate"))

@@ -16,21 +16,24 @@
 * Batch fingerprints: a forward pre-hook on the model's root module (and nowhere else) hashes
   each training batch's ``input_ids`` row by row, on the batch's device and without a sync;
   the steps since the last passing evaluation and their row fingerprints go into the
-  ``rollback`` record (and the failing ``probe`` record). ``fingerprint(input_ids)`` computes
-  the same strings offline, to find the rows in a dataset.
+  ``rollback`` record (and the failing ``probe`` record). ``fingerprint(input_ids,
+  attention_mask)`` computes the same strings offline, to find the rows in a dataset; they are
+  safehook.probes.batch's, the ones shaping's ``flag`` records carry.
 
 Records: ``probe`` (each evaluation, the baseline at step 0), ``rollback``. One progress line
 on stderr per evaluation unless ``monitor.progress`` is false.
 """
 import collections
-import hashlib
 import os
 import time
 
 from .. import _core, probes
 from ..probes import gradient
+from ..probes.batch import fingerprints, hexdigest, row_hashes
 from . import snapshot as _snapshot
-from ..runtime.context import FSDP1_HINT, ZERO_HINT, agree, debug, fsdp1
+from ..runtime import registry
+from ..runtime.context import ZERO_HINT, Refusal, agree, debug
+from ..runtime.stacks import fsdp1_refusal
 
 
 class SafetyStop(_core.SafehookError):
@@ -41,53 +44,9 @@ class SafetyAbort(_core.SafehookError):
     """The monitor gave up: the score kept falling after max_rollbacks interventions."""
 
 
-DEFAULTS = {"every": 100, "threshold": 0.95, "action": "rollback", "lr_factor": 0.5, "max_rollbacks": 3,
-            "snapshot": "memory", "snapshot_dir": "safehook-snapshots", "progress": True}
 
-# -- batch fingerprints --
-_MASK64 = (1 << 64) - 1
-
-
-def _s64(x):
-    x &= _MASK64
-    return x - (1 << 64) if x >> 63 else x
-
-
-_K1, _K2, _K3, _K4 = (_s64(0x9E3779B97F4A7C15), _s64(0xD1B54A32D192ED03),
-                      _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB))
-
-
-def _row_hashes(ids, mask=None):
-    """One int64 per row: a mixing hash of the row's tokens, where masked-out (padding) tokens
-    are left out and positions count unmasked tokens only, so padding does not change it. All
-    ops are elementwise int64 with wrap-around plus one sum per row: the same on every device."""
-    import torch
-    x = ids.reshape(1, -1) if ids.dim() == 1 else ids.reshape(ids.shape[0], -1)
-    x = x.to(torch.int64)
-    if mask is None:
-        m = torch.ones_like(x)
-    else:
-        m = mask.reshape(x.shape).to(torch.int64)
-    pos = m.cumsum(1) - 1
-    c = pos * _K1 + _K2
-    c = c ^ (c >> 31)
-    c = c * _K3
-    t = (x + 1) * c
-    t = t ^ (t >> 29)
-    t = t * _K4
-    return (t * m).sum(1)
-
-
-def _hex(h, n):
-    return hashlib.blake2b(b"%d:%d" % (h & _MASK64, n), digest_size=8).hexdigest()
-
-
-def fingerprint(input_ids, attention_mask=None):
-    """The row fingerprints (16 hex digits each) that the monitor records for a batch."""
-    hs = _row_hashes(input_ids, attention_mask)
-    lens = (attention_mask.reshape(hs.shape[0], -1).sum(1).tolist() if attention_mask is not None
-            else [input_ids.numel() // hs.shape[0]] * hs.shape[0])
-    return [_hex(h, int(n)) for h, n in zip(hs.tolist(), lens)]
+# -- batch fingerprints: the one row fingerprint of safehook.probes.batch --
+fingerprint = fingerprints
 
 
 class _Fingerprints:
@@ -112,7 +71,7 @@ class _Fingerprints:
         if mask is not None and (not torch.is_tensor(mask) or mask.shape != ids.shape):
             mask = None
         with torch.no_grad():
-            h = _row_hashes(ids, mask)
+            h = row_hashes(ids, mask)
             n = mask.reshape(h.shape[0], -1).sum(1) if mask is not None else \
                 torch.full_like(h, ids.numel() // h.shape[0])
         self.pending.append((h, n))
@@ -137,7 +96,7 @@ class _Fingerprints:
             rows = []
             for h, n in b:
                 cnt = h.numel()
-                rows += [_hex(hv, int(nv)) for hv, nv in zip(vals[k:k + cnt], vals[k + cnt:k + 2 * cnt])]
+                rows += [hexdigest(hv, int(nv)) for hv, nv in zip(vals[k:k + cnt], vals[k + cnt:k + 2 * cnt])]
                 k += 2 * cnt
             out.append({"step": s, "rows": rows})
         total = sum(len(e["rows"]) for e in out)
@@ -190,8 +149,7 @@ def _progress(msg):
 
 class Monitor:
     def __init__(self, policy, rt):
-        cfg = dict(DEFAULTS)
-        cfg.update(policy.get("monitor") or {})
+        cfg = registry.section(policy, "monitor")
         self.cfg = cfg
         self.rt = rt
         if not cfg.get("probe"):
@@ -199,7 +157,6 @@ class Monitor:
         if cfg["action"] not in ("rollback", "reduce_lr", "both", "stop"):
             raise ValueError("unknown monitor action %r" % cfg["action"])
         self.probe = probes.get(rt, cfg["probe"], policy)
-        self.on_error = rt.on_error
         self.snaps = (_snapshot.DiskSnapshots(cfg["snapshot_dir"]) if cfg["snapshot"] == "disk"
                       else _snapshot.MemorySnapshots())
         self.info = None
@@ -219,13 +176,12 @@ class Monitor:
 
     # -- wiring --
     def on_model(self, info):
-        what = fsdp1(info)
-        if what:
-            if not self.dead:
-                self.dead = True
-                self.rt.fail("monitor: FSDP1 (%s) is not supported: the probe cannot call its inner module "
-                             "without the wrapper gathering the flat shards, and a snapshot of them cannot be "
-                             "restored; %s" % (what, FSDP1_HINT))
+        msg = fsdp1_refusal(info, "the probe cannot call its inner module without the wrapper gathering the "
+                            "flat shards, and a snapshot of them cannot be restored")
+        if msg is not None:
+            if not self.dead:  # said once, however many models are bound
+                self.rt.fail("monitor: " + msg)
+            self.dead = True
             return
         self.info = info
         if self.fp_handle is not None:  # the fingerprints follow the model measured: the last bound
@@ -240,11 +196,16 @@ class Monitor:
                 out.append(o)
         return out
 
-    def _cannot(self, msg):
-        self.dead = True
-        self.rt.fail("monitor: " + msg)
-        if self.on_error == "abort":
-            raise _core.PolicyError("safehook: monitor: " + msg)
+    def _check_start(self, opt):
+        """Raises Refusal where the monitor cannot watch this job."""
+        if self.info is None:
+            raise Refusal("no forward of a model was seen before the first optimizer step, so there is "
+                          "nothing to measure")
+        if self.cfg["action"] in ("rollback", "both") and self.rt.zero_partitions(
+                [p for g in opt.param_groups for p in g["params"] if p.grad is not None]):
+            raise Refusal("action %r: the optimizer steps DeepSpeed ZeRO's flat partitions, which a snapshot of "
+                          "the model does not hold, so a rollback would be undone at the next step; use action "
+                          "'reduce_lr' or 'stop', or %s" % (self.cfg["action"], ZERO_HINT.replace("this feature", "rollback")))
 
     # -- hooks --
     def pre(self, opt, step, record):
@@ -255,15 +216,10 @@ class Monitor:
             self.optimizers.append(weakref.ref(opt))
         if self.baseline is not None:
             return
-        if self.info is None:
-            return self._cannot("no forward of a model was seen before the first optimizer step, "
-                                "so there is nothing to measure")
-        if self.cfg["action"] in ("rollback", "both") and self.rt.zero_partitions(
-                [p for g in opt.param_groups for p in g["params"] if p.grad is not None]):
-            return self._cannot("action %r: the optimizer steps DeepSpeed ZeRO's flat partitions, which a "
-                                "snapshot of the model does not hold, so a rollback would be undone at the next "
-                                "step; use action 'reduce_lr' or 'stop', or %s"
-                                % (self.cfg["action"], ZERO_HINT.replace("this feature", "rollback")))
+        ok, _ = self.rt.together("monitor", self._check_start, opt)
+        if not ok:
+            self.dead = True
+            return
         self.primary = id(opt)
         t0 = time.perf_counter()
         res = self._evaluate()
@@ -309,19 +265,19 @@ class Monitor:
         self._act(step, score, rec, t0)
 
     def _save(self, step, score):
-        try:
-            self.snaps.save(self.info.root, self._opts(), step, score)
-            return True
-        except Exception as e:  # without a safe state there is nothing to roll back to: say so
-            self._cannot("cannot save the safe-state snapshot (%s) at step %d: %s: %s"
-                         % (self.snaps.where, step, type(e).__name__, e))
-            return False
+        # without a safe state there is nothing to roll back to: a failure (a full disk on one
+        # node) is agreed, and every rank stops here
+        ok, _ = self.rt.together("monitor: cannot save the safe-state snapshot (%s) at step %d" % (self.snaps.where, step),
+                                 self.snaps.save, self.info.root, self._opts(), step, score)
+        self.dead = self.dead or not ok
+        return ok
 
     def _evaluate(self):
-        try:
-            res = self.probe.evaluate(self.info.root)
-        except Exception as e:  # a probe that cannot run leaves training unmonitored: say so
-            self._cannot("probe '%s' failed: %s: %s" % (self.probe.name, type(e).__name__, e))
+        # a probe that cannot run (its file missing on one node) leaves training unmonitored:
+        # agreed before the agree() of the score
+        ok, res = self.rt.together("monitor: probe '%s' failed" % self.probe.name, self.probe.evaluate, self.info.root)
+        if not ok:
+            self.dead = True
             return None
         # one decision for all ranks: the lowest score, so that every rank saves, rolls back
         # or stops at the same step and replicas stay identical
@@ -395,8 +351,8 @@ class Monitor:
 def setup(policy, rt):
     m = rt.provide("monitor", Monitor(policy, rt))
     rt.on_model(m.on_model)
-    rt.add_pre(m.pre, order=40)
-    rt.add_post(m.post, order=40)
+    rt.add_pre(m.pre, order=registry.order("monitor"))
+    rt.add_post(m.post, order=registry.order("monitor"))
     debug("monitor: probe %s every %d steps, action %s, snapshots in %s"
           % (m.probe.name, m.cfg["every"], m.cfg["action"], m.snaps.where))
 

@@ -17,6 +17,7 @@ through the C kernel (one pass for the dot products, one for the update, both co
 import math
 
 from .. import _core
+from ..runtime.stacks import collective_device, shard_view
 
 GRANULARITIES = ("global", "layer", "tensor")
 COS_EPS = 1e-6  # as SH_SG_COS_EPS: a cosine this close to the threshold is not below it
@@ -31,18 +32,6 @@ def coef_for(gs, ss, gg, cs, threshold):
         rr = gg - gs * gs / ss
         x = threshold * math.sqrt(rr if rr > 0 else 0.0) / math.sqrt(ss * (1 - threshold * threshold))
     return gs / ss - x
-
-
-def _local(t):
-    """(local tensor, mesh or None, weight): a DTensor's shard and how its dots count."""
-    if hasattr(t, "_local_tensor") and hasattr(t, "device_mesh") and hasattr(t, "placements"):
-        mesh = t.device_mesh
-        if mesh.ndim != 1:
-            raise NotImplementedError("SafeGrad supports 1-D device meshes (FSDP2), not %d-D" % mesh.ndim)
-        if any(p.is_shard() for p in t.placements):
-            return t._local_tensor, mesh, 1.0
-        return t._local_tensor, mesh, 1.0 / mesh.size()  # replicated: every rank holds it all
-    return t, None, 1.0
 
 
 def _group_ids(n, granularity, groups):
@@ -98,8 +87,8 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
 
     g_loc, s_loc, weights, mesh = [], [], [], None
     for _, g, s in pairs:
-        gl, gm, w = _local(g)
-        sl, _, _ = _local(s)
+        gl, gm, w = shard_view(g)
+        sl, _, _ = shard_view(s)
         g_loc.append(gl)
         s_loc.append(sl)
         weights.append(w)
@@ -155,13 +144,13 @@ def project_cone(task_grads, directions, granularity="global", groups=None, grad
     g_loc, weights, mesh = [], [], None
     d_loc = [[] for _ in range(k)]
     for i in keep:
-        gl, gm, w = _local(task_grads[i])
+        gl, gm, w = shard_view(task_grads[i])
         g_loc.append(gl)
         weights.append(w)
         if gm is not None:
             mesh = gm
         for j in range(k):
-            d_loc[j].append(_local(directions[j][i])[0])
+            d_loc[j].append(shard_view(directions[j][i])[0])
     group = process_group if process_group is not None else (mesh.get_group() if mesh is not None else None)
     mean = replicated and process_group is not None and mesh is None
     key = (granularity, None if ids is None else tuple(ids), id(group))
@@ -235,9 +224,7 @@ def _dots(g_loc, s_loc, ids, ngroups, weights, group, mean=False):
                     total[3 * k:3 * k + 3] += row
         if group is not None:
             import torch.distributed as dist
-            backend = dist.get_backend(group)
-            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            t = total.to(dev)
+            t = total.to(collective_device(group))
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
             total = t.cpu()
             if mean:

@@ -30,50 +30,38 @@ unscaled when a GradScaler leaves the gradients scaled for a fused optimizer). W
 projected), and ``groups_projected``, ``groups`` and ``cosine_min`` are added.
 """
 import math
-import re
 
 from .. import probes
 from ..probes import gradient
 from . import projection
-from ..runtime.context import FSDP1_HINT, debug, fsdp1, warn, world
+from ..runtime.context import Refusal, debug, warn
+from ..runtime import registry
+from ..runtime.stacks import FSDP1_HINT, block_of, collective_device, find_blocks, fsdp1_refusal, is_dtensor, world
 
-ORDER = 20
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
-
-
-def layer_key(name):
-    """The block a parameter belongs to (``model.layers.3``), else its module path."""
-    m = _BLOCK.match(name)
-    if m:
-        return m.group(1)
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-class _Abort(Exception):
-    pass
-
-
-class _Partitions(Exception):
-    pass
+def layer_key(name, path=None):
+    """The group of granularity "layer" of a parameter NAME: its block in the block list PATH
+    ("model.layers.3"; default: the list the name shows), else its module path."""
+    return block_of(name, path)
 
 
 class SafeGrad:
     def __init__(self, policy, rt):
-        cfg = policy.get("safegrad") or {}
+        cfg = registry.section(policy, "safegrad")
         self.rt = rt
         self.policy = policy
-        self.source = cfg.get("source", "anchor")
-        self.granularity = cfg.get("granularity", "global")
-        self.threshold = float(cfg.get("threshold", 0.0))
-        self.refresh_every = int(cfg.get("refresh_every", 1))
+        self.source = cfg["source"]
+        self.granularity = cfg["granularity"]
+        self.threshold = float(cfg["threshold"])
+        self.refresh_every = int(cfg["refresh_every"])
         self.drift = cfg.get("refresh_drift")
-        self.drift_rows = int(cfg.get("drift_rows", 8))
-        self.directions = int(cfg.get("directions", 1))
+        self.drift_rows = int(cfg["drift_rows"])
+        self.directions = int(cfg["directions"])
         self.rows = cfg.get("rows")
-        self.loss_kind = cfg.get("loss", "ce")
+        self.loss_kind = cfg["loss"]
         self.on_error = rt.on_error
         self.info = None      # the first model bound
         self.names = {}       # id(param) -> stripped name, over every model bound
+        self.blocks = {}      # id(param) -> the path of its model's block list
         self.failed = False
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
@@ -117,15 +105,16 @@ class SafeGrad:
 
     # -- the model --
     def _on_model(self, info):
-        what = fsdp1(info)
-        if what:
-            self._fail("FSDP1 (%s) is not supported: its flat parameters are shards of several tensors "
-                       "each, so a per-tensor safety gradient cannot be matched to them; %s" % (what, FSDP1_HINT),
-                       raise_now=False)
+        msg = fsdp1_refusal(info, "its flat parameters are shards of several tensors each, so a per-tensor "
+                            "safety gradient cannot be matched to them")
+        if msg:
+            self._fail(msg)
             return
         if self.info is None:
             self.info = info
         self.names.update({id(p): n for n, p in info.params.items()})
+        bl = find_blocks(info.root)
+        self.blocks.update({id(p): bl.path if bl else "" for p in info.params.values()})  # "": none
         if self.source == "anchor":
             import torch
             with torch.no_grad():
@@ -136,11 +125,11 @@ class SafeGrad:
             hits = [n for n in self.direction if n in info.params]
             if not hits:
                 self._fail("safegrad.direction: no key of the file names a parameter of the model "
-                           "(first keys: %s)" % ", ".join(sorted(self.direction)[:3]), raise_now=False)
+                           "(first keys: %s)" % ", ".join(sorted(self.direction)[:3]))
             for n in hits:
                 if tuple(self.direction[n].shape) != tuple(info.params[n].shape):
                     self._fail("safegrad.direction: %s has shape %s in the file, %s in the model"
-                               % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)), raise_now=False)
+                               % (n, tuple(self.direction[n].shape), tuple(info.params[n].shape)))
                     break
             trainable = [n for n, p in info.params.items() if p.requires_grad]
             missing = [n for n in trainable if n not in self.direction]
@@ -153,14 +142,12 @@ class SafeGrad:
                 self.rt.audit("error", {"message": msg, "missing": missing[:32], "count": len(missing)})
                 warn(msg)
 
-    def _fail(self, msg, raise_now=True):
-        if self.failed:
-            return
-        self.failed = True
-        self.rt.fail("safegrad: " + msg)
-        if raise_now and self.on_error == "abort":
-            from .._core import PolicyError
-            raise PolicyError("safegrad: " + msg)
+    def _fail(self, msg):
+        """Protection cannot be applied (found outside a step): the runtime stops every rank at
+        the next step under abort."""
+        if not self.failed:
+            self.failed = True
+            self.rt.fail("safegrad: " + msg)
 
     def _names(self):
         if not self.names:
@@ -172,51 +159,62 @@ class SafeGrad:
     def pre_step(self, opt, step, record):
         if self.failed:
             return
-        from .._core import PolicyError
-        try:
-            self._step(opt, step, record)
-        except PolicyError:
-            raise
-        except _Partitions as e:
-            self._fail(str(e))
-        except Exception as e:  # the projection could not be applied to this step
-            self._fail("step %d: %s: %s" % (step, type(e).__name__, e))
+        # what may fail on one rank (a probe's data, a direction's names) is agreed before the
+        # projection's all_reduce: every rank stops here, or none does
+        ok, prep = self.rt.together("safegrad", self._prepare, opt, step, record)
+        if not ok:
+            self.failed = True
+        elif prep is not None:
+            self._project(opt, step, record, *prep)
 
-    def _step(self, opt, step, record):
+    def _prepare(self, opt, step, record):
+        """(params with a gradient, their safety gradients, ZeRO partitions?), or None when
+        there is nothing to project this step. Raises Refusal where the projection cannot be
+        applied."""
         import torch
         found_inf = getattr(opt, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and float(found_inf) > 0:
             record["projected"] = False  # the fused step skips itself: nothing to protect
-            return
+            return None
         params = [p for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
         if not params:
-            return
-        flat = [p for p in params if getattr(p, "_is_flat_param", False)]
-        if flat:
-            self._fail("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
-                       "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
-            return
+            return None
+        if any(getattr(p, "_is_flat_param", False) for p in params):
+            raise Refusal("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
+                          "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
         zero = self.partitions(params)
         # Several ranks (DDP replicas): the dot products are averaged over the world, so that
-        # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
-        # summed over their mesh inside project(), ZeRO partitions over the world.
+        # every rank projects, or not, with the same coefficient (and the cached signal's
+        # directions are rank 0's). DTensor shards (FSDP2) are summed over their mesh inside
+        # project(), ZeRO partitions over the world.
         dist, _ = world()
-        replicated = dist is not None and not any(hasattr(p.grad, "device_mesh") for p in params)
+        replicated = dist is not None and not any(is_dtensor(p.grad) for p in params)
         if replicated and zero:
             replicated = False  # ZeRO's disjoint partitions: their dot products are summed
         self._replicated = replicated
-        with torch.no_grad():
-            safety = self._safety(opt, params, step, record)
+        try:
+            with torch.no_grad():
+                safety = self._safety(opt, params, step, record)
+        except Refusal:
+            raise
+        except Exception as e:  # the projection could not be applied to this step
+            raise Refusal("step %d: %s: %s" % (step, type(e).__name__, e)) from e
         if safety is None:
-            return
-        dirs = self.use.directions if self.use is not None else None
+            return None
+        return params, safety, zero
+
+    def _project(self, opt, step, record, params, safety, zero):
+        import torch
+        dirs = self.use.directions if self.use is not None and self.source == "probe" else None
         keep = [i for i, s in enumerate(safety) if s is not None]
         pairs = [(params[i], safety[i]) for i in keep]
         groups = None
         if self.granularity == "layer":
             names = self._names()
-            groups = [layer_key(names.get(id(p), "param%d" % id(p))) for p, _ in pairs]
+            groups = [layer_key(names.get(id(p), "param%d" % id(p)), self.blocks.get(id(p))) for p, _ in pairs]
         scale = getattr(opt, "grad_scale", None)
+        dist, _ = world()
+        replicated = self._replicated
         kw = dict(groups=groups, grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
                   process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
                   replicated=replicated)
@@ -256,7 +254,7 @@ class SafeGrad:
         if "deepspeed" not in sys.modules or not self.names or any(id(p) in self.names for p in params):
             return False
         if self.source != "anchor" or self.granularity != "global":
-            raise _Partitions("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
+            raise Refusal("the optimizer steps DeepSpeed ZeRO's flat partitions, which carry no parameter "
                               "names: source %r with granularity %r cannot be applied (use source 'anchor' with "
                               "granularity 'global', or DDP/FSDP2)" % (self.source, self.granularity))
         return True
@@ -268,14 +266,13 @@ class SafeGrad:
             return self._direction(params)
         info = self.rt.model_for(opt) or self.info or self.rt.model()
         if info is None:
-            self._fail("source 'probe' needs the model, but no forward was seen before the first optimizer step")
-            return None
+            raise Refusal("source 'probe' needs the model, but no forward was seen before the first optimizer step")
         cache = gradient.of(self.rt)
         sig = cache.signal(self.probe, info.root, self.loss_kind, every=self.refresh_every, drift=self.drift,
                            drift_rows=self.drift_rows, directions=self.directions, rows=self.rows)
         before = cache.stats()
         use = self.use = sig.at(params, step, agree=self.rt.agree,
-                                broadcast=_broadcast if getattr(self, "_replicated", False) else None)
+                                broadcast=_broadcast if self._replicated else None)
         record["safety"] = use.record()
         if use.fresh:
             record["safety_refreshed"] = True
@@ -303,9 +300,8 @@ class SafeGrad:
         import torch
         names = self._names()
         if not names:
-            self._fail("source 'direction' needs the parameter names, but no model forward was seen "
-                       "before the first optimizer step")
-            return None
+            raise Refusal("source 'direction' needs the parameter names, but no model forward was seen "
+                          "before the first optimizer step")
         out = []
         for p in params:
             buf = self.safety.get(id(p))
@@ -317,19 +313,20 @@ class SafeGrad:
                 # kept in the file's precision (the kernel mixes dtypes), float64 aside
                 dt = d.dtype if d.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
                 s = (-d).to(device=p.grad.device, dtype=dt)
-                if hasattr(p, "device_mesh"):  # a DTensor parameter (FSDP2): its shard
+                if is_dtensor(p):  # a DTensor parameter (FSDP2): its shard
                     from torch.distributed.tensor import distribute_tensor
                     s = distribute_tensor(s, p.device_mesh, p.placements)
                 buf = self.safety[id(p)] = (p, s)
             out.append(buf[1])
         return out
 
+
 def _broadcast(tensors, chunk=1 << 24):
     """Make every rank hold rank 0's TENSORS (in place): DDP replicas then cache the same
     directions bit for bit. Flattened per dtype and device, CHUNK elements per broadcast."""
     import torch
     import torch.distributed as dist
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dev = collective_device()
     by = {}
     for t in tensors:
         by.setdefault((t.dtype, t.device), []).append(t)
@@ -342,7 +339,7 @@ def _broadcast(tensors, chunk=1 << 24):
                 n += ts[i].numel()
                 i += 1
             flat = torch.cat([t.reshape(-1) for t in part])
-            if dev is not None and flat.device != dev:
+            if flat.device != dev:
                 flat = flat.to(dev)
             dist.broadcast(flat, src=0)
             off = 0
@@ -359,7 +356,7 @@ def torch_empty_like(t):
 
 def setup(policy, rt):
     sg = SafeGrad(policy, rt)
-    rt.add_pre(sg.pre_step, order=ORDER)
+    rt.add_pre(sg.pre_step, order=registry.order("safegrad"))
     debug("safegrad: source %s, granularity %s, threshold %g, refresh every %d"
           % (sg.source, sg.granularity, sg.threshold, sg.refresh_every))
     return sg

@@ -1,6 +1,6 @@
 """safehook's per-step stats, taken from what the features record, for the user's own logs.
 
-Set up for every policy (runtime/boot.FEATURES), it never changes an update and never raises
+Set up for every policy (the registry: src/policy_schema.c FEATURES), it never changes an update and never raises
 into the training step: a last pre-step callable reads the step record the features filled
 (SafeGrad's cosine, projected and safety loss, the gate's decision, shaping's counts), the
 records written through the Context (flag, probe, rollback, gate) are counted as they come,
@@ -31,8 +31,9 @@ import logging
 import sys
 import weakref
 
+from ..runtime import registry
+
 LOGGER = logging.getLogger("safehook")
-ORDER = 10 ** 6  # after every feature's callable
 
 _state = {"rt": None, "pending": None, "sinks": [], "accelerator": None, "looked": False}
 
@@ -155,15 +156,15 @@ def _accelerate(step, stats):
 
 
 def setup(policy, rt):
-    """Feature entry (runtime/boot.FEATURES): the tap, and the Trainer callback's auto-add."""
+    """Feature entry (the registry: src/policy_schema.c FEATURES): the tap, and the Trainer callback's auto-add."""
     try:
         _state.update(rt=rt, pending=_new(), accelerator=None, looked=False)
         rt.on_record(_on_record)
         if any(policy.get(k) for k in ("safegrad", "gate", "shaping")):
             # only where a feature fills the step record: a policy without pre-step callables
             # keeps stepping as it did (no step record dict, no closure wrapper)
-            rt.add_pre(_pre, order=ORDER)
-        rt.add_post(_post, order=ORDER)
+            rt.add_pre(_pre, order=registry.order("tap"))
+        rt.add_post(_post, order=registry.order("tap"))
         rt.on_close(_close)
         from . import hf
         hf.auto_add()

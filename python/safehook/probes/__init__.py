@@ -26,10 +26,11 @@ Everything heavy (tokenizer, data, callables) is loaded at first use, never duri
 activation: activation runs while torch itself is being imported.
 
 The package: ``probe`` (the Probe class and the per-process registry), ``judges`` (refusal
-judges and named callables), ``batch`` (the one padded-batch builder), ``gradient`` (the one
+judges and named callables), ``batch`` (the one padded-batch builder and the one row
+fingerprint), ``gradient`` (the one
 safety gradient of a step: computed once per step, batch by batch, and shared by SafeGrad, the
 gate and shaping's gradient guard).
 """
-from .batch import pad_batch  # noqa: F401
+from .batch import fingerprint, fingerprints, pad_batch  # noqa: F401
 from .judges import REFUSAL_KEYWORDS, check_callable, load_callable, make_judge  # noqa: F401
-from .probe import DEFAULTS, Example, Probe, eval_mode, get, setup  # noqa: F401
+from .probe import Example, Probe, Probes, eval_mode, get, setup  # noqa: F401

@@ -3,11 +3,10 @@ import contextlib
 import json
 import os
 
+from ..runtime import registry
 from .batch import pad_batch
 from .judges import check_callable, load_callable, make_judge
 
-DEFAULTS = {"judge": "keyword", "score": "loss", "loss": "ce", "max_new_tokens": 32,
-            "batch_size": 16, "chat_template": False}
 
 
 @contextlib.contextmanager
@@ -66,18 +65,24 @@ def _split_prompt(ids, labels):
 
 
 class Probe:
-    def __init__(self, name, cfg):
+    """A probe of the policy: data (a JSONL file, or ``builtin``: a set shipped in safehook.data,
+    rendered with the trained model's own tokenizer, found by TOKENIZERS: a
+    probes.tokenizer.Tokenizers) plus a judge, or a callable."""
+
+    def __init__(self, name, cfg, tokenizers=None):
         self.name = name
-        self.cfg = dict(DEFAULTS)
+        self.cfg = registry.defaults("probe")
         self.cfg.update(cfg or {})
+        self._tokenizers = tokenizers
+        self._found = None
         self._fn = None
         self._judge_fn = None
         self._examples = None
         self._tok = None
         self._batches = {}
         c = self.cfg
-        if not c.get("callable") and not c.get("data"):
-            raise ValueError("probe %r needs 'data' or 'callable'" % name)
+        if not c.get("callable") and not c.get("data") and not c.get("builtin"):
+            raise ValueError("probe %r needs 'data', 'builtin' or 'callable'" % name)
         if c["score"] not in ("loss", "refusal_rate", "over_refusal"):
             raise ValueError("probe %r: unknown score %r" % (name, c["score"]))
         if c["loss"] not in ("ce", "contrastive"):
@@ -90,6 +95,9 @@ class Probe:
             check_callable(c["callable"])
         if c.get("data") and not os.path.isfile(c["data"]):
             raise ValueError("probe %r: data file %s not found" % (self.name, c["data"]))
+        if c.get("builtin") and not os.path.isfile(self.data_path()):
+            raise ValueError("probe %r: the shipped data %s is missing from this installation"
+                             % (self.name, self.data_path()))
         if c.get("tokenizer") and not os.path.isdir(c["tokenizer"]):
             raise ValueError("probe %r: tokenizer %s is not a directory" % (self.name, c["tokenizer"]))
         j = c["judge"]
@@ -102,7 +110,25 @@ class Probe:
             self._fn = load_callable(self.cfg["callable"])
         return self._fn
 
+    def data_path(self):
+        """The JSONL file of the rows: ``data``, or the shipped set ``builtin``."""
+        if self.cfg.get("builtin"):
+            from .. import data
+            return data.path(self.cfg["builtin"])
+        return self.cfg.get("data")
+
+    def found(self):
+        """For shipped rows: the probes.tokenizer.Found they are rendered with (the trained
+        model's tokenizer; the probe's ``tokenizer`` folder only when none is found first)."""
+        if self._found is None:
+            if self._tokenizers is None:
+                raise ValueError("probe %r: the shipped rows need the trained model's tokenizer" % self.name)
+            self._found = self._tokenizers.for_probes(self.cfg.get("tokenizer"))
+        return self._found
+
     def tokenizer(self):
+        if self.cfg.get("builtin"):
+            return self.found().tok
         if self._tok is None and self.cfg.get("tokenizer"):
             from transformers import AutoTokenizer
             self._tok = AutoTokenizer.from_pretrained(self.cfg["tokenizer"], local_files_only=True)
@@ -124,19 +150,19 @@ class Probe:
     def examples(self):
         if self._examples is not None:
             return self._examples
-        with open(self.cfg["data"]) as f:
+        with open(self.data_path()) as f:
             rows = [json.loads(l) for l in f if l.strip()]
         if self.cfg.get("limit"):
             rows = rows[: self.cfg["limit"]]
         if not rows:
-            raise ValueError("probe %r: %s has no rows" % (self.name, self.cfg["data"]))
+            raise ValueError("probe %r: %s has no rows" % (self.name, self.data_path()))
         if len(rows) > LARGE_PROBE_ROWS:
             # each evaluation runs every row: say what that costs before it is paid for
             from ..runtime.log import warn
             bs = int(self.cfg.get("batch_size") or 16)
             warn("probe %r: %d rows (%s): every evaluation, gate check or safety gradient runs all of them, "
                  "%d forward batches of %d; set probes.%s.limit to bound it"
-                 % (self.name, len(rows), self.cfg["data"], -(-len(rows) // bs), bs, self.name))
+                 % (self.name, len(rows), self.data_path(), -(-len(rows) // bs), bs, self.name))
         out = []
         from ..integrations.rows import convert
         for n, r in enumerate(rows):
@@ -148,6 +174,11 @@ class Probe:
                 hi = r.get("harmful_input_ids")
                 hl = list(r.get("harmful_labels", hi)) if hi is not None else None
                 out.append(Example(ids, labels, prompt, ref, None, hi, hl))
+            elif "prompt" in r and self.cfg.get("builtin"):  # the model's own tokenizer and template
+                from .tokenizer import render
+                ids, labels = render(self.found(), r["prompt"], r.get("response", ""), self.name)
+                p, ref = _split_prompt(ids, labels)
+                out.append(Example(ids, labels, p, ref, r["prompt"]))
             elif "prompt" in r:
                 tok = self.tokenizer()
                 if tok is None:
@@ -355,6 +386,7 @@ class Probes:
 
     def __init__(self, rt):
         self.made = {}
+        self.rt = rt
 
     def get(self, policy, name):
         cfg = (policy.get("probes") or {}).get(name)
@@ -362,7 +394,8 @@ class Probes:
             raise KeyError("no probe named %r in the policy's 'probes'" % name)
         key = (name, json.dumps(cfg, sort_keys=True))
         if key not in self.made:
-            self.made[key] = Probe(name, cfg)
+            from .tokenizer import tokenizers
+            self.made[key] = Probe(name, cfg, tokenizers(self.rt) if cfg.get("builtin") else None)
         return self.made[key]
 
 

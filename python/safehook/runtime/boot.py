@@ -58,37 +58,43 @@ def _configure(policy):
     return _core.configure(**kw)
 
 
-# Features in the order their setup runs: (policy section, module). Each module has
-# setup(policy, rt), run when the policy has that section. See context.py for what rt offers.
-FEATURES = (("freeze", "safehook.features.freeze"), ("safegrad", "safehook.features.safegrad"),
-            ("probes", "safehook.probes"), ("gate", "safehook.features.gate"),
-            ("monitor", "safehook.features.monitor"), ("shaping", "safehook.features.shaping"),
-            (None, "safehook.features.tamper"),  # None: set up for every policy
-            (None, "safehook.integrations.tap"))  # the step stats, to the Trainer's and other logs
+def _setup_one(feat, policy, rt):
+    """Set up the registry feature FEAT for POLICY in RT (a Runtime, or a branch of the embedded
+    default: runtime/default.py)."""
+    import importlib
+    try:
+        mod = importlib.import_module(feat.module)
+    except ImportError as e:
+        rt.fail("the policy asks for '%s', which this safehook cannot do (%s)" % (feat.name, e))
+        return
+    try:
+        mod.setup(policy, rt)
+    except Exception as e:
+        rt.fail("cannot set up '%s': %s: %s" % (feat.name, type(e).__name__, e))
 
 
 def _setup_features():
+    """The Runtime of the policy in force: each feature of the registry (safehook.runtime.registry,
+    read from the C schema) that the policy asks for, set up in registry order with
+    setup(policy, rt). See context.py for what rt offers. The embedded default is set up model by
+    model (runtime/default.py: protect each model it can, fall back to freezing the others)."""
+    from . import registry
     from .context import Runtime
-    import importlib
     policy = _state["policy"]
     _close_features()  # a new policy replaces the features of the one before
     if policy is None:
         return
-    rt = Runtime(policy, fail=_protection_failed, active=lambda: _state["active"],
+    rt = Runtime(policy, report=_report_failure, active=lambda: _state["active"],
                  restore_step_hooks=_restore_step_hooks)
     _state["runtime"] = rt
-    for name, modname in FEATURES:
-        if name is not None and not policy.get(name):
-            continue
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError as e:
-            _protection_failed("the policy asks for '%s', which this safehook cannot do (%s)" % (name, e))
-            continue
-        try:
-            mod.setup(policy, rt)
-        except Exception as e:
-            _protection_failed("cannot set up '%s': %s: %s" % (name, type(e).__name__, e))
+    if (policy.get("_meta") or {}).get("origin") == "<embedded default>":
+        from . import default
+        default.setup(policy, rt, registry.features(), _setup_one)
+    else:
+        for feat in registry.features():
+            if feat.wanted(policy):
+                _setup_one(feat, policy, rt)
+    rt.start()
 
 
 def _close_features():
@@ -175,9 +181,24 @@ def _unwatch():
         _state["watcher"] = None
 
 
+def _report_failure(msg, on_error, now=False):
+    """A failure of the runtime's features: an "error" record and one line on stderr (the
+    runtime itself stops the job, on every rank at once: at the step running when NOW, else at
+    the next one)."""
+    _core.audit("error", {"message": msg, "on_error": on_error})
+    if on_error == "abort":
+        st = _core.stats()
+        at = st["current"] if now else st["steps"] + 1
+        _warn(msg + (" (training stops at step %d)" % at if st["steps"] else
+                     " (training will stop at its first optimizer step)"))
+    else:
+        _warn(msg + " (on_error=warn: training continues)")
+
+
 def _protection_failed(msg):
-    """Protection the policy asks for cannot be applied: say so once, and under on_error=abort
-    make the first optimizer step raise instead of training unprotected."""
+    """Protection the policy asks for cannot be applied, and no runtime is there to stop the
+    job (the hooks could not be registered): say so once, and under on_error=abort make the
+    first optimizer step raise instead of training unprotected."""
     policy = _state["policy"] or {}
     on_error = (policy.get("_meta") or {}).get("on_error", "abort")
     _core.audit("error", {"message": msg, "on_error": on_error})

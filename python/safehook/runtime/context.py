@@ -13,32 +13,47 @@ install(); it owns
   bound, see model.py). Once closed and dropped, no model and no gradient-sized buffer is held
   by safehook.
 
-A feature is a module safehook.features.<name> with ``setup(policy, rt)``, called once at
-activation when its policy section is present:
+A feature is a module of the registry (safehook.runtime.registry: the C schema's FEATURES) with
+``setup(policy, rt)``, called once at activation when its policy section is present:
 
     def setup(policy, rt):
         rt.on_model(lambda info: ...)          # once per model bound (see model.py)
-        rt.add_pre(my_pre_step, order=20)      # f(optimizer, step, record), before the update
-        rt.add_post(my_post_step, order=20)    # f(optimizer, step, record), after it
+        rt.add_pre(my_pre_step, order=registry.order("name"))  # f(optimizer, step, record)
+        rt.add_post(my_post_step, order=registry.order("name"))  # after the update
 
-``record`` is a dict merged into the step's audit record. Orders: model binding 0, freeze 10,
-shaping 15, safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure,
+``record`` is a dict merged into the step's audit record. Orders (the registry's): model binding
+0, freeze 10, shaping 15, safegrad 20, gate 30, monitor 40 (lower runs first). When step() gets a closure,
 the pre-step callables run inside it, after its backward (runtime/closure.py): they always see
 the gradients the optimizer will use.
 
 Several ranks: a decision that changes the update (skip, scale, project or not, roll back, flag
 an example) must be the same on every rank. Reduce it first with ``rt.agree(value, op)`` (see
 stacks.agree): every rank calls it at the same point, e.g. ``skip = rt.agree(skip, "any")``.
+
+Failing is a decision too, and it has one path. ``rt.fail(msg)`` (protection cannot be applied:
+a setup error, a hook that broke) records and says it; under on_error=abort every rank stops at
+the start of the next optimizer step, together: the runtime's gate, which the C core calls first
+in every step, agrees "has any rank failed?" (one all_reduce per step when there are several
+ranks) before the step is counted or recorded and before any feature's collective runs.
+``rt.together(what, fn, ...)`` runs work that may fail on one rank only (a probe reading its
+file, a snapshot written to a full disk) right before a collective that depends on it: the failure is agreed at once, and under abort every rank raises PolicyError at
+that point, before the update; under warn every rank gets (False, None) and the feature stands
+down on all of them. A feature that cannot go on raises ``Refusal(msg)`` inside such work.
 """
 import functools
 import traceback
 
 from .. import _core
 from .log import debug, warn  # noqa: F401  (re-exported for features)
-from .stacks import FSDP1_HINT, ZERO_HINT, agree, fsdp1, strip_name, unwrap, world  # noqa: F401
+from .stacks import FSDP1_HINT, ZERO_HINT, agree, fsdp1, rank, strip_name, unwrap, world  # noqa: F401
 from .stacks import zero_partitions as _zero_partitions
 
 HOOK_KINDS = ("forward_pre", "forward", "global_forward_pre", "tensor")
+
+
+class Refusal(Exception):
+    """Raised by a feature's work inside rt.together: protection cannot be applied, for the
+    reason its message gives (used as it is, after the feature's name)."""
 
 
 def attach(kind, target, fn, **kw):
@@ -85,12 +100,13 @@ class _Handle:
 
 
 class Runtime:
-    """Handed to each feature's setup(). ``fail``, ``active`` and ``restore_step_hooks`` come from
-    the activation code, so that a feature never imports it."""
+    """Handed to each feature's setup(). ``report`` (records and says a failure), ``active`` and
+    ``restore_step_hooks`` come from the activation code, so that a feature never imports it."""
 
-    def __init__(self, policy=None, fail=None, active=None, restore_step_hooks=None):
+    def __init__(self, policy=None, report=None, active=None, restore_step_hooks=None):
         self.policy = policy or {}
-        self._fail = fail
+        self._report = report
+        self._failed = None      # the first failure under on_error=abort: every rank stops at the next step
         self._active = active
         self._restore_step_hooks = restore_step_hooks
         self._pre, self._post, self._finish, self._close = [], [], [], []
@@ -158,13 +174,21 @@ class Runtime:
         finally:
             self._running -= 1
 
+    def start(self):
+        """Put this runtime's step callables in force (the activation code calls it once the
+        features are set up; add_pre/add_post after it publish again)."""
+        self._started = True
+        self._publish()
+
     def _publish(self):
+        if not getattr(self, "_started", False):
+            return
         from . import closure
         pre = [f for _, _, f in sorted(self._pre, key=lambda t: t[:2])]
         post = [f for _, _, f in sorted(self._post, key=lambda t: t[:2])]
         _core.set_features([functools.partial(self._run, pre)] if pre else [],
                            [functools.partial(self._run, post)] if post else [],
-                           closure.wrap if pre else None)
+                           closure.wrap if pre else None, self._stop_if_failed)
         self._published = True
 
     def on_close(self, cb):
@@ -246,6 +270,12 @@ class Runtime:
     def _bind_step(self, optimizer, step, record):
         self.models.bind_step(optimizer)
 
+    def accepts(self, root):
+        """True when these features act on the model ROOT: always, except in a branch of the
+        embedded default (runtime/default.py: protect or fall back, model by model). A feature
+        that acts on a model before it is bound (freeze, at DDP's construction) asks first."""
+        return True
+
     def model_for(self, optimizer):
         """The ModelInfo of the model OPTIMIZER trains, or None."""
         return self.models.for_optimizer(optimizer) if self.models is not None else None
@@ -295,15 +325,70 @@ class Runtime:
         _core.audit("violation", rec)
         debug("violation: %s" % what)
 
-    def fail(self, msg):
-        """Protection that the policy asks for cannot be applied: say so once; under
-        on_error=abort the first optimizer step raises (see boot._protection_failed)."""
-        if self._fail is not None:
-            self._fail(msg)
+    def _say(self, msg, now=False):
+        if self._report is not None:
+            self._report(msg, self.on_error, now)
         else:
             warn(msg)
-            if self.on_error == "abort":
-                _core.set_pending_error(msg)
+
+    def fail(self, msg):
+        """Protection that the policy asks for cannot be applied: an "error" record and one line
+        on stderr; under on_error=abort every rank stops at the start of the next optimizer step
+        (see the module docstring)."""
+        self._say(msg)
+        if self.on_error == "abort" and self._failed is None:
+            self._failed = msg
+
+    def failed(self):
+        """The failure that stops this runtime's job at its next step, or None."""
+        return self._failed
+
+    def _stop_if_failed(self):
+        """The C core's gate, first in every optimizer step (before it is counted or recorded):
+        stop here, on every rank, when any rank has failed."""
+        failed = self._failed
+        _, n = world()
+        if n > 1:
+            who = agree(rank() if failed is not None else -1, "max")
+            if who >= 0 and failed is None:
+                failed = ("protection could not be applied on rank %d (its own message says why); "
+                          "every rank stops here" % who)
+        if failed is not None:
+            _core.set_pending_error(failed)
+            raise _core.PolicyError(failed)
+
+    def together(self, what, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) on this rank and agree with the others whether it failed,
+        before anything that depends on it: (True, its result) when it succeeded on every rank.
+        Otherwise the failure (WHAT: the message's head; a Refusal's own message, or the
+        exception's type and message) is recorded; under on_error=abort every rank raises
+        PolicyError here, under warn every rank gets (False, None). A SafehookError that fn
+        raises (a decision already agreed, such as the monitor's stop) passes through."""
+        err = None
+        try:
+            out = fn(*args, **kwargs)
+        except _core.SafehookError:
+            raise
+        except Exception as e:
+            err, out = e, None
+        who = -1 if err is None else rank()
+        if world()[1] > 1:
+            who = agree(who, "max")
+        if who < 0:
+            return True, out
+        if err is None:
+            msg = "%s: failed on rank %d (its own message says why); every rank stops here" % (what, who)
+        elif isinstance(err, Refusal):
+            msg = "%s: %s" % (what, err)
+        else:
+            msg = "%s: %s: %s" % (what, type(err).__name__, err)
+        self._say(msg, now=True)
+        if self.on_error == "abort":
+            if self._failed is None:
+                self._failed = msg
+            _core.set_pending_error(msg)
+            raise _core.PolicyError(msg) from err
+        return False, None
 
     # -- the end --
     def close(self):

@@ -1,7 +1,9 @@
 """The training stacks as safehook sees them, each defined once: wrappers (DDP, torch.compile,
-FSDP) and the names they add, the rank's local view of a sharded tensor, flat partitions that
-carry no names (DeepSpeed ZeRO, FSDP1), and the collective group with the one way to agree on a
-decision."""
+FSDP) and the names they add; the transformer block list of a model (from its modules, or from
+a checkpoint's tensor names: one rule); the rank's local view of a sharded tensor (FSDP2's
+DTensor, DeepSpeed ZeRO-3); flat partitions that carry no names (DeepSpeed ZeRO, FSDP1); and the
+collective group, with the one way to agree on a decision. Nothing here holds state."""
+import re
 import sys
 
 _WRAPPER_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module")
@@ -36,6 +38,152 @@ def unwrap(mod):
             continue
         break
     return mod
+
+
+# -- the block list --
+
+# Paths (relative to the model root, matched as a suffix) of the block list of known families:
+# Llama, Mistral, Qwen2, Gemma, Phi: model.layers; OPT: model.decoder.layers; GPT-2 and GPT-J
+# style: transformer.h; GPT-NeoX / Pythia: gpt_neox.layers; a vision-language model's text
+# blocks: model.language_model.layers. The bare names cover the base models (LlamaModel.layers,
+# GPT2Model.h) and PEFT-wrapped ones (base_model.model.model.layers). A known path wins over a
+# larger unnamed list (a vision tower's blocks).
+KNOWN_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                     "model.language_model.layers", "transformer.layers", "decoder.layers",
+                     "layers", "h", "blocks")
+
+
+class Blocks:
+    """The transformer block list of a model: ``path`` (stripped dotted name), ``modules``,
+    ``how`` ("known" path or "largest" list)."""
+
+    def __init__(self, path, modules, how):
+        self.path, self.modules, self.how = path, list(modules), how
+
+    def __len__(self):
+        return len(self.modules)
+
+    def describe(self):
+        return {"path": self.path, "count": len(self.modules), "how": self.how,
+                "class": type(self.modules[0]).__name__ if self.modules else None}
+
+
+def _choose(cands):
+    """The block list among CANDS, [(path, count, size)] of numbered lists none of which lies
+    inside another (an expert list inside a block is not the block list): a known family path
+    wins (ties: more entries, then shallower); otherwise the largest list (more entries, then a
+    larger SIZE, then shallower), of at least 2 entries. Returns (path, how) or None."""
+    outer = [c for c in cands if not any(c[0].startswith(o[0] + ".") for o in cands if o is not c)]
+    for pat in KNOWN_BLOCK_PATHS:
+        hits = [c for c in outer if c[0] == pat or c[0].endswith("." + pat)]
+        if hits:
+            return max(hits, key=lambda c: (c[1], -c[0].count(".")))[0], "known"
+    if not outer:
+        return None
+    best = max(outer, key=lambda c: (c[1], c[2], -c[0].count(".")))
+    return (best[0], "largest") if best[1] >= 2 else None
+
+
+def _is_block_list(mod):
+    import torch
+    if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+        return False
+    first = type(mod[0])
+    return all(type(m) is first for m in mod) and any(True for _ in mod[0].parameters())
+
+
+def find_blocks(root):
+    """The transformer blocks of the module ROOT (a Blocks), or None. Candidates: the
+    ModuleLists whose children are all of one class with parameters; the rule is _choose's."""
+    mods = {}
+    for n, m in root.named_modules():
+        if _is_block_list(m):
+            mods.setdefault(strip_name(n), m)
+    found = _choose([(n, len(m), sum(p.numel() for p in m.parameters())) for n, m in mods.items()])
+    if found is None:
+        return None
+    return Blocks(found[0], mods[found[0]], found[1])
+
+
+_NUMBERED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+
+def find_block_list(names):
+    """(path, count) of the transformer block list among tensor NAMES (a checkpoint's keys,
+    wrapper prefixes already stripped), or None: the same rule as find_blocks, over the
+    outermost numbered list of each name (count: the highest index + 1; size: its tensors)."""
+    found = {}
+    for n in names:
+        m = _NUMBERED.match(n)
+        if m:
+            entry = found.setdefault(m.group(1), [set(), 0])
+            entry[0].add(int(m.group(2)))
+            entry[1] += 1
+    got = _choose([(p, max(idx) + 1, k) for p, (idx, k) in found.items()])
+    return (got[0], max(found[got[0]][0]) + 1) if got else None
+
+
+def block_of(name, path=None):
+    """The block a parameter NAME belongs to ("model.layers.3") when it lies in the block list
+    PATH (default: the block list NAME alone shows, its outermost numbered list), else its module
+    path ("model.embed_tokens"; a bare name is its own)."""
+    if path is None:
+        m = _NUMBERED.match(name)
+        if m:
+            return "%s.%s" % (m.group(1), m.group(2))
+    elif name.startswith(path + "."):
+        head = name[len(path) + 1:].split(".", 1)[0]
+        if head.isdigit():
+            return "%s.%s" % (path, head)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+# -- the rank's local view --
+
+def is_dtensor(t):
+    """True for a DTensor (FSDP2's sharded parameters and gradients)."""
+    return hasattr(t, "_local_tensor") and hasattr(t, "device_mesh")
+
+
+def local(t):
+    """What this rank holds of T: a DTensor's (FSDP2) shard, a DeepSpeed ZeRO-3 parameter's
+    partition (ds_tensor), else T: checksums, snapshots and restores work on it."""
+    if is_dtensor(t):
+        return t._local_tensor
+    ds = getattr(t, "ds_tensor", None)
+    if ds is not None:
+        return ds
+    return t
+
+
+def shard_view(t):
+    """(local tensor, mesh or None, weight) of T for a global sum over the ranks: a DTensor's
+    shard counts once (weight 1), a replicated DTensor's 1/mesh size on each rank; a plain
+    tensor is its own, with no mesh. Only 1-D meshes (FSDP2)."""
+    if is_dtensor(t) and hasattr(t, "placements"):
+        mesh = t.device_mesh
+        if mesh.ndim != 1:
+            raise NotImplementedError("1-D device meshes (FSDP2) only, not %d-D" % mesh.ndim)
+        if any(p.is_shard() for p in t.placements):
+            return t._local_tensor, mesh, 1.0
+        return t._local_tensor, mesh, 1.0 / mesh.size()  # replicated: every rank holds it all
+    return t, None, 1.0
+
+
+def partition_rank(p):
+    """This rank's index in the group DeepSpeed ZeRO-3 partitions P over (0 without a group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group=getattr(p, "ds_process_group", None))
+
+
+def partition_slice(p, full_numel):
+    """(start, count) of this rank's ZeRO-3 slice of P's flattened FULL_NUMEL values: each rank
+    holds ds_tensor.numel() of them (the last padded at the end)."""
+    n = p.ds_tensor.numel()
+    start = partition_rank(p) * n
+    return start, max(0, min(n, full_numel - start))
 
 
 def zero_partitions(params, known):
@@ -73,7 +221,31 @@ def fsdp1(info):
     return None
 
 
+# -- ranks --
+
+def fsdp1_refusal(info, why):
+    """The one line a feature fails with on an FSDP1 model (see fsdp1), WHY: what the flat shards
+    keep it from doing; None when INFO's model is not FSDP1."""
+    what = fsdp1(info)
+    return "FSDP1 (%s) is not supported: %s; %s" % (what, why, FSDP1_HINT) if what else None
+
+
 _OPS = {"max": "MAX", "min": "MIN", "sum": "SUM", "mean": "SUM", "any": "MAX", "all": "MIN"}
+
+
+def collective_device(group=None):
+    """Where a collective's tensor must live: the current CUDA device under nccl, else the CPU."""
+    import torch
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank():
+    """This process's rank in the world (0 without torch.distributed)."""
+    dist, _ = world()
+    return dist.get_rank() if dist is not None else 0
 
 
 def world(group=None):
@@ -102,10 +274,7 @@ def agree(value, op="max", group=None):
     many = isinstance(value, (list, tuple))
     vals = list(value) if many else [value]
     boolean = [isinstance(v, bool) for v in vals]
-    dev = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([float(v) for v in vals], dtype=torch.float64, device=dev)
+    t = torch.tensor([float(v) for v in vals], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
     if op == "mean":
         t /= n
