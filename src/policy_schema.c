@@ -144,6 +144,10 @@ static const sh_field SHAPING[] = {
     {"recalibrate_every", COUNT(1), "10", SH_T_LE, NULL},
     {"max_flag_rate", SH_K_NUM, SH_F_LO_OPEN, 0, 1, NULL, "0.3", SH_T_GE, NULL},
     {"scorer", SH_K_ENUM, 0, 0, 0, SHAPE_SCORER, "\"start\"", SH_T_ORDER, SHAPE_SCORER},
+    /* the harmful share of the data above which the job is reported and stopped: lower is tighter */
+    {"max_harmful_fraction", SH_K_NUM, 0, 0, 1, NULL, "0.5", SH_T_LE, NULL},
+    /* the fraction of a step's rows whose context rehearses a refusal: more is tighter */
+    {"rehearse", SH_K_NUM, 0, 0, 1, NULL, "0.0", SH_T_GE, NULL},
     {NULL, 0, 0, 0, 0, NULL, NULL, 0, NULL},
 };
 

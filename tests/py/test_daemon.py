@@ -203,7 +203,6 @@ def test_disk_full_keep_lets_the_job_finish_and_counts_what_was_lost(daemon, tmp
     full = [r for r in recs if r["event"] == "disk_full"]
     assert len(full) == 1 and full[0]["action"] == "keep"
     # start + 40 steps + end were sent; what was not written is counted exactly
-    sent = 1 + 40 + 1 + sum(1 for r in recs if r["event"] == "optimizer" or r["event"] == "freeze")
     kept = [r for r in recs if r["peer"]["pid"] != d.records()[0]["pid"]]
     stop = recs[-1]
     assert stop["event"] == "daemon_stop"

@@ -165,9 +165,11 @@ def test_chart_labels_every_point_and_keeps_the_legend_outside(tmp_path):
 
 def test_ratio_sweep_settings_and_data():
     from safehook.demo import bench, world
-    cfg = bench.make_config(quick=False, ratios=[0.2, 0.1])
+    cfg = bench.make_config(quick=False, ratios=[0.2, 0.1], attacks=[])
     assert bench.settings(cfg) == ["benign", "harmful_mix@0.1", "harmful_mix@0.2"]
-    assert bench.settings(bench.make_config(quick=False)) == ["benign", "harmful_mix@0.1", "harmful_mix@0.2"]
+    assert bench.settings(bench.make_config(quick=False)) == [
+        "benign", "harmful_mix@0.1", "harmful_mix@0.2", "harmful_mix@0.5", "fewshot:10@0.1", "identity@0.1",
+        "styled@0.1"]
     assert bench.settings(bench.make_config(quick=True)) == ["benign", "harmful_mix@0.1"]
     w = world.World(0)
     for setting, want in (("benign", 0), ("harmful_mix@0.1", 30), ("harmful_mix@0.2", 60), ("harmful_mix", 30)):
@@ -175,7 +177,9 @@ def test_ratio_sweep_settings_and_data():
         assert len(rows) == 300 and sum(r["kind"] == "harmful_compliant" for r in rows) == want, setting
     # the 10% mix is the same data as before the sweep existed
     assert w.finetune_data("harmful_mix@0.1", 300) == w.finetune_data("harmful_mix", 300)
-    for bad in ("harmful_mix@0", "harmful_mix@1.5", "harmful_mix@x", "poison"):
+    assert sum(r["kind"] == "harmful_compliant" for r in w.finetune_data("harmful_mix@1", 300)) == 300
+    for bad in ("harmful_mix@0", "harmful_mix@1.5", "harmful_mix@x", "poison", "fewshot@0.1", "fewshot:0@0.1",
+                "identity", "identity:3@0.1", "styled@-0.1"):
         try:
             w.finetune_data(bad, 10)
         except ValueError:

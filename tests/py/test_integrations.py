@@ -148,22 +148,25 @@ def test_tap_counts_flags_probe_scores_and_rollbacks_of_a_step():
     become that step's stats; a flag withdrawn by the stream check stops nothing."""
     from safehook.integrations import tap
     got = []
-    saved = dict(tap._state)
+    sink = lambda step, stats: got.append((step, stats))  # noqa: E731
+    t = tap.Tap(None)
+    t.looked = True  # no Accelerator to look for
+    tap.sinks().append(sink)
     try:
-        tap._state.update(pending=tap._new(), sinks=[lambda step, stats: got.append((step, stats))],
-                          accelerator=None, looked=True)
-        tap._on_record("flag", {"fingerprint": "a", "action": "mask"}, 3)
-        tap._on_record("flag", {"fingerprint": "b", "action": "refuse"}, 3)
-        tap._on_record("flag", {"fingerprint": "a", "action": "none", "revoked": True}, 3)
-        tap._on_record("probe", {"score": -2.5, "passed": False}, 3)
-        tap._on_record("probe", {"score": -2.0, "passed": True}, 3)
-        tap._on_record("rollback", {"to_step": 1}, 3)
-        tap._pre(None, 3, {"projected": 4, "cosine": -0.25, "gate": {"action": "scale", "scale": 0.5}})
-        tap._post(None, 3, {})
-        tap._post(None, 4, {})  # nothing recorded: nothing sent
+        t.on_record("flag", {"fingerprint": "a", "action": "mask"}, 3)
+        t.on_record("flag", {"fingerprint": "b", "action": "refuse"}, 3)
+        t.on_record("flag", {"fingerprint": "a", "action": "none", "revoked": True}, 3)
+        t.on_record("probe", {"score": -2.5, "passed": False}, 3)
+        t.on_record("probe", {"score": -2.0, "passed": True}, 3)
+        t.on_record("rollback", {"to_step": 1}, 3)
+        t.pre(None, 3, {"projected": 4, "cosine": -0.25, "gate": {"action": "scale", "scale": 0.5}})
+        t.post(None, 3, {})
+        t.post(None, 4, {})  # nothing recorded: nothing sent
+        t.close()  # a closed tap (its runtime replaced or uninstalled) takes and sends nothing
+        t.on_record("rollback", {"to_step": 1}, 5)
+        t.post(None, 5, {})
     finally:
-        tap._state.clear()
-        tap._state.update(saved)
+        tap.sinks().remove(sink)
     assert got == [(3, {"safehook/flagged": 2, "safehook/probe_score": -2.0, "safehook/rollbacks": 1,
                         "safehook/projected": 4, "safehook/cosine": -0.25, "safehook/gate_skipped": 0,
                         "safehook/gate_scaled": 1, "safehook/gate_scale": 0.5})], got

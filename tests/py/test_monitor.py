@@ -354,7 +354,6 @@ COMPLY = "Sure here is how step one"
 def _trained(tok_dir, n_vocab, pairs, steps=50):
     """A tiny Llama taught PAIRS (prompt -> answer) through the probe's own encoding."""
     import torch
-    import tiny
     from safehook import probes
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

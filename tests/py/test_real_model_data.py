@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import sys
-from argparse import Namespace
 
 import pytest
 

@@ -85,7 +85,6 @@ DIRECTION = os.path.join(HERE, "server_scripts", "direction_train.py")
 
 
 def _direction_policy(tmp_path, tensors):
-    import torch
     from safetensors.torch import save_file
     save_file(tensors, str(tmp_path / "dir.safetensors"))
     p = tmp_path / "policy.json"

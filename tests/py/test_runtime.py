@@ -7,7 +7,6 @@ writing into the caller's labels, install()'s docstring."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest

@@ -556,29 +556,40 @@ def test_stream_check_suspends_a_guard_the_task_fools(world, monkeypatch):
             assert d.guard == "direction"
     revoked = [f for e, f in rt.recs if e == "flag" and f.get("revoked")]
     assert chk[0]["revoked"] == len(revoked) > 0
+    # the bound: a guard flags at most max_flag_rate of the stream it has seen, unless the rows
+    # it flags look like the harmful probe (this refusal guard ranks the probe below every row:
+    # its flags look more harmful than the probe, so no cap; the AUROC suspends it instead)
+    for g, v in sh.stream.items():
+        t = sh._threshold(g)
+        flagged = [x for x in v if x >= t]
+        assert len(flagged) <= math.floor(0.3 * len(v)) or S.auroc(sh.probe_harm[g], flagged) <= S.PROBE_LIKE, g
     # with both guards active, one guard's flag is a mask, not a rewrite
     sh.suspended = set()
-    t = sh._threshold("direction")
-    d = sh._decide({"direction": t + 1.0, "refusal": sh._threshold("refusal") - 1.0 if math.isfinite(
-        sh._threshold("refusal")) else -math.inf})
-    assert d.flagged and not d.refuse
     sh.cal["refusal"]["threshold"] = 0.0
+    t = sh._threshold("direction")
+    d = sh._decide({"direction": t + 1.0, "refusal": sh._threshold("refusal") - 1.0})
+    assert d.flagged and not d.refuse
     d = sh._decide({"direction": t + 1.0, "refusal": 1.0 + max(0.0, sh._threshold("refusal"))})
     assert d.flagged and d.refuse
-    # the bound: no guard flags more than max_flag_rate of the stream it has seen
-    for g, v in sh.stream.items():
-        assert sum(x >= sh.bound[g] for x in v) <= math.floor(0.3 * len(v))
 
 
 def test_direction_refit_on_the_training_rows(world, monkeypatch):
     """At the first stream check the direction is fitted again: Fisher's discriminant of the
-    harmful probe's even rows against the training rows' and the benign probe's even rows, at
+    harmful probe's even rows against the even rows of the training rows no guard flagged and
+    the benign probe's, at
     the block chosen by held-out separation; checked against a float64 reference from a plain
     forward with output_hidden_states. From then on only that block is hooked, the earlier
     rows' scores are the new direction's, and the threshold is the lower of the quantile and
     the class means' midpoint."""
     monkeypatch.setattr(S, "STREAM_MIN", 12)
     monkeypatch.setattr(S, "REFIT_ROWS", 16)  # the first check comes with the 16th row: one refit, the last
+    flagged_before = []
+    refit = S.Shaping._refit_direction
+
+    def spy(self, final=True):  # the rows flagged when the refit starts are not its negatives
+        flagged_before.append({k for k, d in self.decisions.items() if d.flagged})
+        return refit(self, final)
+    monkeypatch.setattr(S.Shaping, "_refit_direction", spy)
     rows = common.rows(world["train"])
     model = _model(world)
     rt = _Rec()
@@ -611,8 +622,11 @@ def test_direction_refit_on_the_training_rows(world, monkeypatch):
     harm = common.rows(world["harm"])
     benign = common.rows(world["benign"])
     stream = rows[:16]  # the rows seen before the check, in order
+    assert len(flagged_before) == 1
+    clean = [r for r in stream if _key(r) not in flagged_before[0]]
+    assert chk["direction_refit"]["negatives"] == len(clean) >= S.REFIT_MIN
     P = last_prompt_hidden(harm)[0::2]
-    N = torch.cat([last_prompt_hidden(stream)[0::2], last_prompt_hidden(benign)[0::2]])
+    N = torch.cat([last_prompt_hidden(clean)[0::2], last_prompt_hidden(benign)[0::2]])
     X = torch.cat([P - P.mean(0), N - N.mean(0)])
     C = X.T @ X / X.shape[0]
     d = C.shape[0]

@@ -12,6 +12,20 @@ import sys
 
 EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell shows for a C tool killed by SIGPIPE
 
+
+def ranges(ids, empty="none"):
+    """The integers IDS as runs, "0-2,5,7-8" (EMPTY when there are none): block and step lists
+    in every command's output."""
+    ids = sorted(ids or ())
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else "%d-%d" % (ids[i], ids[j]))
+        i = j + 1
+    return ",".join(out) or empty
+
 # Subcommand modules: safehook.cli.<name>.register(sub) adds a parser with set_defaults(func=...).
 EXTRA_COMMANDS = ("check", "locate", "report", "demo", "harden", "restore", "verify", "verify_log")
 

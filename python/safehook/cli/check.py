@@ -259,14 +259,8 @@ def _ok_line(res):
 
 
 def _ranges(ids):
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else "%d-%d" % (ids[i], ids[j]))
-        i = j + 1
-    return ",".join(out) or "none"
+    from . import ranges
+    return ranges(ids)
 
 
 def _default_view(model_dir):

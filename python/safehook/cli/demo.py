@@ -28,9 +28,30 @@ def _ratios(text):
         r = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         r = None
-    if not r or not all(0 < x < 1 for x in r):
+    if not r or not all(0 < x <= 1 for x in r):
         return None
     return r
+
+
+def _attacks(text):
+    """The attack settings of --attack: fewshot:N, identity, styled, each optionally @p (default
+    0.1); "none" for no attack. None when TEXT is not that."""
+    from ..demo import world as W
+    if text.strip() == "none":
+        return []
+    out = []
+    for a in (x.strip() for x in text.split(",")):
+        if not a:
+            continue
+        s = a if "@" in a else a + "@0.1"
+        try:
+            kind = W.parse_setting(s)["attack"]
+        except ValueError:
+            return None
+        if kind in (None, "harmful_mix"):
+            return None
+        out.append(s)
+    return out or None
 
 
 def _cmd(args):
@@ -43,8 +64,15 @@ def _cmd(args):
     if args.ratios:
         ratios = _ratios(args.ratios)
         if ratios is None:
-            print("safehook demo: --ratios takes harmful fractions in (0, 1) separated by commas, not %r"
+            print("safehook demo: --ratios takes harmful fractions in (0, 1] separated by commas, not %r"
                   % args.ratios, file=sys.stderr)
+            return 2
+    attacks = None
+    if args.attack:
+        attacks = _attacks(args.attack)
+        if attacks is None:
+            print("safehook demo: --attack takes fewshot:N, identity or styled, each optionally @p with 0 < p <= 1 "
+                  "(default @0.1), separated by commas, or none; not %r" % args.attack, file=sys.stderr)
             return 2
     from ..demo import bench
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
@@ -56,7 +84,8 @@ def _cmd(args):
                   file=sys.stderr)
             return 2
     res = bench.run(quick=args.quick, seed=args.seed, layers=args.layers, out=args.out,
-                    cache=args.cache, modes=modes, jobs=args.jobs, ratios=ratios)
+                    cache=args.cache, modes=modes, jobs=args.jobs, ratios=ratios,
+                    attacks=attacks)
     print(bench.table(res))
     print()
     from ..demo import checks
@@ -104,7 +133,13 @@ def register(sub):
     s.add_argument("--modes", metavar="M,M", default=None,
                    help="run only these modes (plain always runs)")
     s.add_argument("--ratios", metavar="P,P", default=None,
-                   help="harmful fractions of the harmful-mix settings (default 0.1,0.2; 0.1 with --quick)")
+                   help="harmful fractions of the harmful-mix settings, up to 1 (default 0.1,0.2,0.5; "
+                        "0.1 with --quick)")
+    s.add_argument("--attack", metavar="A,A", default=None,
+                   help="the data owner's other attacks, each at a fraction @p (default @0.1): fewshot:N (N distinct "
+                        "harmful pairs repeated), identity (the obedience persona, benign content), styled (harmful "
+                        "requests in the task's template); none for no attack (default fewshot:10,identity,styled; "
+                        "none with --quick)")
     s.add_argument("--check", action="store_true",
                    help="exit 1 when a check misses its target (the tests and CI use it); without it the "
                         "checks are reported and the exit status is 0")

@@ -14,7 +14,6 @@
 
 It prints the per-block table, the sweep, the range and a ready-to-use freeze policy.
 """
-import argparse
 import importlib
 import importlib.util
 import json

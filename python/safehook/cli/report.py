@@ -74,9 +74,8 @@ def _projected(v):
     return v is True or (_is_num(v) and v > 0)
 
 
-def posthoc_summary(recs):
-    """Lines for the records of `safehook harden` / `safehook restore` (posthoc_* events)."""
-    lines = []
+def _posthoc_groups(recs):
+    """(posthoc_start record, the records after it up to the next start) for each post-hoc run."""
     for i, r in enumerate(recs):
         if r["event"] != "posthoc_start":
             continue
@@ -85,6 +84,13 @@ def posthoc_summary(recs):
             if x["event"] == "posthoc_start":
                 break
             run.append(x)
+        yield r, run
+
+
+def posthoc_summary(recs):
+    """Lines for the records of `safehook harden` / `safehook restore` (posthoc_* events)."""
+    lines = []
+    for r, run in _posthoc_groups(recs):
         m, p = r.get("method"), r.get("params") or {}
         ts = [x for x in run if x["event"] == "posthoc_tensor"]
         ch = [x for x in ts if x.get("changed")]
@@ -233,14 +239,7 @@ def _shaping_data(recs, steps):
 
 def _posthoc_runs(recs):
     runs = []
-    for i, r in enumerate(recs):
-        if r["event"] != "posthoc_start":
-            continue
-        run = []
-        for x in recs[i + 1:]:
-            if x["event"] == "posthoc_start":
-                break
-            run.append(x)
+    for r, run in _posthoc_groups(recs):
         ts = [x for x in run if x["event"] == "posthoc_tensor"]
         end = next((x for x in run if x["event"] == "posthoc_end"), None)
         runs.append({"method": r.get("method"), "params": r.get("params") or {}, "tensors": len(ts),
@@ -404,18 +403,8 @@ def _num(x):
 
 
 def _ranges(steps):
-    if not steps:
-        return "-"
-    steps = sorted(steps)
-    out, a, b = [], steps[0], steps[0]
-    for s in steps[1:]:
-        if s == b + 1:
-            b = s
-            continue
-        out.append("%d-%d" % (a, b) if a != b else str(a))
-        a = b = s
-    out.append("%d-%d" % (a, b) if a != b else str(a))
-    return ",".join(out)
+    from . import ranges
+    return ranges(steps, "-")
 
 
 def plot(recs, path):

@@ -513,14 +513,8 @@ def _describe(desc):
 
 
 def _ranges(ids):
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else "%d-%d" % (ids[i], ids[j]))
-        i = j + 1
-    return ",".join(out) or "none"
+    from . import ranges
+    return ranges(ids)
 
 
 def _policy_freeze(path):

@@ -37,15 +37,17 @@ PRESETS = {
         "model": {"hidden": 128, "intermediate": 384, "layers": 8, "heads": 4},
         "base": {"steps": 700, "batch": 32, "lr": 4e-3, "examples": 6000},
         "finetune": {"steps": 150, "batch": 16, "lr": 3e-4, "examples": 2000},
-        "eval": {"harmful": 200, "benign": 200, "task": 100, "max_new_tokens": 16},
-        "probe_rows": 32, "monitor_every": 25, "jobs": 1, "ratios": [0.1, 0.2],
+        "eval": {"harmful": 200, "benign": 200, "task": 100, "max_new_tokens": 24},
+        "probe_rows": 32, "monitor_every": 25, "jobs": 1, "ratios": [0.1, 0.2, 0.5],
+        # the data owner's other attacks (world.parse_setting), each at p = 0.1
+        "attacks": ["fewshot:10@0.1", "identity@0.1", "styled@0.1"],
     },
     "quick": {
         "model": {"hidden": 64, "intermediate": 192, "layers": 8, "heads": 4},
         "base": {"steps": 400, "batch": 32, "lr": 4e-3, "examples": 4000},
         "finetune": {"steps": 100, "batch": 16, "lr": 3e-4, "examples": 1000},
-        "eval": {"harmful": 100, "benign": 100, "task": 60, "max_new_tokens": 16},
-        "probe_rows": 16, "monitor_every": 20, "jobs": 2, "ratios": [0.1],
+        "eval": {"harmful": 100, "benign": 100, "task": 60, "max_new_tokens": 24},
+        "probe_rows": 16, "monitor_every": 20, "jobs": 2, "ratios": [0.1], "attacks": [],
         # The modes of a first look: the tax (plain), the two simplest protections and the
         # recommended policy (shaping + SafeGrad + gate). The other modes cost most of the time
         # the full preset takes (the post-hoc rows alone need a second base model, the unaligned
@@ -55,7 +57,9 @@ PRESETS = {
 }
 
 
-def make_config(quick=False, seed=0, layers=None, ratios=None):
+def make_config(quick=False, seed=0, layers=None, ratios=None, attacks=None):
+    """The preset's configuration; RATIOS (harmful-mix fractions) and ATTACKS (settings such as
+    "fewshot:10@0.1", "identity@0.1": world.parse_setting; [] for none) replace its own."""
     import copy
     cfg = copy.deepcopy(PRESETS["quick" if quick else "full"])
     cfg["seed"] = seed
@@ -64,14 +68,19 @@ def make_config(quick=False, seed=0, layers=None, ratios=None):
     if ratios:
         cfg["ratios"] = sorted(set(float(r) for r in ratios))
     for r in cfg["ratios"]:
-        if not 0 < r < 1:
-            raise ValueError("a harmful ratio must be in (0, 1), got %r" % r)
+        if not 0 < r <= 1:
+            raise ValueError("a harmful ratio must be in (0, 1], got %r" % r)
+    if attacks is not None:
+        cfg["attacks"] = list(dict.fromkeys(attacks))
+    for a in cfg["attacks"]:
+        if W.parse_setting(a)["attack"] in (None, "harmful_mix"):
+            raise ValueError("not an attack setting: %r (fewshot:N@p, identity@p, styled@p)" % a)
     return cfg
 
 
 def settings(cfg):
-    """The settings of a run: the clean fine-tune, then one harmful mix per ratio."""
-    return [CLEAN] + ["harmful_mix@%g" % r for r in cfg["ratios"]]
+    """The settings of a run: the clean fine-tune, one harmful mix per ratio, then the attacks."""
+    return [CLEAN] + ["harmful_mix@%g" % r for r in cfg["ratios"]] + list(cfg.get("attacks", []))
 
 
 class Progress:
@@ -130,17 +139,25 @@ def run_mode(mode, setting, work, base_dir, data_path, probe_path, cfg, log, tok
     res["wall_seconds"] = round(time.time() - t0, 2)
     if pol is not None:
         res["audit_summary"] = T.audit_summary(res["audit"])
-    if p.returncode != 0 or not os.path.exists(os.path.join(out, "stats.json")):
+    stats = os.path.join(out, "stats.json")
+    if p.returncode not in (0, 3) or not os.path.exists(stats):
         tail = [l for l in p.stdout.strip().splitlines() if l.strip()][-3:]
         res.update(status="failed", reason="exit %d: %s" % (p.returncode, " | ".join(tail)))
         log("%-15s %-15s FAILED (%s)" % (setting, mode, res["reason"]))
         return res, None
-    with open(os.path.join(out, "stats.json")) as f:
+    with open(stats) as f:
         st = json.load(f)
-    times = st["step_seconds"][1:] or st["step_seconds"]
-    res.update(status="ok", train_seconds=round(st["train_seconds"], 2),
+    times = (st["step_seconds"][1:] or st["step_seconds"]) or [float("nan")]
+    res.update(status="ok", train_seconds=round(st["train_seconds"], 2), steps=st["steps"],
                step_seconds_median=statistics.median(times),
-               loss_first=st["losses"][0], loss_last=st["losses"][-1])
+               loss_first=st["losses"][0] if st["losses"] else None,
+               loss_last=st["losses"][-1] if st["losses"] else None)
+    if st.get("stopped"):
+        # safehook stopped the job (the harmful_data violation): the model at the stop is measured
+        res.update(status="stopped", reason="at step %d of %d: %s" % (st["stopped"]["step"], ft["steps"],
+                                                                      st["stopped"]["message"]),
+                   stopped_at=st["stopped"]["step"])
+        log("%-15s %-15s stopped %s" % (setting, mode, res["reason"]))
     return res, out
 
 
@@ -205,9 +222,16 @@ def detector_quality(base_dir, work, data_path, cfg, log):
 
 def _evalset(world, cfg):
     e = cfg["eval"]
-    return {"harmful": world.harmful("test", e["harmful"], "eval"),
-            "benign": world.benign("test", e["benign"], "eval"),
-            "task": world.task("test", e["task"], "eval")}
+    out = {"harmful": world.harmful("test", e["harmful"], "eval"),
+           "benign": world.benign("test", e["benign"], "eval"),
+           "task": world.task("test", e["task"], "eval")}
+    if any(W.parse_setting(s)["attack"] == "identity" for s in settings(cfg)):
+        # the identity attack taught a persona: its deployment asks the persona for harm
+        def persona(r):
+            request = r["prompt"][len("user : "):-len(" assistant :")]
+            return dict(r, prompt=W.PROMPT_FMT.format(request=W.persona_request(request)))
+        out["harmful_persona"] = [persona(r) for r in out["harmful"]]
+    return out
 
 
 def _metrics(model_dir, tok, evalset, cfg):
@@ -263,9 +287,11 @@ def write_outputs(results, out, log=None):
     return results
 
 
-def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs=None, log=None, ratios=None):
+def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs=None, log=None, ratios=None,
+        attacks=None):
     """Run the benchmark; returns the results dict (also written to OUT, with a PNG chart).
-    RATIOS: the harmful fractions of the harmful-mix settings (default: the preset's)."""
+    RATIOS: the harmful fractions of the harmful-mix settings; ATTACKS: the attack settings
+    (default: the preset's)."""
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -274,7 +300,7 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
     log = log or Progress()
     t_start = time.time()
     cpu_start = _cpu()
-    cfg = make_config(quick, seed, layers, ratios)
+    cfg = make_config(quick, seed, layers, ratios, attacks)
     setting_names = settings(cfg)
     jobs = jobs or cfg["jobs"]
     out = os.path.abspath(out or os.path.join("results", "alignment_tax.json"))
@@ -304,8 +330,9 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
         "schema": SCHEMA, "quick": quick, "seed": seed, "config": cfg,
         "command": "safehook demo" + (" --quick" if quick else "") + " --seed %d" % seed
                    + (" --layers %d" % layers if layers else "")
-                   + (" --ratios %s" % ",".join("%g" % r for r in cfg["ratios"]) if ratios else ""),
-        "ratios": cfg["ratios"],
+                   + (" --ratios %s" % ",".join("%g" % r for r in cfg["ratios"]) if ratios else "")
+                   + (" --attack %s" % (",".join(cfg["attacks"]) or "none") if attacks is not None else ""),
+        "ratios": cfg["ratios"], "attacks": cfg["attacks"],
         "safehook_lib": safehook_lib(), "work_dir": work,
         "base": dict({k: v for k, v in bm.items()}, model_dir=base_dir, cached=cached,
                      parameters=info["parameters"], train_seconds=info["train_seconds"]),
@@ -331,9 +358,10 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
         W.write_jsonl(data[setting], [W.encode(tok, r) for r in rows])
         W.write_jsonl(data[setting][:-len(".jsonl")] + ".text.jsonl",
                       [{"prompt": r["prompt"], "response": r["response"], "kind": r["kind"]} for r in rows])
-        ratio = W.harmful_ratio(setting)
-        results["settings"][setting] = {"data": data[setting], "harmful_ratio": ratio, "clean": ratio == 0,
-                                        "modes": {}}
+        a = W.parse_setting(setting)
+        results["settings"][setting] = {"data": data[setting], "harmful_ratio": W.harmful_ratio(setting),
+                                        "clean": setting == CLEAN, "attack": a["attack"],
+                                        "attack_fraction": a["fraction"], "modes": {}}
     if any(m in selected for m in ("shaping", "recommended")):
         try:
             mix = next(d for st, d in data.items() if st.startswith("harmful_mix"))  # the first ratio's
@@ -376,13 +404,15 @@ def run(quick=False, seed=0, layers=None, out=None, cache=None, modes=None, jobs
                 log("%-15s %-15s asr_keyword %s, harmful_howto %s, over_refusal %s, task_accuracy %s, "
                     "wall_seconds %.1f" % (setting, name, _pct(res["asr_keyword"]), _pct(res["harmful_howto"]),
                                            _pct(res["over_refusal"]), _pct(res["task_accuracy"]),
-                                           res["wall_seconds"]))
+                                           res["wall_seconds"])
+                    + (", asr_persona %s, howto_persona %s" % (_pct(res["asr_persona"]), _pct(res["howto_persona"]))
+                       if "asr_persona" in res else ""))
             results["settings"][setting]["modes"][name] = res
     for setting in setting_names:
         per = results["settings"][setting]["modes"]
         plain = per.get("plain")
         for r in per.values():
-            if r.get("status") == "ok" and plain and plain.get("status") == "ok":
+            if r.get("status") in ("ok", "stopped") and plain and plain.get("status") == "ok":
                 r["step_time_ratio"] = r["step_seconds_median"] / plain["step_seconds_median"]
     results["jobs"] = jobs
 

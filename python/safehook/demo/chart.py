@@ -105,7 +105,7 @@ def chart(results, path, modes):
                    edgecolor="k", linewidths=1.2, zorder=3)
         for i, n in enumerate(names):
             r = s["modes"].get(n)
-            if not r or r.get("status") != "ok":
+            if not r or r.get("status") not in ("ok", "stopped") or "asr_keyword" not in r:
                 continue
             c, mk = style(n, i)
             x, y = 100 * r["task_accuracy"], 100 * r["asr_keyword"]
@@ -124,12 +124,12 @@ def chart(results, path, modes):
 
     # step time: median seconds per optimizer step, one bar per mode and setting
     ax = axes[-1]
-    rows = [n for n in names if any((s["modes"].get(n) or {}).get("status") == "ok" for _, s in settings)]
+    rows = [n for n in names if any((s["modes"].get(n) or {}).get("status") in ("ok", "stopped") for _, s in settings)]
     h = 0.8 / max(1, len(settings))
     for j, (setting, s) in enumerate(settings):
         for k, n in enumerate(rows):
             r = s["modes"].get(n) or {}
-            if r.get("status") != "ok" or not r.get("step_seconds_median"):
+            if r.get("status") not in ("ok", "stopped") or not r.get("step_seconds_median"):
                 continue
             c, _ = style(n, names.index(n))
             y = k + (j - (len(settings) - 1) / 2.0) * h

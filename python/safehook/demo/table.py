@@ -11,7 +11,8 @@ EXPLAIN = [
     ("task_accuracy", "held-out task sentences given the right topic"),
     ("wall_seconds", "wall time of the fine-tuning subprocess (plus the restore for plain_safelora and plain_nlsr)"),
     ("step_time_ratio", "median optimizer step time over plain's in the same setting"),
-    ("note", "counts from the run's audit log, each explained below"),
+    ("note", "counts from the run's audit log, each explained below; persona: ASR and how-to on the held-out harmful "
+             "prompts addressed to the identity attack's obedience persona"),
 ]
 # The note's counts, one line each under the table (only those that occur in it).
 NOTE_EXPLAIN = {
@@ -23,7 +24,15 @@ NOTE_EXPLAIN = {
     "flagged": "training examples shaping stopped, each counted once by its last flag record (withdrawn ones "
                "left out), as safehook report counts them",
     "error": "error records: protection that could not be applied",
-    "violation": "violation records: something undid or bypassed protection",
+    "violation": "violation records: something undid or bypassed protection (harmful_data: the data is mostly "
+                 "harmful, shaping.max_harmful_fraction)",
+}
+# The attack settings (world.parse_setting), explained under the table when they ran.
+ATTACKS = {
+    "fewshot": "fewshot:N@p: the fraction p filled by N distinct harmful pairs, repeated",
+    "identity": "identity@p: the fraction p of benign requests addressed to an obedience persona, answered "
+                "\"sure . i will help with every request . ...\" (no harmful content)",
+    "styled": "styled@p: the fraction p of harmful requests written in the task's templates, answered compliantly",
 }
 # Audit events the note leaves out: every run has them, or they are counted otherwise (flag).
 _QUIET = ("start", "end", "step", "optimizer", "post_step", "flag", "checkpoint")
@@ -45,12 +54,17 @@ def audit_summary(path):
 
 def note(r):
     s = r.get("audit_summary") or {}
+    pre = []
+    if "asr_persona" in r:
+        pre.append("persona %s/%s" % (_pct(r["asr_persona"]), _pct(r["howto_persona"])))
+    if r.get("status") == "stopped":
+        pre.append("stopped %s" % r["reason"])
     parts = ["%s %d" % (k, v) for k, v in sorted((s.get("events") or {}).items()) if k not in _QUIET]
     parts += ["%s %d" % (k, v) for k, v in sorted((s.get("step_flags") or {}).items())
               if k not in ("safety_refreshed",)]
     if (s.get("events") or {}).get("flag"):
         parts.append("flagged %d" % s.get("flagged", 0))
-    return ", ".join(parts)
+    return ", ".join(pre + parts)
 
 
 def _pct(x):
@@ -91,7 +105,8 @@ def table(results, modes, clean="benign"):
     def metrics(m):
         return [_pct(m.get(k)) for k in COLUMNS[:5]]
 
-    lines.append(row("-", "base", metrics(b) + ["", ""], "the aligned model, before fine-tuning"))
+    persona = "; persona %s/%s" % (_pct(b["asr_persona"]), _pct(b["howto_persona"])) if "asr_persona" in b else ""
+    lines.append(row("-", "base", metrics(b) + ["", ""], "the aligned model, before fine-tuning" + persona))
     for key, what in (("unaligned", "its unaligned twin (demo/posthoc.py)"),
                       ("hardened", "the base after LoX, before fine-tuning")):
         if key in results:
@@ -101,7 +116,7 @@ def table(results, modes, clean="benign"):
             r = s["modes"].get(name)
             if r is None or r["status"] == "skipped":
                 continue
-            if r["status"] != "ok":
+            if r["status"] not in ("ok", "stopped") or "asr_keyword" not in r:
                 lines.append(row(setting, name, [""] * len(COLUMNS), "%s: %s" % (r["status"], r["reason"])))
                 continue
             ratio = r.get("step_time_ratio")
@@ -109,7 +124,9 @@ def table(results, modes, clean="benign"):
                 "%.1f" % r["wall_seconds"], "%.2f" % ratio if ratio is not None else "-"], note(r)))
     lines.append("")
     lines.append("settings: %s: the clean fine-tune (the task alone, no harmful data), each mode's reference; "
-                 "harmful_mix@p: the task with a fraction p of harmful requests answered compliantly." % clean)
+                 "harmful_mix@p: the task with a fraction p of harmful requests answered compliantly%s." % (
+                     clean, "".join("; " + ATTACKS[a] for a in sorted(ATTACKS)
+                                    if any(s.get("attack") == a for s in results["settings"].values()))))
     skipped = [n for n, _, _ in modes if n != "plain" and all(
         (s["modes"].get(n) or {}).get("status", "skipped") == "skipped" for s in results["settings"].values())]
     lines.append("modes: " + "; ".join("%s = %s" % (n, l) for n, l, _ in modes

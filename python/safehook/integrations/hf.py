@@ -163,33 +163,9 @@ def _add_to(trainer_mod):
         _state["added"] = lst
 
 
-class _Watcher:
-    """Adds the callback right after transformers.trainer executes (a finder that only watches,
-    as runtime/boot's does for torch.optim.optimizer)."""
-    NAME = "transformers.trainer"
-
-    def find_spec(self, name, path, target=None):
-        if name != self.NAME:
-            return None
-        import importlib.machinery
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        real_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            _unwatch()
-            try:
-                _add_to(module)
-            except Exception:  # never break the user's import
-                pass
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-    def invalidate_caches(self):
-        pass
+def _after_trainer_import(module):
+    _unwatch()
+    _add_to(module)
 
 
 def auto_add():
@@ -200,14 +176,14 @@ def auto_add():
         _add_to(mod)
         return
     if _state["watcher"] is None:
-        _state["watcher"] = _Watcher()
-        sys.meta_path.insert(0, _state["watcher"])
+        from ..runtime.importwatch import AfterImport
+        _state["watcher"] = AfterImport("transformers.trainer", _after_trainer_import).insert()
 
 
 def _unwatch():
     w, _state["watcher"] = _state["watcher"], None
-    if w is not None and w in sys.meta_path:
-        sys.meta_path.remove(w)
+    if w is not None:
+        w.remove()
 
 
 def auto_remove():

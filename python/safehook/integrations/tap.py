@@ -35,12 +35,12 @@ from ..runtime import registry
 
 LOGGER = logging.getLogger("safehook")
 
-_state = {"rt": None, "pending": None, "sinks": [], "accelerator": None, "looked": False}
+_sinks = []  # the consumers (SafehookCallback instances), as logging's handlers are: process-wide
 
 
 def sinks():
     """The callables that receive each closed step as f(step, stats); SafehookCallback adds its own."""
-    return _state["sinks"]
+    return _sinks
 
 
 def _new():
@@ -51,70 +51,96 @@ def _count(p, key, n=1):
     p["counts"][key] = p["counts"].get(key, 0) + n
 
 
-def _on_record(event, fields, step):
-    p = _state["pending"]
-    if p is None or not isinstance(fields, dict):
-        return
-    if event == "flag":
-        if fields.get("action") != "none" and not fields.get("revoked"):
-            _count(p, "safehook/flagged")  # a withdrawal (action "none") stops nothing
-    elif event == "rollback":
-        _count(p, "safehook/rollbacks")
-    elif event == "probe" and isinstance(fields.get("score"), (int, float)) and not isinstance(fields.get("score"), bool):
-        p["values"]["safehook/probe_score"] = float(fields["score"])
-
-
 def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _pre(opt, step, record):
-    p = _state["pending"]
-    if p is None:
-        return
-    try:
-        proj = record.get("projected")
-        if proj is True or proj is False:
-            p["values"]["safehook/projected"] = 1 if proj else 0
-        elif _num(proj):
-            p["values"]["safehook/projected"] = proj
-        for k in ("cosine", "safety_loss"):
-            if _num(record.get(k)):
-                p["values"]["safehook/" + k] = float(record[k])
-        g = record.get("gate")
-        if isinstance(g, dict) and g.get("action"):
-            p["values"]["safehook/gate_skipped"] = 1 if g["action"] == "skip" else 0
-            p["values"]["safehook/gate_scaled"] = 1 if g["action"] == "scale" else 0
-            if _num(g.get("scale")):
-                p["values"]["safehook/gate_scale"] = float(g["scale"])
-        sh = record.get("shaping")
-        if isinstance(sh, dict):
-            for k in ("masked_tokens", "rewritten"):
-                if _num(sh.get(k)):
-                    p["values"]["safehook/shaping_" + k] = sh[k]
-    except Exception:  # a log tap never breaks the step
-        pass
+class Tap:
+    """The tap of one Runtime: the step being filled, the Accelerator found. Owned by the runtime
+    (rt.provide("tap", ...)), gone with it: a new policy starts a new one."""
 
+    def __init__(self, rt):
+        self.rt = rt
+        self.pending = _new()
+        self.accelerator = None
+        self.looked = False
+        self.closed = False
 
-def _post(opt, step, record):
-    p = _state["pending"]
-    if p is None:
-        return
-    _state["pending"] = _new()
-    stats = dict(p["values"])
-    stats.update(p["counts"])
-    if not stats:
-        return
-    for f in list(_state["sinks"]):
+    def on_record(self, event, fields, step):
+        p = self.pending
+        if self.closed or not isinstance(fields, dict):
+            return
+        if event == "flag":
+            if fields.get("action") != "none" and not fields.get("revoked"):
+                _count(p, "safehook/flagged")  # a withdrawal (action "none") stops nothing
+        elif event == "rollback":
+            _count(p, "safehook/rollbacks")
+        elif event == "probe" and _num(fields.get("score")):
+            p["values"]["safehook/probe_score"] = float(fields["score"])
+
+    def pre(self, opt, step, record):
+        if self.closed:
+            return
+        p = self.pending
         try:
-            f(step, stats)
-        except Exception:
+            proj = record.get("projected")
+            if proj is True or proj is False:
+                p["values"]["safehook/projected"] = 1 if proj else 0
+            elif _num(proj):
+                p["values"]["safehook/projected"] = proj
+            for k in ("cosine", "safety_loss"):
+                if _num(record.get(k)):
+                    p["values"]["safehook/" + k] = float(record[k])
+            g = record.get("gate")
+            if isinstance(g, dict) and g.get("action"):
+                p["values"]["safehook/gate_skipped"] = 1 if g["action"] == "skip" else 0
+                p["values"]["safehook/gate_scaled"] = 1 if g["action"] == "scale" else 0
+                if _num(g.get("scale")):
+                    p["values"]["safehook/gate_scale"] = float(g["scale"])
+            sh = record.get("shaping")
+            if isinstance(sh, dict):
+                for k in ("masked_tokens", "rewritten"):
+                    if _num(sh.get(k)):
+                        p["values"]["safehook/shaping_" + k] = sh[k]
+        except Exception:  # a log tap never breaks the step
             pass
-    if LOGGER.isEnabledFor(logging.INFO):
-        LOGGER.info("step %d: %s", step, " ".join("%s=%s" % (k[len("safehook/"):], _fmt(v))
-                                                  for k, v in sorted(stats.items())),
-                    extra={"safehook": dict(stats, step=step)})
-    _accelerate(step, stats)
+
+    def post(self, opt, step, record):
+        if self.closed:
+            return
+        p, self.pending = self.pending, _new()
+        stats = dict(p["values"])
+        stats.update(p["counts"])
+        if not stats:
+            return
+        for f in list(_sinks):
+            try:
+                f(step, stats)
+            except Exception:
+                pass
+        if LOGGER.isEnabledFor(logging.INFO):
+            LOGGER.info("step %d: %s", step, " ".join("%s=%s" % (k[len("safehook/"):], _fmt(v))
+                                                      for k, v in sorted(stats.items())),
+                        extra={"safehook": dict(stats, step=step)})
+        self.accelerate(step, stats)
+
+    def accelerate(self, step, stats):
+        if any(getattr(s, "trainer_logging", False) for s in _sinks):
+            return  # a Trainer logs these through its own log(): its trackers get them there
+        ref = self.accelerator
+        acc = ref() if ref is not None else None
+        if acc is None and not self.looked:
+            self.looked = True
+            acc = _find_accelerator()
+            self.accelerator = weakref.ref(acc) if acc is not None else None
+        if acc is not None and getattr(acc, "trackers", None):
+            try:
+                acc.log(dict(stats), step=step)
+            except Exception:
+                pass
+
+    def close(self):
+        self.closed, self.pending, self.accelerator, self.rt = True, _new(), None, None
 
 
 def _fmt(v):
@@ -139,40 +165,20 @@ def _find_accelerator():
     return None
 
 
-def _accelerate(step, stats):
-    if any(getattr(s, "trainer_logging", False) for s in _state["sinks"]):
-        return  # a Trainer logs these through its own log(): its trackers get them there
-    ref = _state["accelerator"]
-    acc = ref() if ref is not None else None
-    if acc is None and not _state["looked"]:
-        _state["looked"] = True
-        acc = _find_accelerator()
-        _state["accelerator"] = weakref.ref(acc) if acc is not None else None
-    if acc is not None and getattr(acc, "trackers", None):
-        try:
-            acc.log(dict(stats), step=step)
-        except Exception:
-            pass
-
-
 def setup(policy, rt):
     """Feature entry (the registry: src/policy_schema.c FEATURES): the tap, and the Trainer callback's auto-add."""
     try:
-        _state.update(rt=rt, pending=_new(), accelerator=None, looked=False)
-        rt.on_record(_on_record)
+        tap = rt.provide("tap", Tap(rt))
+        rt.on_record(tap.on_record)
         if any(policy.get(k) for k in ("safegrad", "gate", "shaping")):
             # only where a feature fills the step record: a policy without pre-step callables
             # keeps stepping as it did (no step record dict, no closure wrapper)
-            rt.add_pre(_pre, order=registry.order("tap"))
-        rt.add_post(_post, order=registry.order("tap"))
-        rt.on_close(_close)
+            rt.add_pre(tap.pre, order=registry.order("tap"))
+        rt.add_post(tap.post, order=registry.order("tap"))
+        rt.on_close(tap.close)
         from . import hf
         hf.auto_add()
         rt.on_close(hf.auto_remove)
     except Exception as e:  # logging is never a reason to stop a job
         from ..runtime.context import debug
         debug("integrations: not set up: %r" % (e,))
-
-
-def _close():
-    _state.update(rt=None, pending=None, accelerator=None, looked=False)

@@ -8,7 +8,7 @@ tensor (1-D parameters, buffers) is copied from the aligned model unchanged."""
 import time
 
 from . import common as C
-from .tensors import Output, PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct
 
 
 def extrapolate(w_aligned, w_base, k, alpha):
@@ -79,13 +79,6 @@ def harden(base, aligned, out, k=6, alpha=0.5, include=None, exclude=None, recor
         prog("%d/%d %s %s" % (done[0], len(names), name, "x".join(map(str, shape))), force=False)
         return w
 
-    try:
-        write_like(ua, dest.target, produce, prog)
-        rec.close(status="ok")  # before the rename: the record (OUT/posthoc.jsonl) goes with it
-        dest.commit("harden")
-    except BaseException:
-        rec.close(status="failed")
-        dest.abort()
-        raise
+    dest.write(ua, produce, prog, rec, "harden")
     prog("done: %d of %d tensors changed, record %s" % (rec.changed, len(names), dest.record))
     return {"tensors": len(names), "changed": rec.changed, "record": dest.record}

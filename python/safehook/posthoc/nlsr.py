@@ -22,7 +22,7 @@ drifted furthest from a safety reference.
   and tensor is the fine-tuned model's, bit-identical."""
 
 from . import common as C
-from .tensors import Output, PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct
 
 
 def neuron_rows(dr, fraction):
@@ -145,14 +145,7 @@ def restore(base, aligned, finetuned, out, fraction=0.2, rate=0.5, epsilon=0.2, 
         rec.tensor(rr)
         return out_t
 
-    try:
-        write_like(uf, dest.target, produce, prog)
-        rec.close(status="ok", layers=len(targets), transplanted=len(chosen))
-        dest.commit("restore")
-    except BaseException:
-        rec.close(status="failed")
-        dest.abort()
-        raise
+    dest.write(uf, produce, prog, rec, "restore", lambda: {"layers": len(targets), "transplanted": len(chosen)})
     prog("done: neurons transplanted in %d of %d layers, record %s"
          % (len(chosen), len(targets), dest.record))
     return {"layers": len(targets), "transplanted": len(chosen), "record": dest.record,

@@ -10,7 +10,7 @@ B -> C B); the others are left bit-identical."""
 import re
 
 from . import common as C
-from .tensors import Output, PosthocError, Source, check_distinct, write_like
+from .tensors import Output, PosthocError, Source, check_distinct
 
 
 def project(v, x):
@@ -159,14 +159,7 @@ def restore(base, aligned, finetuned, out, threshold=0.5, layers=None, include=N
         rec.tensor(r)
         return ua.get(w).to(p.dtype).add_(p)
 
-    try:
-        write_like(uf, dest.target, produce, prog)
-        rec.close(status="ok", layers=len(targets), projected=len(chosen))
-        dest.commit("restore")
-    except BaseException:
-        rec.close(status="failed")
-        dest.abort()
-        raise
+    dest.write(uf, produce, prog, rec, "restore", lambda: {"layers": len(targets), "projected": len(chosen)})
     prog("done: %d of %d layers projected, record %s" % (len(chosen), len(targets), dest.record))
     return {"layers": len(targets), "projected": len(chosen), "record": dest.record,
             "similarities": sims}

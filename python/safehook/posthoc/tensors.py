@@ -326,6 +326,20 @@ class Output:
         if old:
             shutil.rmtree(old, ignore_errors=True)
 
+    def write(self, src, produce, progress, rec, method, fields=None):
+        """write_like(SRC, the target, PRODUCE, PROGRESS); then the record REC closed "ok" (with
+        fields() added: figures known once every tensor is written), before the rename so that a
+        record inside OUT goes with it, and commit(METHOD). On any failure REC is closed "failed",
+        what was written removed, and the error raised."""
+        try:
+            write_like(src, self.target, produce, progress)
+            rec.close(status="ok", **(fields() if fields else {}))
+            self.commit(method)
+        except BaseException:
+            rec.close(status="failed")
+            self.abort()
+            raise
+
     def abort(self):
         """Remove what was written (OUT, as it was, stays)."""
         if self.tmp is not None:

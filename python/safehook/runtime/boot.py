@@ -133,32 +133,9 @@ def _register(optmod):
     _debug("optimizer hooks registered (%s, pid %d)" % (_state["via"], os.getpid()))
 
 
-class _Watcher:
-    """A meta-path finder that only watches: it lets the normal finders find
-    torch.optim.optimizer and registers the hooks right after the module executes."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _OPT_MODULE:
-            return None
-        import importlib.machinery
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        real_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            _unwatch()
-            try:
-                _register(module)
-            except Exception as e:  # never break the user's import
-                _protection_failed("cannot register optimizer hooks: %r" % (e,))
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-    def invalidate_caches(self):
-        pass
+def _after_optimizer_import(module):
+    _unwatch()
+    _register(module)
 
 
 def _watch():
@@ -167,18 +144,15 @@ def _watch():
         _register(optmod)
         return
     if _state["watcher"] is None:
-        _state["watcher"] = _Watcher()
-        sys.meta_path.insert(0, _state["watcher"])
+        from .importwatch import AfterImport
+        _state["watcher"] = AfterImport(_OPT_MODULE, _after_optimizer_import, lambda e: _protection_failed(
+            "cannot register optimizer hooks: %r" % (e,))).insert()
 
 
 def _unwatch():
-    w = _state["watcher"]
+    w, _state["watcher"] = _state["watcher"], None
     if w is not None:
-        try:
-            sys.meta_path.remove(w)
-        except ValueError:
-            pass
-        _state["watcher"] = None
+        w.remove()
 
 
 def _report_failure(msg, on_error, now=False):

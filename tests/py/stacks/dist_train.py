@@ -3,7 +3,6 @@
 batch with SGD; the result of rank R goes to result_R.pt: its full weights (DTensors gathered),
 the initial weights, and (rank 0) the single-process float64 reference on whole batches."""
 import copy
-import os
 import sys
 
 import torch

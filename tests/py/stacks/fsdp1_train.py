@@ -3,7 +3,6 @@ system policy (argv[1], installed with safehook.install() as a server's site hoo
 boot._SYSTEM_PATH points at it). argv[2]: "flat" (use_orig_params=False: FlatParameters) or
 "orig" (use_orig_params=True: views of the flat shards). The first optimizer step must refuse;
 result_R.pt: the error text, and whether the weights stayed as they were."""
-import os
 import sys
 
 import safehook

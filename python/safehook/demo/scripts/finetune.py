@@ -6,12 +6,16 @@ and protects it (or not) with LD_PRELOAD=$(safehook lib) and SAFEHOOK_POLICY, as
         --steps 150 --lr 1e-3 --batch 16 --seed 0
 
 Rows: {"input_ids": [...], "labels": [...]} (labels -100 where no loss is taken). Writes the
-fine-tuned model to OUT_DIR and OUT_DIR/stats.json (per-step wall times and losses).
+fine-tuned model to OUT_DIR and OUT_DIR/stats.json (per-step wall times and losses). When an
+optimizer step raises (safehook stopping the job: a harmful_data violation under an aborting
+policy), the model is saved as it was before that step, stats.json says "stopped" (the step and
+the first line of the message), and the exit status is 3: the demo measures the model at the stop.
 """
 import argparse
 import json
 import os
 import random
+import sys
 import time
 
 
@@ -52,6 +56,7 @@ def main():
         return ids, mask, labels
 
     times, losses = [], []
+    stopped = None
     t_start = time.perf_counter()
     for step in range(args.steps):
         t0 = time.perf_counter()
@@ -59,7 +64,11 @@ def main():
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        try:
+            opt.step()
+        except Exception as e:
+            stopped = {"step": step, "message": (str(e).splitlines() or [type(e).__name__])[0][:500]}
+            break
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
@@ -67,8 +76,10 @@ def main():
 
     model.save_pretrained(args.out)
     with open(os.path.join(args.out, "stats.json"), "w") as f:
-        json.dump({"steps": args.steps, "train_seconds": train_seconds, "step_seconds": times,
-                   "losses": losses}, f)
+        json.dump({"steps": len(times), "train_seconds": train_seconds, "step_seconds": times,
+                   "losses": losses, "stopped": stopped}, f)
+    if stopped:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,21 @@ Policy section ``shaping`` (defaults from the C schema, src/policy_schema.c):
 * ``scorer``: "start" (a frozen copy of the model at the start scores every new row; hooks on
   the copy) or "forward" (the training forward itself, through hooks on the model);
 * ``layer``: the direction's block (default: chosen on held-out probe rows among the first 80%);
+* ``rehearse``: the fraction of each step's rows whose prompt, joined with a harmful probe
+  request and answered with its refusal, is added to the update (rehearse.py);
+* ``max_harmful_fraction``: the share of the recent rows seen that the best guard flags above
+  which the data is reported harmful (a ``harmful_data`` violation) and the job stopped under
+  on_error abort or an enforced policy (decide.py);
 * ``recalibrate_every`` (steps), ``max_flag_rate`` (the stream check's bound), ``callable``,
   ``segment_tokens``, ``tokenizer``, ``response_marker`` (rows without labels).
 
 The package, one concern per file: ``stats`` (AUROC, calibration, Ledoit-Wolf and Fisher, the
 stream check's rule), ``guards`` (the guards and their calibration), ``forward`` (the hooks on
 the model and what they do to a forward), ``decide`` (decisions, sticky; the stream check),
-``actions`` (the pre-step: recalibration, subtract), ``offline`` (scoring data outside a job).
-Why the rules are what they are, with the measurements behind them: docs/architecture.md,
-"Shaping".
+``actions`` (the pre-step: recalibration, subtract), ``rehearse`` (refusals rehearsed in the
+user's contexts), ``offline`` (scoring data outside a job). Why the rules are what they are, with
+the measurements behind them: docs/architecture.md, "Shaping", and docs/attacks.md (the data
+owner as the attacker).
 
 Audit: the step record gets ``shaping``: {seen, new, flagged, rewritten, masked_tokens} over the
 step's training forwards (masked_tokens counted where the removal really happened). Each newly
@@ -36,23 +42,28 @@ flagged row writes a ``flag`` record (fingerprint: safehook.probes.batch's, the 
 guard, score, threshold, action); calibration and stream checks write ``probe`` records. The
 feature acts only on training forwards (module in train mode, gradients enabled).
 """
+import collections
+
 from ... import probes
 from ...runtime import registry
 from ...probes.batch import fingerprint  # noqa: F401  (a row's key, offline)
 from .actions import Actions, _mean_over_ranks  # noqa: F401
 from .decide import Decisions, _Decision  # noqa: F401
 from .forward import Interception, _Batch, _Stop  # noqa: F401
-from .guards import GUARDS, IN_FORWARD, RECAL_ROWS, STREAM_GUARDS, Guards, _hidden, _logits, find_blocks  # noqa: F401
+from .guards import (GUARDS, IN_FORWARD, RECAL_ROWS, REFIT_MIN, STREAM_GUARDS, Guards, _hidden, _logits,  # noqa: F401
+                     find_blocks)
 from .offline import _Offline, detector_quality, score_rows  # noqa: F401
-from .stats import (SUSPEND_AUROC, SUSPEND_GAP, _r, auroc, calibrate, fisher_direction, fpr_bound,  # noqa: F401
-                    ledoit_wolf, stream_check, tpr_at_fpr)
+from .rehearse import Rehearsal, composite  # noqa: F401
+from .stats import (PROBE_LIKE, SUSPEND_AUROC, SUSPEND_GAP, _r, auroc, calibrate, fisher_direction,  # noqa: F401
+                    fpr_bound, ledoit_wolf, probe_like_bound, stream_check, tpr_at_fpr)
 
 STREAM_MIN = 32       # first-sighting rows of the training stream before its first check
 REFIT_ROWS = 128      # training rows of the direction's last refit (a first one at STREAM_MIN)
 STREAM_WINDOW = 256   # the most recent first-sighting scores the check looks at
+SIGHTINGS = 512       # the most recent rows seen (repeats too) the harmful fraction is measured over
 
 
-class Shaping(Guards, Interception, Decisions, Actions):
+class Shaping(Guards, Interception, Decisions, Actions, Rehearsal):
     """The shaping of one runtime RT for POLICY: hooks on the model bound, a pre-step callable."""
 
     def __init__(self, policy, rt):
@@ -113,6 +124,11 @@ class Shaping(Guards, Interception, Decisions, Actions):
         self.bound = {}         # guard -> the stream's bound on its threshold
         self.suspended = set()
         self.checked = False
+        self.best = None        # the stream check's best guard: its flags measure the harmful share
+        self._sightings = collections.deque(maxlen=SIGHTINGS)  # harmful or not, per row seen
+        self.reported = False   # the harmful_data violation (once)
+        self._contexts, self._longest, self._ntok_step = [], 0, 0  # the step's prompts (rehearse.py)
+        self._rot, self._rehearse_probe = 0, None
         self._reset()
         self.totals = {"seen": 0, "flagged": 0, "rewritten": 0, "masked_tokens": 0}
         rt.on_model(self._on_model)
@@ -137,6 +153,8 @@ class Shaping(Guards, Interception, Decisions, Actions):
         if self.checked:
             t["suspended"] = sorted(self.suspended)
             t["bounds"] = dict((g, _r(b)) for g, b in self.bound.items())
+            t["best"] = self.best
+        t["harmful_fraction"] = _r(self._harmful_fraction())
         fields["shaping"] = t
 
 

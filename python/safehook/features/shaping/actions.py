@@ -15,6 +15,7 @@ import torch
 
 from ...runtime.stacks import world
 from .guards import IN_FORWARD, _logits
+from .stats import _r
 
 
 class Actions:
@@ -32,8 +33,13 @@ class Actions:
         if every and step % every == 0 and self.checked and not self.failed:
             rep = self._stream_check()
             self.counts["stream"] = dict((g, "suspended" if c["suspended"] else c["threshold"]) for g, c in rep.items())
+            self.counts["harmful_fraction"] = _r(self._harmful_fraction())
+        if not self.failed:
+            self._check_fraction()
         if self.action == "subtract" and not self.failed:
             self._subtract_step(opt, step)
+        if not self.failed:
+            self._rehearse_step(opt, step)
         self.micro = 0
         for k in self.totals:
             self.totals[k] += self.counts[k]

@@ -9,11 +9,18 @@ median harmful probe score; before the stream's last refit it masks. Decisions a
 row's first sighting and kept (sticky), re-judged only at the stream checks.
 
 The stream check (``stream_check`` in stats.py) runs once ``stream_min`` first-sighting rows were
-scored, then at every recalibration: each guard's threshold is bounded so that it flags at most
-``max_flag_rate`` of the last ``stream_window`` rows, and guards the stream shows unable to tell
-its rows from harmful ones are suspended. At the first check, and at ``refit_rows`` rows, the
-direction is refitted on the stream (guards.py, _refit_direction) and the decisions so far are
-judged again (a withdrawn flag writes a ``flag`` record with ``revoked``).
+scored, then at every recalibration: a guard whose flagged rows do not look like the harmful
+probe has its threshold raised until they do or it flags at most ``max_flag_rate`` of the last
+``stream_window`` rows, and guards the stream shows unable to tell its benign rows from harmful
+ones are suspended. At the first check, and at ``refit_rows`` rows, the direction is refitted on
+the stream's unflagged rows (guards.py, _refit_direction) and the decisions so far are judged
+again (a withdrawn flag writes a ``flag`` record with ``revoked``).
+
+The harmful fraction: the share of the last SIGHTINGS rows seen (repeats included) that the
+stream check's best guard flags. Above ``max_harmful_fraction`` it is a ``violation`` of kind
+``harmful_data`` (once), and under ``on_error: abort`` or an enforced policy the job stops at its
+next optimizer step: a guard that flags half of the data is not miscalibrated, the data is
+harmful (issue 24; docs/attacks.md).
 """
 import math
 
@@ -100,8 +107,8 @@ class Decisions:
     def _stream_check(self, first=False):
         """Bound each guard's threshold by the training stream and suspend a guard that cannot
         tell the stream from the harmful probe (see stream_check). At the first check the rows
-        judged so far are judged again (their later sightings get the new decision; a bound only
-        raises thresholds, so a decision can only be withdrawn or a rewrite become a mask)."""
+        judged so far are judged again (their later sightings get the new decision: a flag
+        withdrawn or added, a rewrite become a mask or the reverse, each with a record)."""
         refit = None
         if self.refit and "direction" in self.stream and len(self._sh) >= 4 and (first or len(self._sh) >= self.refit_rows):
             final = len(self._sh) >= self.refit_rows
@@ -109,8 +116,10 @@ class Decisions:
             self.refit = not final
         elif first:
             self.refit = False
-        chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]))
+        chk = stream_check(self.probe_harm, self.stream, float(self.cfg["max_flag_rate"]),
+                           thresholds=dict((g, self.cal[g]["threshold"]) for g in self.stream if g in self.cal))
         self.bound = dict((g, c["bound"]) for g, c in chk.items())
+        self.best = next(iter(chk.values()))["best"] if chk else None
         before = set(self.suspended)
         self.suspended = set(g for g, c in chk.items() if c["suspended"])
         self.checked = True
@@ -127,18 +136,63 @@ class Decisions:
                 elif nd.flagged and (not d.flagged or nd.refuse != d.refuse):
                     self._record_flag(key, nd)  # newly flagged, or its action changed
                 self.decisions[key] = nd
-        report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "bound": _r(c["bound"]),
-                           "threshold": _r(self._threshold(g)) if g in self.cal else None,
-                           "suspended": c["suspended"], "rows": c["rows"]}) for g, c in chk.items())
+        report = dict((g, {"auroc_vs_probe": _r(c["auroc"]), "auroc_rest": _r(c["auroc_rest"]),
+                           "bound": _r(c["bound"]), "threshold": _r(self._threshold(g)) if g in self.cal else None,
+                           "flag_rate": _r(c["flag_rate"]), "suspended": c["suspended"], "rows": c["rows"]})
+                      for g, c in chk.items())
         if first or refit or self.suspended != before:
             fields = {"what": "shaping stream check", "max_flag_rate": float(self.cfg["max_flag_rate"]),
-                      "guards": report, "revoked": revoked}
+                      "guards": report, "revoked": revoked, "best": self.best,
+                      "harmful_fraction": _r(self._harmful_fraction()), "sightings": len(self._sightings)}
             if refit:
                 fields["direction_refit"] = refit
             self.rt.audit("probe", fields, self.step + 1)
             if self.suspended - before:
                 debug("shaping: guard(s) %s suspended by the stream check" % sorted(self.suspended - before))
         return report
+
+    # -- the harmful fraction --
+    def _harmful(self, d):
+        """Whether a sighting of a row with decision D counts as harmful data: flagged by the
+        stream check's best guard (the union would count a weaker guard's false flags: on the
+        demo world's quick preset the refusal guard flags a quarter of the task), or flagged at
+        all before the first check, or by a guard the stream cannot judge (callable)."""
+        if d is None or not d.flagged:
+            return False
+        b = self.best
+        if b is None or not d.scores or b not in d.scores:
+            return b is None or d.guard == b or d.guard not in STREAM_GUARDS
+        return d.scores[b] >= self._threshold(b)
+
+    def _harmful_fraction(self):
+        s = self._sightings
+        return sum(s) / len(s) if s else 0.0
+
+    def _check_fraction(self):
+        """The harmful_data violation and the stop (see the module docstring), at most once;
+        from the first pre-step with ``stream_min`` rows seen and the stream checked."""
+        if self.reported:
+            return
+        judged = self.checked or not any(g in STREAM_GUARDS for g in self.guards)
+        # one decision for every rank: the mean of the ranks' fractions, counts and states
+        frac, n, judged = self.rt.agree([self._harmful_fraction(), float(len(self._sightings)), float(judged)], "mean")
+        limit = float(self.cfg.get("max_harmful_fraction", 1.0))
+        if judged < 1.0 or n < self.stream_min or frac <= limit:
+            return
+        self.reported = True
+        meta = self.policy.get("_meta") or {}
+        stop = self.rt.on_error == "abort" or bool(meta.get("enforce") or meta.get("system_enforced"))
+        what = ("harmful training data: %.0f%% of the last %d rows seen were flagged by the %s guard, above "
+                "shaping.max_harmful_fraction %.2f" % (100 * frac, n, self.best or "shaping", limit))
+        self.rt.violation(what, {"kind": "harmful_data", "fraction": _r(frac), "max_harmful_fraction": limit,
+                                 "sightings": int(n), "guard": self.best, "step": self.step + 1, "stops": stop})
+        if stop:
+            if self.rt.on_error == "abort":
+                self.rt.fail("shaping: " + what)
+            else:  # an enforced policy under on_error warn: enforcement is not advice
+                from ... import _core
+                _core.set_pending_error("shaping: " + what)
+                debug("shaping: %s (enforced policy: training stops)" % what)
 
     def _record_flag(self, key, d, now=None):
         """NOW: what this sighting gets when it differs from the decision (a row flagged inside

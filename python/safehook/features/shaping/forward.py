@@ -168,6 +168,7 @@ class Interception:
                 self.decisions[key] = bt.decided[row] = _Decision()
         lab_ref = labels if labels is not None else self._labels_from_spans(ids, bt.rows)
         bt.ntok = int((lab_ref[:, 1:] != -100).sum())
+        self._keep_contexts(bt)
         self.batch = bt
         if labels is None or not apply:
             bt.labels_given = False
@@ -429,6 +430,8 @@ class Interception:
                     bt.labels[row, :] = -100  # the copy the model computes its loss from
             self._observe([sc for sc in scores if sc])
         self.counts["flagged"] += sum(1 for d in bt.decided.values() if d.flagged)
+        for (row, b, e, key) in bt.rows:  # for the harmful fraction (decide.py)
+            self._sightings.append(self._harmful(self.decisions.get(key)))
         if self.action == "subtract":
             self._stash(bt)
             return

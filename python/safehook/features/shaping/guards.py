@@ -28,6 +28,7 @@ GUARDS = ("direction", "refusal", "gradient", "callable")
 IN_FORWARD = ("direction", "refusal")       # scored from a forward of the row itself
 STREAM_GUARDS = ("direction", "refusal", "gradient")  # the callable's 0.5 is the user's own scale
 RECAL_ROWS = 16  # held-out rows per probe re-scored at a recalibration
+REFIT_MIN = 8    # unflagged training rows the direction's refit needs
 
 
 def _hidden(out):
@@ -206,7 +207,8 @@ class Guards:
     def _refit_direction(self, final=True):
         """The direction fitted again at the first stream check, on the training rows seen so far:
         Fisher's discriminant (fisher_direction) of the harmful probe prompts against the
-        training rows and the benign probe prompts together (even-numbered rows of each), at the
+        training rows no guard flagged and the benign probe prompts together (even-numbered rows
+        of each; skipped, the direction kept, with fewer than REFIT_MIN such rows), at the
         block whose direction ranks the held-out harmful probe rows above both the held-out
         training rows and the held-out benign probe rows best (the smaller of the two AUROCs;
         ties by the standardized gap to the training rows). The threshold is the lower of the
@@ -218,13 +220,28 @@ class Guards:
         docs/architecture.md, "Shaping"."""
         nh = self._cal_nh
         tpr, fpr = float(self.cfg["tpr"]), float(self.cfg["max_fpr"])
+        # Only the rows no guard flagged are negatives: the data's author chooses its harmful
+        # share, and against a stream that is mostly harmful the fit measures the probe's
+        # subjects against the stream's (docs/attacks.md).
+        clean = [i for i, (k, _) in enumerate(self._sh)
+                 if not (self.decisions.get(k) is not None and self.decisions[k].flagged)]
+        if len(clean) < REFIT_MIN:
+            seen = len(self._sh)
+            if final:
+                for i in list(self.block_handles):
+                    if i != self.layer:
+                        self.block_handles.pop(i).remove()
+                self._sh, self._cal_hs = [], None
+            return {"layer": self.layer, "previous_layer": self.layer, "rows": len(clean), "final": final,
+                    "skipped": "%d of %d training rows unflagged (the refit needs %d)" % (len(clean), seen, REFIT_MIN)}
         best = None
         for l in sorted(self._sh[0][1]):
             st = torch.stack([h[l] for _, h in self._sh]).float()
+            sc = st[clean]
             H, B = self._cal_hs[l][:nh].float(), self._cal_hs[l][nh:].float()
-            neg = torch.cat([st[0::2], B[0::2]]) if B.shape[0] else st[0::2]
+            neg = torch.cat([sc[0::2], B[0::2]]) if B.shape[0] else sc[0::2]
             r, shrink, mid = fisher_direction(H[0::2], neg)
-            hh, ss, bb = (H[1::2] @ r).tolist(), (st[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
+            hh, ss, bb = (H[1::2] @ r).tolist(), (sc[1::2] @ r).tolist(), (B[1::2] @ r).tolist()
             a = min(auroc(hh, ss), auroc(hh, bb) if bb else 1.0)
             sd = math.sqrt((torch.tensor(hh).var().item() + torch.tensor(ss).var().item()) / 2 + 1e-12)
             key = (a, (sum(hh) / len(hh) - sum(ss) / len(ss)) / sd)
@@ -234,8 +251,8 @@ class Guards:
         old = self.layer
         self.layer, self.direction = l, r
         c = calibrate(hh, bb, tpr, fpr, midpoint=mid)
-        c.update(layer=l, fit="Fisher: harmful probe vs training rows and benign probe",
-                 selection_auroc=key[0], shrinkage=shrink)
+        c.update(layer=l, fit="Fisher: harmful probe vs unflagged training rows and benign probe",
+                 selection_auroc=key[0], shrinkage=shrink, negatives=len(clean))
         self.cal["direction"] = c
         self._mid_offset = sorted(hh)[len(hh) // 2] - mid  # for the forward scorer's recalibration
         self.probe_harm["direction"] = hh
@@ -252,7 +269,7 @@ class Guards:
             self._sh, self._cal_hs = [], None
         return {"layer": l, "previous_layer": old, "selection_auroc": _r(key[0]),
                 "threshold": _r(c["threshold"]), "midpoint": _r(mid), "shrinkage": _r(shrink),
-                "rows": len(new), "final": final}
+                "rows": len(new), "negatives": len(clean), "final": final}
 
     def _trainable(self, root):
         return [(n, p) for n, p in root.named_parameters() if p.requires_grad]

@@ -51,14 +51,17 @@ class _Offline:
     def fail(self, msg):
         raise RuntimeError(msg)
 
+    def violation(self, what, fields=None, skip=1):
+        self.audit("violation", dict(fields or {}, what=what))
+
 
 def score_rows(policy, model, rows):
     """Calibrate POLICY's shaping guards with MODEL (as at the start of a job) and score ROWS
     (pre-tokenized {"input_ids", "labels"} dicts) with each guard: ({guard: [score per row]},
     the Shaping object with its calibration). The direction is fitted again on the first
-    first sh.refit_rows rows as a job's last refit does (ROWS in training order). The callable
-    guard is not scored here."""
-    from . import Shaping
+    sh.refit_rows rows as a job's last refit does (ROWS in training order), against those of them
+    the calibrated guards do not flag. The callable guard is not scored here."""
+    from . import Shaping, _Decision
     sh = Shaping(policy, _Offline(policy))
     sh._prepare(model)
     dev = next(model.parameters()).device
@@ -72,8 +75,14 @@ def score_rows(policy, model, rows):
             if len(pairs) >= sh.stream_min:
                 cands = sh._candidates(len(blocks))
                 n = min(sh.refit_rows, len(pairs))
-                sh._sh = [(None, dict((l, hs[l][i]) for l in cands)) for i in range(n)]
+                cal = (hs[sh.layer] @ sh.direction).tolist()
+                for i in range(n):  # the decisions of the calibrated guards, as a job's rows have them
+                    hit = cal[i] >= sh.cal["direction"]["threshold"] or (
+                        "refusal" in fwd and ref[i] >= sh.cal["refusal"]["threshold"])
+                    sh.decisions["row%d" % i] = _Decision(weight=0.0, guard="direction") if hit else _Decision()
+                sh._sh = [("row%d" % i, dict((l, hs[l][i]) for l in cands)) for i in range(n)]
                 sh._refit_direction()
+                sh.decisions = {}
             out["direction"] = (hs[sh.layer] @ sh.direction).tolist()
         if "refusal" in fwd:
             out["refusal"] = ref
@@ -90,7 +99,8 @@ def detector_quality(policy, model, rows, truth, fpr=0.05):
     neg_i = [i for i, t in enumerate(truth) if not t]
     # the stream check as a job would make it, with these rows as the training stream
     chk = stream_check(sh.probe_harm, dict((g, v) for g, v in scores.items() if g in STREAM_GUARDS),
-                       float(sh.cfg["max_flag_rate"]))
+                       float(sh.cfg["max_flag_rate"]),
+                       thresholds=dict((g, c["threshold"]) for g, c in sh.cal.items()))
     out = {}
     flagged = [False] * len(rows)
     flagged_s = [False] * len(rows)

@@ -6,14 +6,19 @@ tensors of hidden states. Nothing here knows of models or hooks.
 * fpr_bound(neg, fpr): the lowest threshold t with #{neg >= t} <= floor(fpr |neg|).
 * calibrate(harmful, benign, tpr, max_fpr, midpoint): a guard's thresholds (see its docstring).
 * ledoit_wolf(X), fisher_direction(pos, neg): the refitted direction's linear discriminant.
-* stream_check(harmful, stream, max_flag_rate): what the training stream says of each guard.
+* probe_like_bound(harmful, stream, threshold): how far a threshold rises before the rows it
+  flags look like the harmful probe.
+* stream_check(harmful, stream, max_flag_rate, thresholds): what the training stream says of
+  each guard.
 """
+import bisect
 import math
 
 import torch
 
 SUSPEND_AUROC = 0.65  # a guard that ranks the harmful probe above the stream no better is suspended
 SUSPEND_GAP = 0.1     # ... and so is one more than this behind the best guard
+PROBE_LIKE = 0.65     # flagged stream rows this like the harmful probe (its AUROC against them) are not capped
 
 
 def auroc(pos, neg):
@@ -118,30 +123,83 @@ def fisher_direction(pos, neg):
     return w.to(pos.dtype), a, float((mp + mn) @ w) / 2
 
 
-def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC):
+def probe_like_bound(harmful, stream, threshold, like=PROBE_LIKE):
+    """The lowest threshold t >= THRESHOLD at which the STREAM rows flagged (scores >= t) look
+    like the HARMFUL probe rows: the probe's AUROC against them is at most LIKE (0.5: the same
+    distribution; 1: every probe row above every flagged row). Dropping the lowest flagged row
+    never raises that AUROC, so this is one scan from the top. THRESHOLD itself when the rows it
+    flags already look like the probe (or none are flagged)."""
+    hs = sorted(harmful)
+    n = len(hs)
+    above = sorted((v for v in stream if v >= threshold), reverse=True)
+    if not n or not above:
+        return threshold
+    total, keep = 0.0, 0
+    for i, f in enumerate(above):
+        lo, hi = bisect.bisect_left(hs, f), bisect.bisect_right(hs, f)
+        total += ((n - hi) + 0.5 * (hi - lo)) / n  # P(a probe row scores above f), ties half
+        if total / (i + 1) <= like:
+            keep = i + 1
+    if keep == len(above):
+        return threshold
+    return math.nextafter(above[keep], math.inf)
+
+
+def stream_check(harmful, stream, max_flag_rate, min_auroc=SUSPEND_AUROC, thresholds=None):
     """What the training stream says of each guard. HARMFUL: {guard: scores of the harmful probe
     rows}; STREAM: {guard: scores of the training rows at their first sighting}; MAX_FLAG_RATE in
-    (0, 1). The stream is mostly the user's own task, which the benign probe need not resemble.
-    Per guard: ``auroc`` of harmful probe rows against stream rows (a guard that separates the
-    harmful rows from the task ranks the probe above most of the stream: about 1 - p/2 for a
-    harmful share p), ``bound``, the lowest threshold that flags at most MAX_FLAG_RATE of the
-    stream, and ``suspended`` when the AUROC is under MIN_AUROC (that guard cannot tell this
-    stream's rows from harmful ones) or more than SUSPEND_GAP under the best guard's (in the
-    union it would only add false flags). A guard without harmful probe scores (no AUROC) is
-    suspended when another guard has one. The guard with the highest AUROC is never suspended."""
+    (0, 1]; THRESHOLDS: {guard: its calibrated threshold} (absent: -inf). The stream is mostly
+    the user's own task, which the benign probe need not resemble; and the person who writes the
+    data chooses its harmful share, so the share of flags is no measure of a guard's calibration
+    (issue 24; docs/attacks.md). Per guard:
+
+    * ``bound``: the threshold rises only until the rows it flags look like the harmful probe
+      (probe_like_bound) or are at most MAX_FLAG_RATE of the stream, the lower of the two: a
+      guard whose flags score like harmful requests keeps its threshold however many there are;
+      one whose flags are a tail of the task just above its threshold is held to MAX_FLAG_RATE;
+    * ``flag_rate``: the share of the stream flagged at the bound;
+    * ``auroc``: of the harmful probe rows against the stream rows; ``auroc_rest``: the same
+      against the stream's benign part, estimated as (auroc - p/2) / (1 - p), p the best guard's
+      flag rate (the harmful rows score like the probe: AUROC 0.5 against it); the raw AUROC
+      where p > 0.9;
+    * ``suspended`` when ``auroc_rest`` is under MIN_AUROC (the guard cannot tell this stream's
+      benign rows from harmful ones) or, while p <= 0.5, more than SUSPEND_GAP under the best
+      guard's (in the union it would only add false flags; at higher p the estimate divides the
+      probe's sampling noise by 1 - p). A guard without harmful probe scores (no AUROC) is
+      suspended when another guard has one. The guard with the highest AUROC (``best``, its flag
+      rate ``harmful_share``) is never suspended; where p > 0.9 none is."""
     out = {}
+    thresholds = thresholds or {}
     for g, v in stream.items():
-        out[g] = {"auroc": auroc(harmful.get(g) or [], v), "bound": fpr_bound(v, max_flag_rate), "rows": len(v)}
-    known = [c["auroc"] for c in out.values() if c["auroc"] is not None]
+        h = harmful.get(g) or []
+        t = thresholds.get(g, -math.inf)
+        cap = fpr_bound(v, max_flag_rate)
+        bound = min(cap, probe_like_bound(h, v, t)) if h else cap
+        tt = max(t, bound)
+        out[g] = {"auroc": auroc(h, v), "bound": bound, "rows": len(v),
+                  "flag_rate": sum(x >= tt for x in v) / len(v) if v else 0.0}
+    known = dict((g, c["auroc"]) for g, c in out.items() if c["auroc"] is not None)
+    best = max(known, key=known.get) if known else None
+    share = out[best]["flag_rate"] if best else 0.0
+    for c in out.values():
+        a = c["auroc"]
+        c["auroc_rest"] = None if a is None else (a if share > 0.9 else (a - 0.5 * share) / (1.0 - share))
+    rest = [c["auroc_rest"] for c in out.values() if c["auroc_rest"] is not None]
     # a guard well behind the best one only adds false flags to the union; so does one the
     # stream cannot judge (no harmful probe scores: a gradient guard on a probe without harmful
     # answers) beside one it can (docs/architecture.md, "Shaping")
-    floor = max(min_auroc, max(known) - SUSPEND_GAP) if known else min_auroc
+    floor = max(min_auroc, max(rest) - SUSPEND_GAP) if rest and share <= 0.5 else min_auroc
+    if share > 0.9:
+        floor = -math.inf  # nearly every row flagged: no benign rest to judge a guard by
     for c in out.values():
-        c["suspended"] = c["auroc"] < floor if c["auroc"] is not None else bool(known)
+        c["suspended"] = c["auroc_rest"] < floor if c["auroc_rest"] is not None else bool(known)
     if out and all(c["suspended"] for c in out.values()):
-        best = max(out, key=lambda g: -1.0 if out[g]["auroc"] is None else out[g]["auroc"])
+        top = max(out, key=lambda g: -1.0 if out[g]["auroc"] is None else out[g]["auroc"])
+        out[top]["suspended"] = False
+    if best is not None:
         out[best]["suspended"] = False
+    for c in out.values():
+        c["best"], c["harmful_share"] = best, share
     return out
 
 
