@@ -31,7 +31,7 @@ projected), and ``groups_projected``, ``groups`` and ``cosine_min`` are added.
 """
 import math
 
-from .. import probes
+from .. import _core, probes
 from ..probes import gradient
 from . import projection
 from ..runtime.context import Refusal, debug, warn
@@ -195,7 +195,7 @@ class SafeGrad:
         try:
             with torch.no_grad():
                 safety = self._safety(opt, params, step, record)
-        except Refusal:
+        except (Refusal, _core.SafehookError):  # said already (a failure agreed inside the signal)
             raise
         except Exception as e:  # the projection could not be applied to this step
             raise Refusal("step %d: %s: %s" % (step, type(e).__name__, e)) from e
@@ -271,8 +271,13 @@ class SafeGrad:
         sig = cache.signal(self.probe, info.root, self.loss_kind, every=self.refresh_every, drift=self.drift,
                            drift_rows=self.drift_rows, directions=self.directions, rows=self.rows)
         before = cache.stats()
+        # the refresh's collectives (its agreement, rank 0's directions) run between pieces of
+        # work that may fail on one rank: each such failure is agreed at once (rt.together)
         use = self.use = sig.at(params, step, agree=self.rt.agree,
-                                broadcast=_broadcast if self._replicated else None)
+                                broadcast=_broadcast if self._replicated else None,
+                                together=(lambda fn, *a, **kw: self.rt.together(
+                                    "safegrad: probe '%s'" % self.probe.name, fn, *a, **kw))
+                                if world()[1] > 1 else None)
         record["safety"] = use.record()
         if use.fresh:
             record["safety_refreshed"] = True

@@ -344,6 +344,7 @@ class Signal:
         self.last = None      # the Use of the last step decided
         self.gram = {}
         self.counts = {"fresh": 0, "cached": 0, "drift_checks": 0, "rows": 0}
+        self._together = None  # during at(): the runtime's together (see _run)
 
     def configure(self, every, drift, drift_rows, directions, rows=None):
         every, directions = int(every), int(directions)
@@ -372,10 +373,31 @@ class Signal:
             return None
         return u
 
-    def at(self, params, step, agree=None, broadcast=None):
+    def _run(self, fn, *args, **kwargs):
+        """fn(*args): work that may fail on one rank only (the probe's data, a forward), done
+        between this signal's collectives. With TOGETHER (at()), its failure is agreed at once,
+        so that no rank waits in a broadcast that another never reaches; under warn every rank
+        then raises Refusal here."""
+        if self._together is None:
+            return fn(*args, **kwargs)
+        ok, out = self._together(fn, *args, **kwargs)
+        if not ok:
+            from ..runtime.context import Refusal
+            raise Refusal("the safety signal could not be computed on every rank (said above)")
+        return out
+
+    def at(self, params, step, agree=None, broadcast=None, together=None):
         """The Use for optimizer step STEP (a pre-step hook's step) and PARAMS. AGREE(value, op)
         reduces a decision over the ranks (rt.agree); BROADCAST(tensors) makes every rank hold
-        rank 0's tensors (DDP replicas), or None."""
+        rank 0's tensors (DDP replicas), or None; TOGETHER(fn, *args) -> (ok, result) runs the
+        work that may fail on one rank and agrees on its failure (rt.together), or None."""
+        self._together = together
+        try:
+            return self._at(params, step, agree, broadcast)
+        finally:
+            self._together = None
+
+    def _at(self, params, step, agree, broadcast):
         params = list(params)
         done = _steps_done(step)
         u = self.last
@@ -395,7 +417,7 @@ class Signal:
                 reason = reason or "agreed"  # another rank's reason (or a fuller refresh than ours)
             need = got
         if need == 0 and self.drift is not None and self.ref is not None:
-            rise = self.owner.drift_loss(self.probe, self.model, self.drift_rows, self.loss_kind) - self.ref
+            rise = self._run(self.owner.drift_loss, self.probe, self.model, self.drift_rows, self.loss_kind) - self.ref
             self.counts["drift_checks"] += 1
             if agree is not None:
                 rise = agree(rise, "max")
@@ -424,10 +446,11 @@ class Signal:
             return self._refresh_rows(params, step, broadcast, full)
         self.grads, self.dirs, self.gram, self.held = {}, None, {}, {}  # the old tensors go first
         if self.k > 1:
-            loss, total, parts = self.owner._compute(self.probe, self.model, params, self.loss_kind, self.k)
+            loss, total, parts = self._run(self.owner._compute, self.probe, self.model, params, self.loss_kind,
+                                           self.k)
             self.owner.counts["computed"] += 1
         else:  # through the step's cache: a gradient another feature computed at these weights serves
-            loss, total = self.owner.get(self.probe, self.model, params, step, loss=self.loss_kind)
+            loss, total = self._run(self.owner.get, self.probe, self.model, params, step, self.loss_kind)
             parts = None
         if broadcast is not None:
             flat = [t for t in total if t is not None]
@@ -454,9 +477,8 @@ class Signal:
         for _ in range(todo):
             lo = self.next_row
             self.next_row = (lo + self.rows) % n
-            loss, g = self.owner._compute(self.probe, self.model, params, "ce",
-                                          terms=lambda lo=lo: self.owner.slice_terms(self.probe, self.model, lo,
-                                                                                      self.rows))
+            loss, g = self._run(self.owner._compute, self.probe, self.model, params, "ce", 1,
+                                terms=lambda lo=lo: self.owner.slice_terms(self.probe, self.model, lo, self.rows))
             self.owner.counts["computed"] += 1
             self.counts["rows"] += self.rows
             if broadcast is not None:
@@ -495,7 +517,7 @@ class Signal:
         self._set_ref(broadcast)
 
     def _set_ref(self, broadcast):
-        self.ref = self.owner.drift_loss(self.probe, self.model, self.drift_rows, self.loss_kind) \
+        self.ref = self._run(self.owner.drift_loss, self.probe, self.model, self.drift_rows, self.loss_kind) \
             if self.drift is not None else None
         if broadcast is not None and self.ref is not None:
             self.ref = agree_loss(self.ref, broadcast)
