@@ -69,6 +69,27 @@ def test_identical_frozen_blocks_pass_and_one_flipped_bit_fails(tmp_path, capsys
     assert out.out.strip().splitlines()[-1].startswith("FAIL: 6 frozen tensors")
 
 
+def test_a_model_file_under_any_name_is_known_by_its_first_bytes(tmp_path, capsys):
+    """Root's watcher hands verify every model file a job wrote, whatever its name: a torch zip
+    or a safetensors file named .txt is checked as what it is (was: exit 2, "not a .safetensors
+    ..."), a file that is neither cannot be checked."""
+    base = _base()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pol = _policy(tmp_path, {"layers": "1-2"})
+    ck = _trained(base)
+    torch.save(ck, str(tmp_path / "ck.txt"))
+    save_file(ck, str(tmp_path / "ck2.log"))
+    for name in ("ck.txt", "ck2.log"):
+        code, out = _verify(capsys, tmp_path / "base.safetensors", tmp_path / name, pol)
+        assert code == 0 and out.out.strip().splitlines()[-1].startswith("OK: 6 frozen tensors"), (name, out)
+    ck["model.layers.1.mlp.up_proj.bias"] += 1
+    torch.save(ck, str(tmp_path / "ck.txt"))
+    assert _verify(capsys, tmp_path / "base.safetensors", tmp_path / "ck.txt", pol)[0] == 1
+    (tmp_path / "notes.txt").write_text("{not a model}")
+    code, out = _verify(capsys, tmp_path / "base.safetensors", tmp_path / "notes.txt", pol)
+    assert code == 2 and "by its name or its first bytes" in out.err
+
+
 def test_negative_zero_is_a_difference(tmp_path, capsys):
     base = _base()
     save_file(base, str(tmp_path / "base.safetensors"))

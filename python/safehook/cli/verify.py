@@ -47,6 +47,22 @@ import sys
 SCHEMA = "safehook.verify/1"
 _PEFT = "base_model.model."
 _TORCH_EXT = (".bin", ".pt", ".pth")
+
+
+def _sniff(path):
+    """"torch" or "safetensors" for a model file named otherwise (root's watcher checks every
+    model file a job wrote, under any name), by its first bytes as safehookd knows them: a zip
+    (torch.save) or a pickle; a safetensors header (its length, then '{'). None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CannotVerify("%s: cannot read: %s" % (path, e.strerror or e))
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
 _OUT_EMB = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
 _IN_EMB = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|tok_embeddings)\.weight$")
 
@@ -146,9 +162,12 @@ class Source:
         if os.path.isfile(path):
             if path.endswith(".json"):
                 return self._folder(os.path.dirname(path) or ".", only_index=path)
-            if not path.endswith((".safetensors",) + _TORCH_EXT):
-                raise CannotVerify("%s: not a .safetensors, torch (.bin, .pt, .pth) or index (.json) file" % path)
-            if not path.endswith(".safetensors"):
+            kind = ("safetensors" if path.endswith(".safetensors") else "torch" if path.endswith(_TORCH_EXT)
+                    else _sniff(path))
+            if kind is None:
+                raise CannotVerify("%s: not a .safetensors, torch (.bin, .pt, .pth) or index (.json) file, "
+                                   "by its name or its first bytes" % path)
+            if kind == "torch":
                 self._torch[path] = _torch_state(path, True)
             self.files = [path]
             return {path}, []
@@ -233,9 +252,9 @@ class Source:
         return self.resolve(n) if self.resolve else n
 
     def _keys(self, f):
-        if f.endswith(".safetensors"):
-            return _safetensors_names(f)
-        return list(self._torch[f])
+        if f in self._torch:
+            return list(self._torch[f])
+        return _safetensors_names(f)
 
     def get(self, f, stored):
         if f in self._torch:
