@@ -68,6 +68,15 @@ static const sh_field SAFEGRAD[] = {
     {"loss", SH_K_ENUM, 0, 0, 0, LOSS, "\"ce\"", SH_T_SAME, NULL},
     {"direction", SH_K_PATH, 0, 0, 0, NULL, NULL, SH_T_SAME, NULL},
     {"refresh_every", COUNT(1), "1", SH_T_LE, NULL},
+    /* the cached safety signal between refreshes (probes/gradient.py, Signal): refresh early
+     * when the probe's loss on its first drift_rows rows rose by more than refresh_drift (a
+     * lower bound refreshes sooner); project against the gradients of `directions` slices of
+     * the probe (more directions: a smaller cone, never less of the update removed) */
+    {"refresh_drift", SH_K_NUM, 0, 0, INF, NULL, NULL, SH_T_LE, NULL},
+    {"drift_rows", SH_K_INT, 0, 1, 4096, NULL, "8", SH_T_GE, NULL},
+    {"directions", SH_K_INT, 0, 1, 16, NULL, "1", SH_T_GE, NULL},
+    /* rows of the probe per refresh, in rotation (default: all of them at every refresh) */
+    {"rows", COUNT(1), NULL, SH_T_GE, NULL},
     {"granularity", SH_K_ENUM, 0, 0, 0, GRANULARITY, "\"global\"", SH_T_ORDER, GRANULARITY},
     /* the projection moves the cosine up to the threshold: a higher one always leaves at least
      * as much of the safety direction (monotone), so raising it tightens; 1 cannot be reached */

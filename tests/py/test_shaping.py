@@ -673,9 +673,13 @@ def test_start_scorer_judges_new_rows_with_the_model_at_the_start(world):
         assert seen[i]["direction"] != pytest.approx(float(now.hidden_states[2][i, b] @ sh.direction), rel=1e-3)
         lp = torch.log_softmax(ref.logits[i, b], -1)
         assert seen[i]["refusal"] == pytest.approx(float(torch.logsumexp(lp[sh.refusal_ids], -1)), abs=1e-5)
+    head = sh.scorer.get_output_embeddings()
     for m in sh.scorer.modules():
-        assert not m._forward_pre_hooks and set(m._forward_hooks) == set(
-            h.id for i, h in sh.block_handles.items() if m is S.find_blocks(sh.scorer)[i])
+        # the block captures, and the head's gather of the prompts' last tokens (its only hook)
+        pre = [getattr(f, "__wrapped__", f) for f in m._forward_pre_hooks.values()]
+        assert pre == ([sh._gather_hook] if m is head else []), (m, pre)
+        assert set(m._forward_hooks) == set(h.id for i, h in sh.block_handles.items()
+                                            if m is S.find_blocks(sh.scorer)[i])
 
 
 def test_refuse_with_one_active_guard_needs_a_typical_harmful_score(world, monkeypatch):

@@ -134,12 +134,14 @@ def test_ranks_agree_on_every_decision(tmp_path):
     assert "ok" in p.stdout
 
 
-@pytest.mark.parametrize("mode", ["missing", "corrupt"])
+@pytest.mark.parametrize("mode", ["missing", "corrupt", "safegrad"])
 def test_a_failure_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode):
     """Protection fails on rank 1 only (its probe file missing: found at setup; or unreadable:
-    found inside the gate's step). Both ranks stop at step 1 with PolicyError before any update,
-    and a later step refuses at once; nobody hangs (before: rank 1 raised alone and rank 0 waited
-    in the gate's collective)."""
+    found inside the gate's step, or inside SafeGrad's refresh of its cached signal, after the
+    ranks agreed to refresh and before rank 0 broadcasts its gradient). Both ranks stop at step 1
+    with PolicyError before any update, and a later step refuses at once; nobody hangs (before:
+    rank 1 raised alone and rank 0 waited in the gate's collective, or in the signal's
+    broadcast)."""
     env = base_env(PYTHONPATH=STACKS, STACK_OUT=str(tmp_path))
     run(torchrun(extra=["--standalone"]) + [os.path.join(STACKS, "rank_fail.py"), mode], env,
         cwd=str(tmp_path), timeout=180)
@@ -151,7 +153,8 @@ def test_a_failure_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, mode)
     if mode == "missing":
         assert "on rank 1" in r0["stopped"]["message"], r0
     else:
-        assert "gate" in r0["stopped"]["message"] and "rank 1" in r0["stopped"]["message"], r0
+        what = "safegrad" if mode == "safegrad" else "gate"
+        assert what in r0["stopped"]["message"] and "rank 1" in r0["stopped"]["message"], r0
 
 
 def test_shaping_subtract_under_ddp_and_gradient_accumulation(tmp_path):

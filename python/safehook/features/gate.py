@@ -125,6 +125,8 @@ def _sgd_update(p, g, group, state):
 
 
 def _adam_update(p, g, group, state, decoupled):
+    # torch's own sequence (lerp, mul + addcmul, sqrt / sqrt(bc2) + eps), on fresh temporaries
+    # changed in place: a third of the memory passes of the textbook expression
     b1, b2 = group["betas"]
     b1, b2 = float(b1), float(b2)
     eps, wd, lr = group["eps"], group.get("weight_decay", 0), _lr(group)
@@ -135,15 +137,17 @@ def _adam_update(p, g, group, state, decoupled):
     t = float(state["step"]) + 1 if "step" in state else 1.0
     m = state.get("exp_avg")
     v = state.get("exp_avg_sq")
-    m = (1 - b1) * g if m is None else m * b1 + (1 - b1) * g
-    v = (1 - b2) * g * g if v is None else v * b2 + (1 - b2) * g * g
+    m = g.mul(1 - b1) if m is None else torch.lerp(m, g, 1 - b1)
+    v = g.mul(g).mul_(1 - b2) if v is None else v.mul(b2).addcmul_(g, g, value=1 - b2)
     if group.get("amsgrad", False):
         vm = state.get("max_exp_avg_sq")
-        v = v if vm is None else torch.maximum(vm, v)
+        if vm is not None:
+            torch.maximum(vm, v, out=v)
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-    upd = -(lr / bc1) * m / (v.sqrt() / (bc2 ** 0.5) + eps)
+    den = v.sqrt_().div_(bc2 ** 0.5).add_(eps)
+    upd = m.div_(den).mul_(-(lr / bc1))
     if wd and decoupled:
-        upd = upd - lr * wd * p
+        upd.add_(p, alpha=-lr * wd)
     return upd
 
 
@@ -175,6 +179,34 @@ def found_inf(opt):
     """True when GradScaler found inf/NaN gradients and the (fused) optimizer will skip this step."""
     fi = getattr(opt, "found_inf", None)
     return isinstance(fi, torch.Tensor) and float(fi) > 0
+
+
+def _dot3(a, b):
+    """(a.b, b.b, a.a) as floats, summed in float64: the projection kernel's pass where it takes
+    the tensors (contiguous CPU float32/bfloat16/float16), else torch in float64."""
+    if a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype and a.is_contiguous() \
+            and b.is_contiguous() and not hasattr(a, "device_mesh") and not hasattr(b, "device_mesh"):
+        dots, skipped = _core.safegrad_dots([a], [b], None, 1)
+        if not skipped:
+            return dots[0], dots[1], dots[2]
+    a64, b64 = a.double(), b.double()
+    out = [(a64 * b64).sum(), (b64 * b64).sum(), (a64 * a64).sum()]
+    return tuple(float(x.full_tensor() if hasattr(x, "full_tensor") else x) for x in out)  # DTensor: reduced
+
+
+def _gram(dirs):
+    """The Gram matrix (nested lists) of K directions, each a dict param -> tensor."""
+    k = len(dirs)
+    G = [[0.0] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            v = 0.0
+            for p, a in dirs[i].items():
+                b = dirs[j].get(p)
+                if b is not None:
+                    v += _dot3(a, b)[0]
+            G[i][j] = G[j][i] = v
+    return G
 
 
 def _grad(p, inv):
@@ -236,32 +268,49 @@ class Gate:
         return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
     def _safety(self, opt, params, step):
-        """(loss, [safety gradient or None per param], whether this call computed it)."""
+        """(loss, [safety gradient or None per param], how, Use or None): the safety signal
+        SafeGrad decided for this step when it names the same probe ("shared" when computed at
+        this step, "cached" when older: probes.gradient.Signal), else the step's safety gradient
+        ("computed" by this call, or "shared" with another feature at these weights)."""
         cache = gradient.of(self.rt)
+        use = cache.current(self.probe, self.info.root, step)
+        if use is not None and use.params == [id(p) for p in params]:
+            return use.loss, use.grads, ("shared" if use.fresh else "cached"), use
         before = cache.stats()["computed"]
         loss, sgrads = cache.get(self.probe, self.info.root, params, step)
-        return loss, sgrads, cache.stats()["computed"] > before
+        return loss, sgrads, ("computed" if cache.stats()["computed"] > before else "shared"), None
 
     def _measure(self, opt, step):
         """{"delta", "gain", "loss", "estimate", "ss" (|g_safety|^2), "uu" (|update|^2),
-        "computed"}, and the safety gradients by param."""
+        "gradient" (how the safety gradient came), "deltas" (per direction of a cached subspace)},
+        the safety gradients by param, and the Use of the step's signal (or None)."""
         params = self._params(opt)
         inv = grad_unscale(opt)
         exact = self.cfg["mode"] == "exact"
-        sg, loss, computed = {}, None, None
+        sg, loss, how, use = {}, None, None, None
         if not exact or self.cfg["action"] == "shrink":  # exact mode needs it only to shrink
-            loss, sgrads, computed = self._safety(opt, params, step)
+            loss, sgrads, how, use = self._safety(opt, params, step)
             sg = {p: s for p, s in zip(params, sgrads) if s is not None}
-        acc = torch.zeros(4, dtype=torch.float64, device=params[0].device)  # delta, gain, ss, uu
+        dirs = None
+        if use is not None and use.directions is not None and self.cfg["action"] == "shrink" and not exact:
+            dirs = [{p: d[i] for i, p in enumerate(params) if d[i] is not None} for d in use.directions]
+        acc = [0.0, 0.0, 0.0, 0.0]  # delta, gain, ss, uu
+        accd = [0.0] * (len(dirs) if dirs else 0)
 
         def add(p, u):
-            u64 = u.double()
             s = sg.get(p)
             if s is not None:
-                acc[0] += (s.double() * u64).sum()
-                acc[2] += s.double().pow(2).sum()
-            acc[1] -= (_grad(p, inv).double() * u64).sum()
-            acc[3] += u64.pow(2).sum()
+                us, ss, uu = _dot3(u, s)
+                acc[0] += us
+                acc[2] += ss
+            else:
+                uu = _dot3(u, u)[0]
+            acc[1] -= _dot3(_grad(p, inv), u)[0]
+            acc[3] += uu
+            for j, d in enumerate(dirs or ()):
+                sj = d.get(p)
+                if sj is not None:
+                    accd[j] += _dot3(u, sj)[0]
 
         before = None
         with torch.no_grad():
@@ -289,11 +338,13 @@ class Gate:
                     est, upd = predicted_updates(opt)
                     for p, u in upd.items():
                         add(p, u)
-        delta, gain, ss, uu = acc.tolist()
+        delta, gain, ss, uu = acc
         if before is not None:
             delta, loss = after - before, before
-        return {"delta": delta, "gain": gain, "loss": loss, "estimate": est, "ss": ss, "uu": uu,
-                "computed": computed}, sg
+        m = {"delta": delta, "gain": gain, "loss": loss, "estimate": est, "ss": ss, "uu": uu, "gradient": how}
+        if dirs:
+            m["deltas"], m["dirs"] = accd, dirs
+        return m, sg, use
 
     def _checked_measure(self, opt, step):
         """_measure's result, None (no gradient this step) or "found_inf"; raises Refusal where
@@ -332,7 +383,7 @@ class Gate:
         if got == "found_inf":  # GradScaler found inf/NaN: the fused optimizer skips this step itself
             record["gate"] = {"found_inf": True, "action": "none"}
             return
-        m, sg = got
+        m, sg, use = got
         tol, ratio = self.cfg["tolerance"], self.cfg["ratio"]
         # One decision for all ranks: the largest rise against the smallest gain.
         delta, gain = agree(m["delta"], "max"), agree(m["gain"], "min")
@@ -340,18 +391,40 @@ class Gate:
         decision = "allow"
         info = {"delta": delta, "gain": gain, "limit": limit, "loss": m["loss"], "mode": self.cfg["mode"],
                 "estimate": m["estimate"]}
-        if m["computed"] is not None:
-            info["gradient"] = "computed" if m["computed"] else "shared"
-        if delta > limit:
+        if m["gradient"] is not None:
+            info["gradient"] = m["gradient"]
+        if use is not None:
+            info["age"] = use.age
+        over = delta > limit
+        if "deltas" in m:
+            # a cached subspace of K directions: each slice of the probe may rise by its share of
+            # the limit (so their sum, the probe's loss, by at most the limit)
+            deltas = agree(list(m["deltas"]), "max")
+            lim_j = limit / len(deltas)
+            over = over or any(d > lim_j for d in deltas)
+        if over:
             decision = self.cfg["action"]
             if decision == "shrink" and not m["ss"] > 0:
                 decision = "scale"  # no safety direction to take out (exact mode only)
-            if decision == "shrink":
+            if decision == "shrink" and "deltas" in m:
+                G = use.gram.get("gate")
+                if G is None:
+                    G = use.gram["gate"] = _gram(m["dirs"])
+                G = agree([x for row in G for x in row], "mean")  # the same coefficients on every rank
+                k = len(deltas)
+                G = [G[i * k:(i + 1) * k] for i in range(k)]
+                cs = gradient.cone(G, [lim_j - d for d in deltas])
+                info["coefs"] = cs
+                info["active"] = sum(1 for c in cs if c > 0)
+                nn = sum(cs[i] * cs[j] * G[i][j] for i in range(k) for j in range(k))
+                info["norm_ratio"] = (max(nn, 0.0) ** 0.5) / m["uu"] ** 0.5 if m["uu"] > 0 else None
+                self.shrink = [(c, list(d.items())) for c, d in zip(cs, m["dirs"]) if c > 0]
+            elif decision == "shrink":
                 m["ss"] = agree(m["ss"], "mean")  # the same coefficient on every rank
                 c = (delta - limit) / m["ss"]
                 info["coef"] = c
                 info["norm_ratio"] = c * m["ss"] ** 0.5 / m["uu"] ** 0.5 if m["uu"] > 0 else None
-                self.shrink = (c, list(sg.items()))
+                self.shrink = [(c, list(sg.items()))]
             elif decision == "skip":
                 self.stashed = []
                 for g in opt.param_groups:
@@ -387,14 +460,15 @@ class Gate:
 
     def post(self, opt, step, record):
         if self.shrink is not None:
-            c, pairs = self.shrink
+            parts = self.shrink
             self.shrink = None
             with torch.no_grad():
-                for p, s in pairs:
-                    if s.dtype == p.dtype:
-                        p.add_(s, alpha=-c)
-                    else:
-                        p.add_((s.double() * -c).to(p.dtype))
+                for c, pairs in parts:
+                    for p, s in pairs:
+                        if s.dtype == p.dtype:
+                            p.add_(s, alpha=-c)
+                        else:
+                            p.add_((s.double() * -c).to(p.dtype))
         if self.stashed is not None:
             for p, g in self.stashed:
                 if p.grad is None:

@@ -28,6 +28,7 @@ import os
 import time
 
 from .. import _core, probes
+from ..probes import gradient
 from ..probes.batch import fingerprints, hexdigest, row_hashes
 from . import snapshot as _snapshot
 from ..runtime import registry
@@ -298,6 +299,7 @@ class Monitor:
             restored = action in ("rollback", "both")
             if restored:
                 self.snaps.restore(self.info.root, opts)
+                gradient.of(self.rt).invalidate("rollback")
             rec.update(passed=False, action="abort", restored_to=self.last_pass if restored else None,
                        suspects=suspects, suspects_dropped=dropped)
             return self._end(SafetyAbort, step, rec, t0,
@@ -309,6 +311,8 @@ class Monitor:
         lrs = None
         if action in ("rollback", "both"):
             self.snaps.restore(self.info.root, opts)
+            # the weights went back: no cached safety gradient (SafeGrad's, the gate's) holds
+            gradient.of(self.rt).invalidate("rollback")
         if action in ("reduce_lr", "both"):
             lrs = [scale_lr(o, self.cfg["lr_factor"]) for o in opts]
         dt = time.perf_counter() - t0

@@ -107,8 +107,104 @@ def project(task_grads, safety_grads, granularity="global", threshold=0.0, group
     return _report(granularity, dots, coefs, cosines, ngroups, grad_scale)
 
 
+def project_cone(task_grads, directions, granularity="global", groups=None, grad_scale=None,
+                 process_group=None, replicated=False, gram=None):
+    """Project TASK_GRADS (changed in place) onto the gradients that conflict with none of K
+    safety directions: DIRECTIONS is a list of K lists of tensors, each shaped as TASK_GRADS
+    (SafeGrad's cached subspace: the gradients of K slices of the probe, whose sum is the probe
+    loss's gradient). Per group, g becomes the nearest g' with <g', s_j> >= 0 for every j:
+
+        g' = g + sum_j lam_j s_j,   lam >= 0 minimizing 1/2 lam^T G lam + a^T lam,
+
+    G the K x K Gram matrix of the directions and a_j = <g, s_j> (the Karush-Kuhn-Tucker
+    conditions of the projection onto that polyhedral cone; ``probes.gradient.cone``). K = 1 is
+    ``project()`` at threshold 0. What is left of g orthogonal to every direction is kept.
+
+    ``gram``: a dict kept by the caller between calls with the same directions (the Gram
+    matrices of each grouping are computed once, K (K + 1) / 2 dot passes; a new dict when the
+    directions change). Distributed arguments as ``project()``. Returns
+
+        {"granularity", "cosine", "projected", "active", "coef", "norms": {"task", "safety"},
+         "total": {"cosine", "norms"}}
+
+    with the cosine and safety norm those of the sum of the directions (from the dots: no
+    extra pass), "active" the count of directions with lam > 0 and "coef" the lam's, per group
+    (scalars for "global")."""
+    from ..probes.gradient import cone
+    k = len(directions)
+    if k < 1:
+        raise ValueError("project_cone needs at least one direction")
+    n = len(task_grads)
+    if any(len(d) != n for d in directions):
+        raise ValueError("every direction needs one tensor per task gradient (%d)" % n)
+    keep = [i for i in range(n) if task_grads[i] is not None and all(d[i] is not None for d in directions)]
+    if groups is not None and granularity == "layer":
+        groups = [groups[i] for i in keep]
+    ids, ngroups = _group_ids(len(keep), granularity, groups)
+    g_loc, weights, mesh = [], [], None
+    d_loc = [[] for _ in range(k)]
+    for i in keep:
+        gl, gm, w = shard_view(task_grads[i])
+        g_loc.append(gl)
+        weights.append(w)
+        if gm is not None:
+            mesh = gm
+        for j in range(k):
+            d_loc[j].append(shard_view(directions[j][i])[0])
+    group = process_group if process_group is not None else (mesh.get_group() if mesh is not None else None)
+    mean = replicated and process_group is not None and mesh is None
+    key = (granularity, None if ids is None else tuple(ids), id(group))
+    G = None if gram is None else gram.get(key)
+    if G is None:
+        G = [[[0.0] * k for _ in range(k)] for _ in range(ngroups)]
+        for a in range(k):
+            for b in range(a, k):
+                dd = _dots(d_loc[a], d_loc[b], ids, ngroups, weights, group, mean)
+                for q in range(ngroups):
+                    G[q][a][b] = G[q][b][a] = dd[3 * q]
+        if gram is not None:
+            gram[key] = G
+    gs = []  # per direction: [g.s_j, s_j.s_j, g.g] per group
+    for j in range(k):
+        gs.append(_dots(g_loc, d_loc[j], ids, ngroups, weights, group, mean))
+    lams = []
+    for q in range(ngroups):
+        a = [gs[j][3 * q] for j in range(k)]
+        lams.append(cone(G[q], a))
+    for j in range(k):
+        # g -= coef s with coef = -lam_j of the group
+        _update(g_loc, d_loc[j], [-lams[q][j] for q in range(ngroups)], ids)
+    dots = []  # as project(): [g.S, S.S, g.g] per group, S the sum of the directions
+    for q in range(ngroups):
+        dots += [sum(gs[j][3 * q] for j in range(k)), sum(sum(r) for r in G[q]), gs[0][3 * q + 2]]
+    coefs = [sum(l) for l in lams]
+    cosines = [d[0] / math.sqrt(d[2] * d[1]) if d[1] > 0 and d[2] > 0 else float("nan")
+               for d in (dots[3 * q:3 * q + 3] for q in range(ngroups))]
+    res = _report(granularity, dots, coefs, cosines, ngroups, grad_scale)
+    active = [sum(1 for x in l if x > 0) for l in lams]
+    if granularity == "global":
+        res["active"], res["coef"] = active[0], list(lams[0])
+    else:
+        res["active"], res["coef"] = active, [list(l) for l in lams]
+    return res
+
+
 def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold, mean=False):
     """Dots from the kernel and torch, summed over ranks, then the update."""
+    dots = _dots(g_loc, s_loc, ids, ngroups, weights, group, mean)
+    coefs, cosines = [], []
+    for k in range(ngroups):
+        gs, ss, gg = dots[3 * k:3 * k + 3]
+        cs = gs / math.sqrt(gg * ss) if ss > 0 and gg > 0 else float("nan")
+        cosines.append(cs)
+        coefs.append(coef_for(gs, ss, gg, cs, threshold))
+    _update(g_loc, s_loc, coefs, ids)
+    return dots, coefs, cosines
+
+
+def _dots(g_loc, s_loc, ids, ngroups, weights, group, mean=False):
+    """[g.s, s.s, g.g] per group (3 * ngroups floats): the kernel's where it takes the tensors,
+    torch's for the rest, summed over GROUP's ranks (averaged with MEAN: replicas)."""
     import torch
     kernel = [i for i, w in enumerate(weights) if w == 1.0]
     dots, skipped = _core.safegrad_dots([g_loc[i] for i in kernel], [s_loc[i] for i in kernel],
@@ -134,29 +230,29 @@ def _two_pass(g_loc, s_loc, ids, ngroups, weights, group, threshold, mean=False)
             if mean:
                 total /= dist.get_world_size(group)
         dots = total.tolist()
-    coefs, cosines = [], []
-    for k in range(ngroups):
-        gs, ss, gg = dots[3 * k:3 * k + 3]
-        cs = gs / math.sqrt(gg * ss) if ss > 0 and gg > 0 else float("nan")
-        cosines.append(cs)
-        coefs.append(coef_for(gs, ss, gg, cs, threshold))
-    if any(c != 0.0 for c in coefs):
-        left = _core.safegrad_update(g_loc, s_loc, coefs, ids)
-        by_coef = {}
-        for i in left:
-            c = coefs[0 if ids is None else ids[i]]
-            if c != 0.0:
-                by_coef.setdefault(c, []).append(i)
-        with torch.no_grad():
-            for c, idx in by_coef.items():
-                for i in idx:
-                    g = g_loc[i]
-                    s = s_loc[i].to(device=g.device).view(g.shape)
-                    if g.dtype in (torch.bfloat16, torch.float16):
-                        g.add_(s.float() * -c)  # torch would round alpha to g's dtype
-                    else:
-                        g.add_(s.to(g.dtype), alpha=-c)
-    return dots, coefs, cosines
+    return dots
+
+
+def _update(g_loc, s_loc, coefs, ids):
+    """g -= coef s per tensor (the coefficient of its group), in place; a zero changes nothing."""
+    import torch
+    if not any(c != 0.0 for c in coefs):
+        return
+    left = _core.safegrad_update(g_loc, s_loc, coefs, ids)
+    by_coef = {}
+    for i in left:
+        c = coefs[0 if ids is None else ids[i]]
+        if c != 0.0:
+            by_coef.setdefault(c, []).append(i)
+    with torch.no_grad():
+        for c, idx in by_coef.items():
+            for i in idx:
+                g = g_loc[i]
+                s = s_loc[i].to(device=g.device).view(g.shape)
+                if g.dtype in (torch.bfloat16, torch.float16):
+                    g.add_(s.float() * -c)  # torch would round alpha to g's dtype
+                else:
+                    g.add_(s.to(g.dtype), alpha=-c)
 
 
 def _report(granularity, dots, coefs, cosines, ngroups, grad_scale):

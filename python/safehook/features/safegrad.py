@@ -31,12 +31,12 @@ projected), and ``groups_projected``, ``groups`` and ``cosine_min`` are added.
 """
 import math
 
-from .. import probes
+from .. import _core, probes
 from ..probes import gradient
 from . import projection
 from ..runtime.context import Refusal, debug, warn
 from ..runtime import registry
-from ..runtime.stacks import FSDP1_HINT, block_of, find_blocks, fsdp1_refusal, is_dtensor, world
+from ..runtime.stacks import FSDP1_HINT, block_of, collective_device, find_blocks, fsdp1_refusal, is_dtensor, world
 
 def layer_key(name, path=None):
     """The group of granularity "layer" of a parameter NAME: its block in the block list PATH
@@ -53,6 +53,10 @@ class SafeGrad:
         self.granularity = cfg["granularity"]
         self.threshold = float(cfg["threshold"])
         self.refresh_every = int(cfg["refresh_every"])
+        self.drift = cfg.get("refresh_drift")
+        self.drift_rows = int(cfg["drift_rows"])
+        self.directions = int(cfg["directions"])
+        self.rows = cfg.get("rows")
         self.loss_kind = cfg["loss"]
         self.on_error = rt.on_error
         self.info = None      # the first model bound
@@ -62,7 +66,7 @@ class SafeGrad:
         self.anchor = {}      # id(param) -> (param, w0)
         self.safety = {}      # id(param) -> (param, safety gradient buffer)
         self.direction = None # stripped name -> tensor (the file's)
-        self.last_refresh = {}  # id(optimizer) -> step of its last refresh
+        self.use = None       # the safety signal's Use of the last step (probes.gradient.Signal)
         self.probe = None
         if self.granularity not in projection.GRANULARITIES:
             raise ValueError("safegrad.granularity must be one of %s" % ", ".join(projection.GRANULARITIES))
@@ -89,6 +93,14 @@ class SafeGrad:
                                      % (path, n, bad, d.numel()))
         elif self.source != "anchor":
             raise ValueError("safegrad.source must be probe, direction or anchor, got %r" % self.source)
+        if self.source != "probe" and (self.drift is not None or self.directions != 1 or self.rows is not None):
+            raise ValueError("safegrad.refresh_drift, safegrad.rows and safegrad.directions need source 'probe'")
+        if self.directions > 1 and self.threshold != 0.0:
+            raise ValueError("safegrad.directions > 1 projects onto the cone of the directions, at threshold 0 only "
+                             "(got threshold %g)" % self.threshold)
+        if self.directions > 1 and self.probe.cfg.get("callable"):
+            raise ValueError("safegrad.directions > 1 needs a probe with data (its batches are the slices), "
+                             "not a callable")
         rt.on_model(self._on_model)
 
     # -- the model --
@@ -171,35 +183,48 @@ class SafeGrad:
             raise Refusal("FSDP1 (flat parameters) is not supported: its flat parameters are shards of several "
                           "tensors each, so a per-tensor safety gradient cannot be matched to them; " + FSDP1_HINT)
         zero = self.partitions(params)
+        # Several ranks (DDP replicas): the dot products are averaged over the world, so that
+        # every rank projects, or not, with the same coefficient (and the cached signal's
+        # directions are rank 0's). DTensor shards (FSDP2) are summed over their mesh inside
+        # project(), ZeRO partitions over the world.
+        dist, _ = world()
+        replicated = dist is not None and not any(is_dtensor(p.grad) for p in params)
+        if replicated and zero:
+            replicated = False  # ZeRO's disjoint partitions: their dot products are summed
+        self._replicated = replicated
         try:
             with torch.no_grad():
                 safety = self._safety(opt, params, step, record)
-        except Refusal:
+        except (Refusal, _core.SafehookError):  # said already (a failure agreed inside the signal)
             raise
         except Exception as e:  # the projection could not be applied to this step
             raise Refusal("step %d: %s: %s" % (step, type(e).__name__, e)) from e
+        if safety is None:
+            return None
         return params, safety, zero
 
     def _project(self, opt, step, record, params, safety, zero):
         import torch
-        pairs = [(p, s) for p, s in zip(params, safety) if s is not None]
+        dirs = self.use.directions if self.use is not None and self.source == "probe" else None
+        keep = [i for i, s in enumerate(safety) if s is not None]
+        pairs = [(params[i], safety[i]) for i in keep]
         groups = None
         if self.granularity == "layer":
             names = self._names()
             groups = [layer_key(names.get(id(p), "param%d" % id(p)), self.blocks.get(id(p))) for p, _ in pairs]
         scale = getattr(opt, "grad_scale", None)
-        # Several ranks (DDP replicas): the dot products are averaged over the world, so that
-        # every rank projects, or not, with the same coefficient. DTensor shards (FSDP2) are
-        # summed over their mesh inside project(), ZeRO partitions over the world.
         dist, _ = world()
-        replicated = dist is not None and not any(is_dtensor(p.grad) for p, _ in pairs)
-        if replicated and zero:
-            replicated = False  # ZeRO's disjoint partitions: their dot products are summed
-        res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
-                                 self.threshold, groups=groups,
-                                 grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
-                                 process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
-                                 replicated=replicated)
+        replicated = self._replicated
+        kw = dict(groups=groups, grad_scale=float(scale) if isinstance(scale, torch.Tensor) else None,
+                  process_group=dist.group.WORLD if dist is not None and (replicated or zero) else None,
+                  replicated=replicated)
+        if dirs is not None:
+            res = projection.project_cone([p.grad for p, _ in pairs], [[d[i] for i in keep] for d in dirs],
+                                          self.granularity, gram=self.use.gram, **kw)
+            record["active"] = res["active"] if self.granularity == "global" else sum(res["active"])
+        else:
+            res = projection.project([p.grad for p, _ in pairs], [s for _, s in pairs], self.granularity,
+                                     self.threshold, **kw)
         tot = res["total"]
         cos = tot["cosine"]
         vals = [cos] + list(tot["norms"].values())
@@ -239,13 +264,28 @@ class SafeGrad:
             return self._anchor(params)
         if self.source == "direction":
             return self._direction(params)
-        last = self.last_refresh.get(id(opt))
-        due = last is None or step - last >= self.refresh_every
-        if due or any(id(p) not in self.safety for p in params):
-            self._probe_grads(opt, params, step, record)
-            self.last_refresh[id(opt)] = step
+        info = self.rt.model_for(opt) or self.info or self.rt.model()
+        if info is None:
+            raise Refusal("source 'probe' needs the model, but no forward was seen before the first optimizer step")
+        cache = gradient.of(self.rt)
+        sig = cache.signal(self.probe, info.root, self.loss_kind, every=self.refresh_every, drift=self.drift,
+                           drift_rows=self.drift_rows, directions=self.directions, rows=self.rows)
+        before = cache.stats()
+        # the refresh's collectives (its agreement, rank 0's directions) run between pieces of
+        # work that may fail on one rank: each such failure is agreed at once (rt.together)
+        use = self.use = sig.at(params, step, agree=self.rt.agree,
+                                broadcast=_broadcast if self._replicated else None,
+                                together=(lambda fn, *a, **kw: self.rt.together(
+                                    "safegrad: probe '%s'" % self.probe.name, fn, *a, **kw))
+                                if world()[1] > 1 else None)
+        record["safety"] = use.record()
+        if use.fresh:
             record["safety_refreshed"] = True
-        return [self.safety[id(p)][1] if id(p) in self.safety else None for p in params]
+            record["safety_loss"] = use.loss
+            after = cache.stats()
+            if after["shared"] > before["shared"] and after["computed"] == before["computed"]:
+                record["safety_shared"] = True  # another feature computed it at these weights
+        return use.grads
 
     def _anchor(self, params):
         out = []
@@ -285,21 +325,33 @@ class SafeGrad:
             out.append(buf[1])
         return out
 
-    # -- the probe's gradient --
-    def _probe_grads(self, opt, params, step, record):
-        info = self.rt.model_for(opt) or self.info or self.rt.model()
-        if info is None:
-            raise Refusal("source 'probe' needs the model, but no forward was seen before the first optimizer step")
-        cache = gradient.of(self.rt)
-        before = cache.stats()["computed"]
-        loss, grads = cache.get(self.probe, info.root, params, step, loss=self.loss_kind)
-        record["safety_loss"] = loss
-        if cache.stats()["computed"] == before:
-            record["safety_shared"] = True  # another feature computed it at these weights
-        self.safety = {}
-        for p, g in zip(params, grads):
-            if g is not None:
-                self.safety[id(p)] = (p, g)
+
+def _broadcast(tensors, chunk=1 << 24):
+    """Make every rank hold rank 0's TENSORS (in place): DDP replicas then cache the same
+    directions bit for bit. Flattened per dtype and device, CHUNK elements per broadcast."""
+    import torch
+    import torch.distributed as dist
+    dev = collective_device()
+    by = {}
+    for t in tensors:
+        by.setdefault((t.dtype, t.device), []).append(t)
+    for ts in by.values():
+        i = 0
+        while i < len(ts):
+            part, n = [], 0
+            while i < len(ts) and (not part or n + ts[i].numel() <= chunk):
+                part.append(ts[i])
+                n += ts[i].numel()
+                i += 1
+            flat = torch.cat([t.reshape(-1) for t in part])
+            if flat.device != dev:
+                flat = flat.to(dev)
+            dist.broadcast(flat, src=0)
+            off = 0
+            with torch.no_grad():
+                for t in part:
+                    t.copy_(flat[off:off + t.numel()].view_as(t))
+                    off += t.numel()
 
 
 def torch_empty_like(t):

@@ -25,6 +25,7 @@ forwards, a rollback) are not checked: they are the runtime's (``rt.running``). 
 import sys
 
 from .. import _core
+from ..probes import gradient
 from ..runtime.context import debug
 
 WATCH_EVERY = 16   # forwards between two checks
@@ -103,6 +104,8 @@ class Tamper:
             return True
         moved = now != self.sums and steps == self.steps
         if moved:
+            # the weights are not those any cached safety gradient was computed at
+            gradient.of(self.rt).invalidate("moved_without_step")
             self._violation("moved_without_step",
                             "trainable parameters changed with no optimizer step through safehook (a manual update, "
                             "a replaced step, an update in a gradient hook, or a loaded state dict)",

@@ -1,7 +1,8 @@
 """Two gloo ranks (torchrun, no preload) where protection fails on rank 1 only: its probe file is
 missing (argv[1] "missing": found at setup) or unreadable at first use (argv[1] "corrupt": found
-inside the gate's step). Every rank must stop at the same step with PolicyError, before any
-update, and nobody may hang in a collective. Each rank writes STACK_OUT/rank<r>.json."""
+inside the gate's step; "safegrad": inside SafeGrad's refresh of the cached safety signal, between
+its agreement and rank 0's broadcast). Every rank must stop at the same step with PolicyError,
+before any update, and nobody may hang in a collective. Each rank writes STACK_OUT/rank<r>.json."""
 import json
 import os
 import sys
@@ -22,13 +23,17 @@ out = os.environ["STACK_OUT"]
 probe = os.path.join(out, "probe-%d.jsonl" % rank)
 if rank == 0:
     tiny.write_probe(probe)
-elif mode == "corrupt":
+elif mode in ("corrupt", "safegrad"):
     with open(probe, "w") as f:
         f.write("{not json\n")
 else:
     probe = os.path.join(out, "missing.jsonl")
-safehook.install({"version": 1, "probes": {"p": {"data": probe}}, "gate": {"probe": "p"},
-                  "monitor": {"probe": "p", "every": 1, "progress": False}})
+if mode == "safegrad":
+    safehook.install({"version": 1, "probes": {"p": {"data": probe}},
+                      "safegrad": {"source": "probe", "probe": "p", "refresh_every": 4}})
+else:
+    safehook.install({"version": 1, "probes": {"p": {"data": probe}}, "gate": {"probe": "p"},
+                      "monitor": {"probe": "p", "every": 1, "progress": False}})
 model = tiny.model()
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.SGD(ddp.parameters(), lr=0.1)

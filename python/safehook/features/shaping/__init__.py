@@ -83,6 +83,8 @@ class Shaping(Guards, Interception, Decisions, Actions, Rehearsal):
         self.scorer = None      # the frozen copy of the model at the start (scorer "start")
         self._cap = {}
         self._stop_at = None
+        self._gather = None         # (rows, positions) the scorer's head reads, during its forward
+        self._head_gather = False
         if "callable" in self.guards and not cfg.get("callable"):
             raise ValueError("the 'callable' guard needs shaping.callable")
         if not cfg.get("probe"):

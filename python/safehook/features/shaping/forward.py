@@ -62,6 +62,12 @@ class Interception:
                 self.block_handles[i] = self.rt.register_hook("forward", blocks[i], hook)
         head = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
         reg = self.rt.register_hook
+        shead = None
+        if self.scorer is not None and hasattr(self.scorer, "get_output_embeddings"):
+            shead = self.scorer.get_output_embeddings()
+        if isinstance(shead, torch.nn.Linear):
+            self.handles.append(reg("forward_pre", shead, self._gather_hook))
+            self._head_gather = True
         if head is not None:
             self.handles.append(reg("forward", head, self._head_hook))
         self.handles.append(reg("forward_pre", root, self._pre_hook, with_kwargs=True))
@@ -227,6 +233,15 @@ class Interception:
             elif not any(g in self.guards for g in IN_FORWARD):
                 self.decisions[key] = d or _Decision()
 
+    def _gather_hook(self, module, args):
+        """On the scorer's output head: its input at the rows' last prompt tokens only (a
+        large vocabulary makes the head the biggest matrix of a small model's forward)."""
+        g = self._gather
+        if g is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return None
+        ar, pos = g
+        return (args[0][ar, pos].unsqueeze(1),) + tuple(args[1:])
+
     def _cap_hook(self, i, output):
         self._cap[i] = _hidden(output).detach()
         if self._stop_at is not None and i >= self._stop_at:
@@ -240,14 +255,19 @@ class Interception:
         rows = [bt.rows[k] for k in idx]
         dev = bt.ids.device
         sub = torch.tensor([r[0] for r in rows], device=dev)
-        kw = {"input_ids": bt.ids.index_select(0, sub)}
+        # a causal model's outputs up to the last prompt token do not depend on what follows:
+        # the scorer reads the prompts only, and its output head only there (_gather_hook)
+        cut = max(r[1] for r in rows) + 1
+        kw = {"input_ids": bt.ids.index_select(0, sub)[:, :cut]}
         if bt.mask is not None:
-            kw["attention_mask"] = bt.mask.index_select(0, sub)
+            kw["attention_mask"] = bt.mask.index_select(0, sub)[:, :cut]
         ar = torch.arange(len(rows), device=dev)
         pos = torch.tensor([r[1] for r in rows], device=dev)
         need_logits = "refusal" in self.guards
         self._cap = {}
         self._stop_at = None if need_logits or not self.block_handles else max(self.block_handles)
+        self._gather = (ar, pos) if self._head_gather else None
+        gathered = self._gather is not None
         out = None
         try:
             with torch.no_grad():
@@ -255,10 +275,12 @@ class Interception:
         except _Stop:
             pass
         finally:
-            self._stop_at = None
+            self._stop_at = self._gather = None
         scores = [dict() for _ in rows]
         if need_logits:
-            for j, v in enumerate(self._refusal_scores(_logits(out), ar, pos).tolist()):
+            lg = _logits(out)
+            at = torch.zeros_like(pos) if gathered and lg.shape[1] == 1 else pos  # the head read the ends only
+            for j, v in enumerate(self._refusal_scores(lg, ar, at).tolist()):
                 scores[j]["refusal"] = v
         if "direction" in self.guards:
             h = self._cap[self.layer][ar, pos].float()
