@@ -1,7 +1,6 @@
 """SafeGrad under torchrun (gloo, 2 ranks): with DDP and with FSDP2 (fully_shard, on CPU), the
 projected update equals the single-process one (probe source: the safety gradient is computed
 on every rank; FSDP2 shards sum their partial dot products with one all_reduce)."""
-import json
 import os
 import sys
 

@@ -2,7 +2,6 @@
 graph of one probe batch alive at a time, the same gradient as one graph over the whole probe,
 float64), shared between the features that ask for it at the same weights, and leaving the
 task gradients in .grad as they were."""
-import json
 import os
 import sys
 import weakref

@@ -3,12 +3,11 @@ batch ("single"), two DDP ranks with half each ("ddp"), two FSDP2 ranks ("fsdp",
 CPU with gloo). Each writes the final full weights to argv[3] (rank 0).
 
 argv: MODE PROBE_JSONL OUT [STEPS]"""
-import json
 import sys
 
 import torch
 
-from tinylm import TinyLM, rows_batch
+from tinylm import TinyLM
 
 torch.set_num_threads(1)
 mode, probe_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
