@@ -77,7 +77,7 @@ def test_no_text_shared_with_evaluation_or_alignment_sets():
     for name, texts in sources.items():
         rmd.check_disjoint("the shipped probes", ours, name, texts)
     # the bench's own splits, as it builds them: evaluation, alignment, validation, harmful mix
-    d = rmd.make_data(paths, rm.build_parser().parse_args(["run"]))
+    d = rmd.make_data(paths, rm.build_parser().parse_args(["align"]))  # the split settings the asset is made with
     for split in ("harmful_eval", "harmful_align", "harmful_val", "harmful_mix", "benign_eval", "benign_val",
                   "hardneg_eval", "hardneg_train"):
         rmd.check_disjoint("the shipped probes", ours, split, d[split])

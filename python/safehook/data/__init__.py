@@ -17,7 +17,7 @@ A policy names them with ``"probes": "builtin"`` or, one probe at a time, ``{"bu
 import json
 import os
 
-VERSION = "1"
+VERSION = "2"
 SETS = ("refusals", "benign")
 KINDS = ("benign", "hard_negative")
 
