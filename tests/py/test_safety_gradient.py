@@ -160,7 +160,7 @@ def test_computed_once_per_step_and_task_gradients_kept(tmp_path):
     SG = gradient.SafetyGradients()  # a cache of its own, as a runtime has
     pr = probes.Probe("s", {"data": _probe_file(tmp_path, 6)})
     m = tiny.model()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)  # fused: versions do not move
+    _opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)  # fused: versions do not move
     ids, mask, labels = tiny.batch("harmful", n=4)
     m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     params = list(m.parameters())
