@@ -74,12 +74,7 @@ class Actions:
         if not ok:
             self.failed = True
             return
-        params, shares = got
-        if n > 1:
-            _mean_over_ranks(shares)
-        with torch.no_grad():
-            for p, g in zip(params, shares):
-                p.grad.sub_(g.to(p.grad.dtype))
+        add_to_grads(*got, n, sign=-1)
 
     def _shares(self, opt):
         """(parameters with a gradient, this rank's share of each: see _subtract_step)."""
@@ -109,6 +104,17 @@ class Actions:
         finally:
             self.busy = False
         return params, shares
+
+
+def add_to_grads(params, grads, n, sign=1):
+    """p.grad += sign * g for each parameter and this rank's GRADS, the GRADS first averaged over
+    the world when N > 1 ranks train: the subtract action's shares, the rehearsal's gradients."""
+    import torch
+    if n > 1:
+        _mean_over_ranks(grads)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.grad.add_(g.to(p.grad.dtype), alpha=sign)
 
 
 def _mean_over_ranks(tensors):

@@ -102,13 +102,8 @@ class Rehearsal:
         if not ok:
             self.failed = True
             return
-        params, grads = got
-        if n > 1:
-            from .actions import _mean_over_ranks
-            _mean_over_ranks(grads)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.grad.add_(g.to(p.grad.dtype))
+        from .actions import add_to_grads
+        add_to_grads(*got, n)
         self.counts["rehearsed"] = len(rows)
 
     def _rehearsal_grads(self, opt, rows, ntok):
